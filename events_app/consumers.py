@@ -1,0 +1,220 @@
+"""SSE and WebSocket consumers. They only move data: the connection's decisions live in
+``events_app.streams``, the commands' in ``events_app.commands``.
+
+Neither consumer takes a channel-layer channel of its own: the process's hub delivers
+frames to them directly, so an open stream costs no Redis subscription and no receive
+loop. And neither runs ``aclose_old_connections`` per message (channels >= 4.2 does a
+thread hop for it on every dispatch); they touch the ORM only through
+database_sync_to_async, which manages connections itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+from channels.db import database_sync_to_async
+from channels.generic.http import AsyncHttpConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from events_app import commands
+from events_app.streams import Connection, prepare, serving
+from project.errors import ApiError, BadRequest, InternalError
+
+log = logging.getLogger(__name__)
+
+NO_LAYER = "tandem-no-layer"  # an alias that names no layer: no per-consumer channel
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+def _cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """CORS for the SSE endpoints, which Django's CORS middleware never sees: only for
+    the configured origins, the same list the REST API allows."""
+    origin = next((v for k, v in scope.get("headers", []) if k == b"origin"), None)
+    if origin is None or origin.decode("latin-1") not in settings.CORS_ALLOWED_ORIGINS:
+        return []
+    return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
+
+
+# Why a WebSocket stream closed -> its close code.
+WS_CLOSE_CODES = {
+    "auth_expired": 4401,
+    "member_removed": 4403,
+    "session_deleted": 4404,
+    "slow_client": 4008,
+    # 1012 ("service restart") is the standard code, but daphne's WebSocket library only
+    # sends 1000 or 3000-4999.
+    "shutdown": 4012,
+    "gap": 4000,
+}
+
+
+class SSEConsumer(AsyncHttpConsumer):
+    """``GET /api/sessions/{id}/stream/`` and ``GET /api/stream/``.
+
+    Channels' AsyncHttpConsumer dispatches one message at a time, so a stream written from
+    ``handle()`` never sees ``http.disconnect`` (channels #1747). Here ``__call__`` runs
+    the writer and the wait for disconnect side by side and stops both when either ends.
+    """
+
+    channel_layer_alias = NO_LAYER
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        serving(asyncio.current_task())
+        self.scope = scope
+        self.base_send = send
+        if scope["method"] not in ("GET", "HEAD"):
+            err = BadRequest("Streams are read with GET.")
+            err.code = "method_not_allowed"
+            await self._error(err, status=405)
+            return
+        session_id = scope["url_route"]["kwargs"].get("session_id")
+        try:
+            request = await database_sync_to_async(prepare)(scope, session_id, "sse")
+        except ApiError as err:
+            await self._error(err)
+            return
+        except Exception:
+            log.exception("Opening a stream failed")
+            await self._error(InternalError())
+            return
+        conn = Connection(request, self._write)
+        try:
+            await self.send_headers(status=200, headers=SSE_HEADERS + _cors_headers(scope))
+        except BaseException:
+            await conn.close()  # gives back its slot in the per-user limit
+            raise
+        stream = asyncio.ensure_future(self._stream(conn))
+        conn.on_overflow = stream.cancel
+        gone = asyncio.ensure_future(self._wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream, gone):
+                task.cancel()
+            for task in (stream, gone):
+                with contextlib.suppress(BaseException):
+                    await task
+            await conn.close()
+            # Bounded: on a stalled socket (servers with backpressure) this would block.
+            with contextlib.suppress(Exception, asyncio.TimeoutError):
+                await asyncio.wait_for(self.send_body(b"", more_body=False), 1.0)
+
+    async def _stream(self, conn: Connection) -> None:
+        await conn.open()
+        await conn.run()
+
+    async def _write(self, chunks: list[Any]) -> None:
+        if chunks:
+            await self.send_body(b"".join(chunks), more_body=True)
+
+    @staticmethod
+    async def _wait_for_disconnect(receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def _error(self, err: ApiError, status: int | None = None) -> None:
+        headers = [(b"content-type", b"application/json"), *_cors_headers(self.scope)]
+        headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+        if err.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="api"'))
+        await self.send_response(status or err.status, orjson.dumps(err.body()), headers=headers)
+
+
+class StreamSocketConsumer(AsyncWebsocketConsumer):
+    """``/ws/sessions/{id}/`` and ``/ws/stream/``: the same envelopes as SSE, plus
+    commands. Refusals after the origin check accept and close with 44xx, because a
+    browser cannot read the status of a failed handshake."""
+
+    channel_layer_alias = NO_LAYER
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        serving(asyncio.current_task())
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            # The server is shutting down (daphne cancels every application on SIGTERM):
+            # tell the client to reconnect, elsewhere, with its last seq; then clean up.
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": WS_CLOSE_CODES["shutdown"]})
+            with contextlib.suppress(Exception):
+                await self.disconnect(WS_CLOSE_CODES["shutdown"])
+            raise
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Skip AsyncConsumer.dispatch's per-message aclose_old_connections thread hop.
+        handler = getattr(self, message["type"].replace(".", "_"), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def connect(self) -> None:
+        self.conn: Connection | None = None
+        self.task: asyncio.Task[None] | None = None
+        session_id = self.scope["url_route"]["kwargs"].get("session_id")
+        try:
+            request = await database_sync_to_async(prepare)(self.scope, session_id, "ws")
+        except ApiError as err:
+            await self.accept()
+            await self.close(code=4000 + err.status if err.status < 1000 else 4500)
+            return
+        self.conn = Connection(request, self._write)  # from here, disconnect() releases its slot
+        await self.accept()
+        self.task = asyncio.ensure_future(self._stream(self.conn))
+        self.conn.on_overflow = self._too_slow
+
+    def _too_slow(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        asyncio.ensure_future(self.close(code=WS_CLOSE_CODES["slow_client"]))
+
+    async def _stream(self, conn: Connection) -> None:
+        try:
+            await conn.open()
+            reason = await conn.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("WebSocket stream failed")
+            reason = "error"
+        await self.close(code=WS_CLOSE_CODES.get(reason, 1011))
+
+    async def _write(self, chunks: list[Any]) -> None:
+        for text in chunks:
+            await self.send(text_data=text)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.conn is None:
+            return
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > settings.TANDEM_MAX_WS_FRAME:
+            # 1009 is "message too big", but daphne's WebSocket library only sends 1000
+            # or 3000-4999, so it is 4009 here.
+            await self.close(code=4009)
+            return
+        if text_data is None:
+            reply: dict[str, Any] | None = {
+                "type": "error", "id": None,
+                "error": {"code": "bad_request", "message": "Send JSON text frames.", "details": {}},
+            }
+        else:
+            reply = await commands.handle(self.conn, text_data)
+        if reply is not None:
+            await self.send(text_data=orjson.dumps(reply).decode())
+
+    async def disconnect(self, code: int) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        if self.conn is not None:
+            await self.conn.close()

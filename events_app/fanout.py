@@ -1,0 +1,279 @@
+"""Fan-out: from a committed event to every local connection, through the channel layer.
+
+Sending side — ``send_event`` / ``send_control`` put a message on this process's *outbox*,
+a FIFO drained by one task on the main loop, so events leave in the order they committed
+in this process (``group_send`` calls racing each other would reorder them).
+
+Receiving side — one ``Hub`` per process (per event loop) holds **one** channel-layer
+channel and adds it to a session's group when the first local connection of that session
+opens, so a process holds one subscription per session however many clients it serves.
+For each event the hub makes one ``Frame`` (encoded once) and hands the same object to
+every local listener.
+
+The hub also guarantees that listeners see a session's events contiguous and in order:
+it remembers the last seq it passed on per session, drops duplicates, and fills a gap
+(a message lost by Redis, or two committers whose sends crossed) from the database before
+passing the later event on. A periodic head check catches a lost *last* event.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import logging
+import weakref
+from collections import defaultdict
+from typing import Any, Protocol
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from events_app import runtime
+from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
+from events_app.types import Frame
+
+log = logging.getLogger(__name__)
+
+EVENT = "tandem.event"
+CONTROL = "tandem.control"
+
+
+def session_group(session_id: str) -> str:
+    return f"tandem.s.{session_id}"
+
+
+def user_group(user_id: int) -> str:
+    return f"tandem.u.{user_id}"
+
+
+# ---------------------------------------------------------------- sending side
+
+
+class _Outbox:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._drain(), name="tandem-outbox")
+
+    async def _drain(self) -> None:
+        while True:
+            group, message = await self.queue.get()
+            for attempt in range(4):
+                try:
+                    await get_channel_layer().group_send(group, message)
+                    break
+                except Exception:
+                    if attempt == 3:
+                        # The event is in the database: readers recover it through the
+                        # hub's gap fill and head check.
+                        log.exception("Dropped a fan-out message to %s after retries", group)
+                    else:
+                        await asyncio.sleep(0.1 * 2**attempt)
+
+
+_outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _enqueue(group: str, message: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    outbox = _outboxes.get(loop)
+    if outbox is None:
+        outbox = _outboxes[loop] = _Outbox()
+    outbox.queue.put_nowait((group, message))
+
+
+def send_to_group(group: str, message: dict[str, Any]) -> None:
+    """Thread-safe, non-blocking, order-preserving."""
+    runtime.call_soon(_enqueue, group, message)
+
+
+def send_frame(group: str, frame: Frame) -> None:
+    send_to_group(
+        group,
+        {"type": EVENT, "g": group, "s": frame.session_id, "q": frame.seq, "t": frame.type,
+         "e": frame.envelope, "p": time.time()},
+    )
+
+
+def send_control(group: str, action: str, **fields: Any) -> None:
+    send_to_group(group, {"type": CONTROL, "g": group, "action": action, **fields})
+
+
+# ---------------------------------------------------------------- receiving side
+
+
+class Listener(Protocol):
+    def deliver(self, frame: Frame) -> None: ...
+
+    def control(self, message: dict[str, Any]) -> None: ...
+
+
+def heads(session_ids: list[str]) -> dict[str, int]:
+    from sessions_app.models import Session
+
+    return dict(Session.objects.filter(pk__in=session_ids).values_list("id", "last_seq"))
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.layer = get_channel_layer()
+        self.channel: str | None = None
+        self.groups: dict[str, set[Listener]] = {}
+        self.heads: dict[str, int] = {}  # session group -> last seq passed on
+        self.group_session: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: defaultdict[str, int] = defaultdict(int)
+        self._start_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _ensure_started(self) -> str:
+        if self.channel is None:
+            async with self._start_lock:
+                if self.channel is None:
+                    channel = await self.layer.new_channel("tandem.hub.")
+                    loop = asyncio.get_running_loop()
+                    self._tasks = [
+                        loop.create_task(self._read(channel), name="tandem-hub-reader"),
+                        loop.create_task(self._check_heads(), name="tandem-hub-heads"),
+                    ]
+                    self.channel = channel
+        return self.channel
+
+    async def subscribe(self, group: str, listener: Listener, session_id: str | None = None) -> None:
+        channel = await self._ensure_started()
+        async with self._group_lock(group):
+            members = self.groups.get(group)
+            if members is None:
+                await self.layer.group_add(group, channel)
+                if session_id is not None:
+                    # Read after group_add: anything committed before is at or below
+                    # this head, anything after will arrive through the group.
+                    found = await database_sync_to_async(heads)([session_id])
+                    self.heads[group] = found.get(session_id, 0)
+                    self.group_session[group] = session_id
+                members = self.groups[group] = set()
+            members.add(listener)
+
+    async def unsubscribe(self, group: str, listener: Listener) -> None:
+        async with self._group_lock(group):
+            members = self.groups.get(group)
+            if members is None or listener not in members:
+                return
+            members.discard(listener)
+            if not members:
+                del self.groups[group]
+                self.heads.pop(group, None)
+                self.group_session.pop(group, None)
+                if self.channel is not None:
+                    await self.layer.group_discard(group, self.channel)
+
+    class _GroupLock:
+        def __init__(self, hub: Hub, group: str) -> None:
+            self.hub, self.group = hub, group
+
+        async def __aenter__(self) -> None:
+            hub = self.hub
+            hub._lock_users[self.group] += 1
+            lock = hub._locks.setdefault(self.group, asyncio.Lock())
+            await lock.acquire()
+
+        async def __aexit__(self, *exc: object) -> None:
+            hub = self.hub
+            hub._locks[self.group].release()
+            hub._lock_users[self.group] -= 1
+            if hub._lock_users[self.group] == 0:
+                del hub._lock_users[self.group]
+                del hub._locks[self.group]
+
+    def _group_lock(self, group: str) -> Hub._GroupLock:
+        return Hub._GroupLock(self, group)
+
+    async def _read(self, channel: str) -> None:
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+                if message.get("type") == EVENT:
+                    await self._on_event(message)
+                elif message.get("type") == CONTROL:
+                    for listener in tuple(self.groups.get(message["g"], ())):
+                        listener.control(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Hub failed to handle a channel-layer message")
+                await asyncio.sleep(0.05)
+
+    async def _on_event(self, message: dict[str, Any]) -> None:
+        group: str = message["g"]
+        if group not in self.groups:
+            return
+        seq: int | None = message["q"]
+        if seq is not None:
+            head = self.heads.get(group, 0)
+            if seq <= head:
+                return
+            if seq > head + 1:
+                await self._fill(group, message["s"], head, seq - 1)
+                # The head check may have run meanwhile and passed this event on already.
+                if group not in self.groups or seq <= self.heads.get(group, 0):
+                    return
+            self.heads[group] = seq
+        if "p" in message:  # sent after the commit: the lag is the fan-out's own
+            DELIVERY_LAG.observe(max(0.0, time.time() - message["p"]))
+        self._deliver(group, Frame(seq, message["s"], message["t"], message["e"]))
+
+    async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
+        from events_app.services import events_between
+
+        frames = await database_sync_to_async(events_between)(
+            session_id, after, upto, limit=upto - after
+        )
+        for frame in frames:
+            assert frame.seq is not None
+            if frame.seq > self.heads.get(group, 0):
+                self.heads[group] = frame.seq
+                self._deliver(group, frame)
+
+    def _deliver(self, group: str, frame: Frame) -> None:
+        listeners = tuple(self.groups.get(group, ()))
+        for listener in listeners:
+            listener.deliver(frame)
+        EVENTS_DELIVERED.inc(len(listeners))  # once per frame, not once per connection
+
+    async def _check_heads(self) -> None:
+        interval = settings.TANDEM_HEARTBEAT_SECONDS
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                sessions = dict(self.group_session)
+                if not sessions:
+                    continue
+                found = await database_sync_to_async(heads)(list(sessions.values()))
+                for group, session_id in sessions.items():
+                    head = found.get(session_id)
+                    if head is not None and group in self.heads and head > self.heads[group]:
+                        await self._fill(group, session_id, self.heads[group], head)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Hub head check failed")
+
+    def subscription_count(self) -> int:
+        return len(self.groups)
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> Hub:
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    # The layer only changes when settings do (tests switching to Redis and back); a hub
+    # left on the old one would hear nothing the outbox sends through the new one.
+    if hub is None or hub.layer is not get_channel_layer():
+        if hub is not None:
+            for task in hub._tasks:
+                task.cancel()
+        hub = _hubs[loop] = Hub()
+    return hub

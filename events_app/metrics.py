@@ -1,0 +1,51 @@
+"""What ``/metrics`` shows (PROTOCOL §9), for this process. Each server process answers
+for itself; Prometheus scrapes every one and sums."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+OPEN_STREAMS = Gauge("tandem_open_streams", "Open SSE and WebSocket streams.", ["transport"])
+EVENTS_PUBLISHED = Counter("tandem_events_published_total", "Events persisted by this process.")
+EVENTS_DELIVERED = Counter(
+    "tandem_events_delivered_total", "Event frames handed to streams (replay included)."
+)
+DELIVERY_LAG = Histogram(
+    "tandem_delivery_lag_seconds",
+    "From the commit of an event to this process passing it to its streams.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+RESUMES = Counter("tandem_stream_resumes_total", "Streams opened with a position to resume from.")
+RESETS = Counter("tandem_stream_resets_total", "stream.reset sent instead of a replay.", ["reason"])
+SLOW_DISCONNECTS = Counter(
+    "tandem_slow_client_disconnects_total", "Streams closed because the client fell behind."
+)
+ACTIVE_REPLIES = Gauge("tandem_active_replies", "Agent replies running in this process.")
+HTTP_LATENCY = Histogram(
+    "tandem_http_request_duration_seconds", "Django request handling time (streams excluded).",
+    ["method", "status"],
+)
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    from sessions_app.agents.pool import active_runs
+
+    ACTIVE_REPLIES.set(active_runs())
+    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
+class RequestTimingMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        started = time.perf_counter()
+        response = self.get_response(request)
+        # Status classes, not codes or paths: bounded label sets.
+        HTTP_LATENCY.labels(request.method or "", f"{response.status_code // 100}xx").observe(
+            time.perf_counter() - started
+        )
+        return response

@@ -1,0 +1,24 @@
+"""The per-session event log. Each row keeps the exact envelope JSON that went out on
+the wire, so replay and history write stored bytes instead of re-encoding them."""
+from __future__ import annotations
+
+from django.db import models
+
+
+class Event(models.Model):
+    session = models.ForeignKey(
+        "sessions_app.Session", on_delete=models.CASCADE, related_name="events"
+    )
+    seq = models.BigIntegerField()
+    type = models.CharField(max_length=64)
+    envelope = models.TextField()
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["session", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "seq"], name="one_event_per_seq")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}#{self.seq} {self.type}"

@@ -1,0 +1,150 @@
+"""Who is connected to a session now, across every server process.
+
+Without Redis a process-local table is the whole truth. With Redis each session has a
+hash of connection id -> entry; every entry carries its own expiry and is refreshed by the
+process that owns it, so the connections of a killed process vanish within
+``TANDEM_PRESENCE_TTL_SECONDS`` instead of staying forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from project.limits import renew_stream_slots
+
+Entry = dict[str, Any]  # {"user": {...}, "transport": "sse"|"ws", "state": {...}}
+
+
+class LocalPresence:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, dict[str, Entry]] = {}
+
+    def put(self, session_id: str, connection_id: str, entry: Entry) -> None:
+        with self._lock:
+            self._sessions.setdefault(session_id, {})[connection_id] = entry
+
+    def remove(self, session_id: str, connection_id: str) -> None:
+        with self._lock:
+            entries = self._sessions.get(session_id)
+            if entries is not None:
+                entries.pop(connection_id, None)
+                if not entries:
+                    del self._sessions[session_id]
+
+    def entries(self, session_id: str) -> list[Entry]:
+        with self._lock:
+            return list(self._sessions.get(session_id, {}).values())
+
+    def refresh(self, items: list[tuple[str, str, Entry]]) -> None:
+        pass
+
+
+class RedisPresence:
+    def __init__(self, url: str) -> None:
+        from project import redisconn
+
+        self._redis = redisconn.client(url)
+        self._ttl = settings.TANDEM_PRESENCE_TTL_SECONDS
+
+    @staticmethod
+    def _key(session_id: str) -> str:
+        return f"tandem:presence:{session_id}"
+
+    def put(self, session_id: str, connection_id: str, entry: Entry) -> None:
+        self.refresh([(session_id, connection_id, entry)])
+
+    def refresh(self, items: list[tuple[str, str, Entry]]) -> None:
+        if not items:
+            return
+        expires = time.time() + self._ttl
+        pipe = self._redis.pipeline(transaction=False)
+        for session_id, connection_id, entry in items:
+            pipe.hset(self._key(session_id), connection_id, orjson.dumps({**entry, "exp": expires}))
+            pipe.expire(self._key(session_id), self._ttl)
+        pipe.execute()
+
+    def remove(self, session_id: str, connection_id: str) -> None:
+        self._redis.hdel(self._key(session_id), connection_id)
+
+    def entries(self, session_id: str) -> list[Entry]:
+        now = time.time()
+        live, stale = [], []
+        for connection_id, raw in self._redis.hgetall(self._key(session_id)).items():
+            entry = orjson.loads(raw)
+            if entry.pop("exp", 0) < now:
+                stale.append(connection_id)
+            else:
+                live.append(entry)
+        if stale:
+            self._redis.hdel(self._key(session_id), *stale)
+        return live
+
+
+_store: LocalPresence | RedisPresence | None = None
+_store_lock = threading.Lock()
+# This process's own connections, re-announced periodically so their entries stay alive.
+_local: dict[tuple[str, str], Entry] = {}
+
+
+def store() -> LocalPresence | RedisPresence:
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = RedisPresence(settings.REDIS_URL) if settings.REDIS_URL else LocalPresence()
+        return _store
+
+
+def summary(session_id: str) -> list[dict[str, Any]]:
+    """One row per user: how many connections, over which transports, latest state."""
+    by_user: dict[int, dict[str, Any]] = {}
+    for entry in store().entries(session_id):
+        user = entry["user"]
+        row = by_user.setdefault(
+            user["id"], {"user": user, "connections": 0, "transports": [], "state": {}}
+        )
+        row["connections"] += 1
+        if entry["transport"] not in row["transports"]:
+            row["transports"].append(entry["transport"])
+        if entry.get("state"):
+            row["state"] = entry["state"]
+    return sorted(by_user.values(), key=lambda r: r["user"]["username"])
+
+
+def connection_count(session_id: str) -> int:
+    return len(store().entries(session_id))
+
+
+def _put(session_id: str, connection_id: str, entry: Entry) -> None:
+    _local[(session_id, connection_id)] = entry
+    store().put(session_id, connection_id, entry)
+
+
+def _remove(session_id: str, connection_id: str) -> None:
+    _local.pop((session_id, connection_id), None)
+    store().remove(session_id, connection_id)
+
+
+aput = sync_to_async(_put, thread_sensitive=False)
+aremove = sync_to_async(_remove, thread_sensitive=False)
+
+
+async def refresh_forever() -> None:
+    interval = max(1.0, settings.TANDEM_PRESENCE_TTL_SECONDS / 3)
+    while True:
+        await asyncio.sleep(interval)
+        items = [(s, c, e) for (s, c), e in list(_local.items())]
+        try:
+            await sync_to_async(store().refresh, thread_sensitive=False)(items)
+        except Exception:  # Redis down: entries expire, and come back on the next refresh
+            pass
+        try:
+            await sync_to_async(renew_stream_slots, thread_sensitive=False)()
+        except Exception:  # the same: slots lapse and are renewed once Redis is back
+            pass

@@ -1,0 +1,64 @@
+"""Stream URLs, for both transports, and the ASGI middleware in front of them."""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from channels.db import database_sync_to_async
+from channels.security.websocket import OriginValidator
+from django.conf import settings
+from django.urls import path
+
+from events_app.consumers import SSEConsumer, StreamSocketConsumer
+from project.auth import authenticate_stream
+from project.errors import ApiError
+
+def _has_origin(scope: dict[str, Any]) -> bool:
+    return any(key == b"origin" for key, _ in scope.get("headers", []))
+
+
+class StreamAuthMiddleware:
+    """The one place a stream is authenticated: Bearer header, ``?token=``, ``?ticket=``
+    or the session cookie. Puts ``scope["stream_auth"]`` — the credentials, or the
+    ApiError to answer with — for the consumer, which must answer in its own transport's
+    way (a JSON error for SSE, a 44xx close for WebSocket)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        # A WebSocket handshake without an Origin is not from a browser: a cookie there
+        # proves nothing, only tokens and tickets count.
+        allow_cookie = scope["type"] == "http" or _has_origin(scope)
+        try:
+            auth: Any = await database_sync_to_async(authenticate_stream)(scope, allow_cookie=allow_cookie)
+        except ApiError as err:
+            auth = err
+        return await self.app({**scope, "stream_auth": auth}, receive, send)
+
+
+class StreamOriginValidator(OriginValidator):
+    """Browsers must come from an allowed origin; a handshake with no Origin at all is
+    a program, and is let through to authenticate by token or ticket."""
+
+    def __init__(self, app: Any) -> None:
+        allowed = list(settings.ALLOWED_HOSTS) + [
+            urlparse(o).netloc and o for o in settings.TANDEM_ALLOWED_ORIGINS
+        ]
+        super().__init__(app, [a for a in allowed if a])
+
+    def valid_origin(self, parsed_origin: Any) -> bool:
+        if parsed_origin is None:
+            return True
+        return bool(super().valid_origin(parsed_origin))
+
+
+sse_urlpatterns = [
+    path("api/sessions/<str:session_id>/stream/", StreamAuthMiddleware(SSEConsumer.as_asgi())),
+    path("api/stream/", StreamAuthMiddleware(SSEConsumer.as_asgi())),
+]
+
+websocket_urlpatterns = [
+    path("ws/sessions/<str:session_id>/", StreamSocketConsumer.as_asgi()),
+    path("ws/stream/", StreamSocketConsumer.as_asgi()),
+]

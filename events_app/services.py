@@ -1,0 +1,186 @@
+"""The event log's services: the one place events are persisted and sent, history and
+resume planning for readers, retention."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from events_app import fanout
+from events_app.metrics import EVENTS_PUBLISHED
+from events_app.models import Event
+from events_app.types import Frame, TypeFilter, custom_type_problem, encode, is_persisted, iso
+from project.errors import BadRequest, NotFound, PayloadTooLarge, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+
+def publish(session_id: str, type_name: str, properties: dict[str, Any]) -> Frame:
+    """Append an event to the session's log and send it to every process once the
+    surrounding transaction commits. Safe with any number of concurrent writers: the
+    UPDATE of the session row serialises them, so seqs are contiguous and unique."""
+    from sessions_app.models import Session
+
+    if not is_persisted(type_name):
+        raise ValueError(f"{type_name} is ephemeral: use broadcast()")
+    with transaction.atomic():
+        now = timezone.now()
+        bumped = Session.objects.filter(pk=session_id).update(
+            last_seq=F("last_seq") + 1, last_activity_at=now
+        )
+        if not bumped:
+            raise NotFound()
+        seq = Session.objects.filter(pk=session_id).values_list("last_seq", flat=True).get()
+        envelope = encode(
+            seq=seq, session_id=session_id, type_name=type_name, time=iso(now), properties=properties
+        )
+        Event.objects.create(
+            session_id=session_id, seq=seq, type=type_name, envelope=envelope, created_at=now
+        )
+        keep = settings.TANDEM_EVENT_RETENTION_COUNT
+        if seq > keep:
+            Event.objects.filter(session_id=session_id, seq__lte=seq - keep).delete()
+        frame = Frame(seq, session_id, type_name, envelope)
+        group = fanout.session_group(session_id)
+        transaction.on_commit(lambda: fanout.send_frame(group, frame))
+        EVENTS_PUBLISHED.inc()
+    return frame
+
+
+def broadcast(session_id: str, type_name: str, properties: dict[str, Any]) -> Frame:
+    """Send an ephemeral event (no seq, never replayed) to the session's streams."""
+    if is_persisted(type_name):
+        raise ValueError(f"{type_name} is persisted: use publish()")
+    frame = Frame.make(session_id, type_name, iso(timezone.now()), properties)
+    group = fanout.session_group(session_id)
+    transaction.on_commit(lambda: fanout.send_frame(group, frame))
+    return frame
+
+
+def publish_custom(
+    session_id: str, user: Any, type_name: Any, properties: Any, *, body_bytes: int
+) -> Frame:
+    if body_bytes > settings.TANDEM_MAX_EVENT_BYTES:
+        raise PayloadTooLarge(f"An event body may be at most {settings.TANDEM_MAX_EVENT_BYTES} bytes.")
+    problem = custom_type_problem(type_name)
+    if problem:
+        raise ValidationFailed(details={"type": [problem]})
+    if not isinstance(properties, dict):
+        raise ValidationFailed(details={"properties": ["Must be a JSON object."]})
+    if "published_by" in properties:
+        raise ValidationFailed(details={"properties": ["'published_by' is set by the server."]})
+    try:
+        encoded = orjson.dumps(properties)
+    except orjson.JSONEncodeError as exc:  # huge integers, lone surrogates, deep nesting
+        raise ValidationFailed(details={"properties": [f"Cannot be encoded as JSON: {exc}."]}) from None
+    if len(encoded) > settings.TANDEM_MAX_EVENT_BYTES:
+        raise PayloadTooLarge(f"An event may be at most {settings.TANDEM_MAX_EVENT_BYTES} bytes.")
+    props = {**properties, "published_by": {"id": user.pk, "username": user.get_username()}}
+    return publish(session_id, type_name, props)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def type_q(type_filter: TypeFilter) -> Q:
+    q = Q(type__in=type_filter.exact)
+    for prefix in type_filter.prefixes:
+        q |= Q(type__startswith=prefix)
+    return q
+
+
+@dataclass(frozen=True)
+class History:
+    envelopes: list[str]
+    last_seq: int
+    reset: bool
+
+    def to_json(self) -> bytes:
+        # Stored envelopes are already JSON: splice them instead of re-encoding.
+        return (
+            b'{"events":['
+            + ",".join(self.envelopes).encode()
+            + b'],"last_seq":%d,"reset":%s}' % (self.last_seq, b"true" if self.reset else b"false")
+        )
+
+
+def history(
+    session_id: str, head: int, *, after: int, limit: int, type_filter: TypeFilter | None
+) -> History:
+    if reset_reason(session_id, head, after) is not None:
+        return History([], head, True)
+    rows = Event.objects.filter(session_id=session_id, seq__gt=after)
+    if type_filter is not None:
+        rows = rows.filter(type_q(type_filter))
+    envelopes = list(rows.order_by("seq").values_list("envelope", flat=True)[:limit])
+    return History(envelopes, head, False)
+
+
+def reset_reason(session_id: str, head: int, after: int) -> str | None:
+    """Why a reader positioned at ``after`` cannot be given what follows, or None."""
+    if after > head:
+        return "unknown_position"
+    if after == head:
+        return None
+    # Retention always removes the lowest seqs first, so if after+1 is kept, all is.
+    if not Event.objects.filter(session_id=session_id, seq=after + 1).exists():
+        return "history_expired"
+    return None
+
+
+def events_between(session_id: str, after: int, upto: int, limit: int = 500) -> list[Frame]:
+    rows = (
+        Event.objects.filter(session_id=session_id, seq__gt=after, seq__lte=upto)
+        .order_by("seq")
+        .values_list("seq", "type", "envelope")[:limit]
+    )
+    return [Frame(seq, session_id, t, env) for seq, t, env in rows]
+
+
+def parse_position(raw: str | None, name: str) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise BadRequest(f"{name} must be a non-negative integer.", details={name: raw[:40]})
+    return int(raw)
+
+
+# ---------------------------------------------------------------- retention
+
+
+def prune_expired() -> int:
+    cutoff = timezone.now() - timedelta(seconds=settings.TANDEM_EVENT_RETENTION_SECONDS)
+    deleted, _ = Event.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
+
+
+def prune_session(session_id: str) -> int:
+    """Apply both retention limits to one session now (the admin's action)."""
+    from sessions_app.models import Session
+
+    cutoff = timezone.now() - timedelta(seconds=settings.TANDEM_EVENT_RETENTION_SECONDS)
+    head = Session.objects.filter(pk=session_id).values_list("last_seq", flat=True).first() or 0
+    old = Q(created_at__lt=cutoff) | Q(seq__lte=head - settings.TANDEM_EVENT_RETENTION_COUNT)
+    deleted, _ = Event.objects.filter(Q(session_id=session_id) & old).delete()
+    return deleted
+
+
+async def prune_forever() -> None:
+    from channels.db import database_sync_to_async
+
+    while True:
+        await asyncio.sleep(settings.TANDEM_PRUNE_INTERVAL_SECONDS)
+        try:
+            await database_sync_to_async(prune_expired)()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("Pruning expired events failed")

@@ -1,0 +1,420 @@
+"""One open stream — SSE or WebSocket, one session or the user level — independent of its
+transport. The consumers authenticate through ``prepare``, then hand bytes between the
+socket and a ``Connection``; everything a stream decides lives here.
+
+A connection follows one or more sessions. For each it keeps the position (last seq)
+the client has, so replay and live events meet without a gap or a duplicate: it joins
+the hub first (live frames queue up), reads the head, replays from the database up to
+it, then drains the queue, skipping what the replay already sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import secrets
+import weakref
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from events_app import fanout, presence
+from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
+from project.limits import release_stream_slot, take_stream_slot
+from events_app.services import events_between, parse_position, reset_reason
+from events_app.types import Frame, TypeFilter, iso, sse_bytes
+from project.auth import authenticate_stream, query_params
+from project.errors import BadRequest
+from sessions_app.access import member_session_ids, session_for
+from sessions_app.serializers import user_data
+
+log = logging.getLogger(__name__)
+
+SSE_PREAMBLE = b"retry: 3000\n\n"
+REPLAY_BATCH = 500
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    user: Any
+    expires_at: float | None
+    session_id: str | None  # None: the user-level stream
+    transport: str  # "sse" | "ws"
+    types: TypeFilter | None
+    named: bool
+    resume: int | dict[str, int] | None
+    connection_id: str = ""  # also the stream's slot in the per-user limit
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def decode_cursor(raw: str) -> dict[str, int]:
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        data = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, binascii.Error, UnicodeEncodeError, orjson.JSONDecodeError):
+        raise BadRequest("The cursor is not valid.") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in data.items()
+    ):
+        raise BadRequest("The cursor is not valid.")
+    return data
+
+
+def encode_cursor(positions: dict[str, int]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(positions)).rstrip(b"=").decode("ascii")
+
+
+def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
+    """Authenticate, authorise and read the parameters of a stream. Synchronous (it
+    queries the database): call through database_sync_to_async. Raises ApiError."""
+    creds = scope.get("stream_auth")
+    if isinstance(creds, Exception):
+        raise creds
+    if creds is None:  # not behind StreamAuthMiddleware
+        creds = authenticate_stream(scope, allow_cookie=transport == "sse")
+    if session_id is not None:
+        session_for(creds.user, session_id)
+    params = query_params(scope)
+    try:
+        types = TypeFilter.parse(params.get("types"))
+    except ValueError as exc:
+        raise BadRequest(str(exc), details={"types": params.get("types", "")[:200]}) from None
+    named = params.get("named", "0") in ("1", "true")
+    raw_resume = _header(scope, b"last-event-id")
+    if raw_resume is None or raw_resume == "":
+        raw_resume = params.get("last_event_id")
+    resume: int | dict[str, int] | None
+    if session_id is not None:
+        resume = parse_position(raw_resume, "last_event_id")
+    else:
+        resume = decode_cursor(raw_resume) if raw_resume else None
+    connection_id = f"con_{secrets.token_hex(8)}"
+    # Last, so a refused request never holds a slot; Connection.close gives it back.
+    take_stream_slot(creds.user.pk, connection_id)
+    return StreamRequest(
+        creds.user, creds.expires_at, session_id, transport, types, named, resume, connection_id
+    )
+
+
+_release_slot = sync_to_async(release_stream_slot, thread_sensitive=False)
+
+# The tasks serving streams in this process, so a server that stops can wait for them to
+# end their responses (uvicorn cancels them, then shuts down without waiting).
+_serving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+
+def serving(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        _serving.add(task)
+
+
+async def wait_for_streams(timeout: float) -> None:
+    pending = [t for t in _serving if not t.done() and t is not asyncio.current_task()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+
+
+class _Command:
+    __slots__ = ("action", "fields")
+
+    def __init__(self, action: str, fields: dict[str, Any]) -> None:
+        self.action, self.fields = action, fields
+
+
+class StreamClosed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Writer = Callable[[list[Any]], Awaitable[None]]
+
+
+class Connection:
+    """Transport-neutral: it renders frames as ``bytes`` for SSE and ``str`` for
+    WebSocket, and hands lists of them to ``write``."""
+
+    def __init__(self, request: StreamRequest, write: Writer) -> None:
+        self.request = request
+        self.user_id: int = request.user.pk
+        self.user = user_data(request.user)
+        self.sse = request.transport == "sse"
+        self.write = write
+        self._open_gauge = OPEN_STREAMS.labels(request.transport)
+        self._counted_open = False
+        self.id = request.connection_id or f"con_{secrets.token_hex(8)}"
+        self.positions: dict[str, int] = {}
+        self.queue: deque[Frame | _Command] = deque()
+        self.wakeup = asyncio.Event()
+        self.overflowed = False
+        # Set by the consumer: stops a writer that may be blocked on a stalled socket.
+        self.on_overflow: Callable[[], object] | None = None
+        self.closed_reason: str | None = None
+        self.groups: set[str] = set()
+        self.presence_state: dict[str, Any] = {}
+        self.hub = fanout.get_hub()
+
+    # ------------------------------------------------------------ hub callbacks
+
+    def deliver(self, frame: Frame) -> None:
+        if self.overflowed:
+            return  # being closed as too slow; the client resumes from its last id
+        self.queue.append(frame)
+        if len(self.queue) > settings.TANDEM_STREAM_QUEUE:
+            # Drop the backlog at once: a writer blocked on a stalled socket must not
+            # let the queue grow without bound before run() gets to close the stream.
+            self.overflowed = True
+            self.queue.clear()
+            SLOW_DISCONNECTS.inc()
+            if self.on_overflow is not None:
+                self.on_overflow()
+        self.wakeup.set()
+
+    def control(self, message: dict[str, Any]) -> None:
+        self.queue.append(_Command(message["action"], message))
+        self.wakeup.set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Join the hub, then send server.connected, any reset and the replay."""
+        req = self.request
+        if not self._counted_open:
+            self._counted_open = True
+            self._open_gauge.inc()
+        if req.session_id is not None:
+            session_ids = [req.session_id]
+        else:
+            session_ids = await database_sync_to_async(member_session_ids)(self.user_id)
+            await self._join(fanout.user_group(self.user_id), None)
+        for session_id in session_ids:
+            await self._join(fanout.session_group(session_id), session_id)
+        heads = await database_sync_to_async(fanout.heads)(session_ids)
+        plans = await database_sync_to_async(self._plan)(heads)
+
+        connected: dict[str, Any] = {"connection_id": self.id, "resumed": req.resume is not None}
+        resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
+        if req.resume is not None:
+            RESUMES.inc()
+        for _, reason in resets:
+            RESETS.labels(reason).inc()
+        if resets:
+            connected["resumed"] = False
+        if req.session_id is not None:
+            connected["last_seq"] = heads.get(req.session_id, 0)
+        else:
+            connected["last_seq"] = None
+        for sid, (position, reason) in plans.items():
+            self.positions[sid] = heads.get(sid, 0) if reason is not None else position
+        if req.session_id is None:
+            connected["cursor"] = encode_cursor(self.positions)
+        first: list[Any] = [SSE_PREAMBLE] if self.sse else []
+        first.append(self._render_control(req.session_id, "server.connected", connected))
+        for sid, reason in resets:
+            first.append(
+                self._render_control(sid, "stream.reset", {"reason": reason, "last_seq": heads.get(sid, 0)})
+            )
+        await self.write(first)
+        if req.session_id is not None:
+            await self._announce("presence.joined")
+        for sid, (position, reason) in plans.items():
+            if reason is None and position < heads.get(sid, 0):
+                await self._replay(sid, position, heads[sid])
+
+    def _plan(self, heads: dict[str, int]) -> dict[str, tuple[int, str | None]]:
+        """Per session: (position to resume from, reset reason or None)."""
+        req = self.request
+        plans: dict[str, tuple[int, str | None]] = {}
+        for sid, head in heads.items():
+            if req.session_id is not None:
+                after = req.resume if isinstance(req.resume, int) else None
+            elif isinstance(req.resume, dict):
+                after = req.resume.get(sid, 0)  # joined since the cursor: from the start
+            else:
+                after = None
+            if after is None:
+                plans[sid] = (head, None)
+            else:
+                plans[sid] = (after, reset_reason(sid, head, after))
+        return plans
+
+    async def _replay(self, session_id: str, after: int, upto: int) -> None:
+        while after < upto:
+            frames = await database_sync_to_async(events_between)(
+                session_id, after, upto, REPLAY_BATCH
+            )
+            if not frames:
+                break
+            await self.write([out for f in frames if (out := self._render(f)) is not None])
+            EVENTS_DELIVERED.inc(len(frames))
+            after = frames[-1].seq or upto
+
+    async def run(self) -> str:
+        """Write live frames until the stream ends; returns why it ended."""
+        heartbeat = settings.TANDEM_HEARTBEAT_SECONDS
+        try:
+            while True:
+                if not self.queue and not self.overflowed:
+                    self.wakeup.clear()
+                    timeout = heartbeat
+                    if self.request.expires_at is not None:
+                        timeout = min(timeout, max(0.0, self.request.expires_at - time.time()))
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await self.wakeup.wait()
+                    except TimeoutError:
+                        if self.request.expires_at is not None and time.time() >= self.request.expires_at:
+                            await self.write([self._render_control(self.request.session_id, "auth.expired", {})])
+                            return "auth_expired"
+                        await self.write([self._render_control(None, "server.heartbeat", {})])
+                        continue
+                if self.overflowed:
+                    raise StreamClosed("slow_client")
+                batch: list[Any] = []
+                while self.queue:
+                    item = self.queue.popleft()
+                    if isinstance(item, _Command):
+                        if batch:
+                            await self.write(batch)
+                            batch = []
+                        await self._command(item)
+                    else:
+                        out = self._render(item)
+                        if out is not None:
+                            batch.append(out)
+                        if item.type == "session.deleted":
+                            await self._on_session_deleted(item, batch)
+                if batch:
+                    await self.write(batch)
+        except StreamClosed as closed:
+            return closed.reason
+
+    async def close(self) -> None:
+        """Leave the hub and presence; safe to call more than once."""
+        for group in list(self.groups):
+            self.groups.discard(group)
+            try:
+                await self.hub.unsubscribe(group, self)
+            except Exception:
+                log.exception("Leaving %s failed", group)
+        if self.request.session_id is not None and self.closed_reason is None:
+            self.closed_reason = "closed"
+            try:
+                await presence.aremove(self.request.session_id, self.id)
+                await self._broadcast_presence("presence.left")
+            except Exception:
+                log.exception("Presence cleanup failed for %s", self.id)
+        if self._counted_open:
+            self._counted_open = False
+            self._open_gauge.dec()
+        await _release_slot(self.id)
+
+    # ------------------------------------------------------------ presence
+
+    async def update_presence(self, state: dict[str, Any]) -> None:
+        assert self.request.session_id is not None
+        self.presence_state = state
+        await self._announce("presence.updated")
+
+    async def _announce(self, type_name: str) -> None:
+        await presence.aput(self.request.session_id, self.id, self._presence_entry())
+        await self._broadcast_presence(type_name)
+
+    def _presence_entry(self) -> dict[str, Any]:
+        return {"user": self.user, "transport": self.request.transport, "state": self.presence_state}
+
+    async def _broadcast_presence(self, type_name: str) -> None:
+        session_id = self.request.session_id
+        assert session_id is not None
+        props = {"user": self.user, "connection_id": self.id, "transport": self.request.transport}
+        if self.presence_state:
+            props["state"] = self.presence_state
+        frame = Frame.make(session_id, type_name, iso(timezone.now()), props)
+        fanout.send_frame(fanout.session_group(session_id), frame)
+
+    # ------------------------------------------------------------ internals
+
+    async def _join(self, group: str, session_id: str | None) -> None:
+        await self.hub.subscribe(group, self, session_id)
+        self.groups.add(group)
+
+    async def _leave(self, group: str) -> None:
+        if group in self.groups:
+            self.groups.discard(group)
+            await self.hub.unsubscribe(group, self)
+
+    def _render(self, frame: Frame) -> bytes | str | None:
+        if frame.seq is not None:
+            position = self.positions.get(frame.session_id or "")
+            if position is None or frame.seq <= position:
+                return None  # a session this stream does not follow (yet), or a duplicate
+            if frame.seq != position + 1:
+                # Cannot happen while the hub fills gaps; if it does, the client must
+                # resume from what it has rather than read a hole.
+                raise StreamClosed("gap")
+            self.positions[frame.session_id or ""] = frame.seq
+        types = self.request.types
+        if types is not None and not types(frame.type):
+            return None
+        if self.request.session_id is None and frame.seq is not None:
+            cursor = encode_cursor(self.positions)
+            envelope = frame.with_cursor(cursor)
+            if self.sse:
+                return sse_bytes(envelope, cursor, frame.type if self.request.named else None)
+            return envelope
+        if self.sse:
+            return frame.sse(self.request.named)
+        return frame.envelope
+
+    def _render_control(self, session_id: str | None, type_name: str, props: dict[str, Any]) -> bytes | str:
+        frame = Frame.make(session_id, type_name, iso(timezone.now()), props)
+        return frame.sse(self.request.named) if self.sse else frame.envelope
+
+    async def _command(self, command: _Command) -> None:
+        fields = command.fields
+        if command.action == "revoke" and fields.get("user_id") == self.user_id:
+            if self.request.session_id is not None:
+                raise StreamClosed("member_removed")
+            session_id = fields["g"].removeprefix("tandem.s.")
+            await self._leave(fields["g"])
+            self.positions.pop(session_id, None)
+        elif command.action == "join" and self.request.session_id is None:
+            session_id = fields["session_id"]
+            group = fanout.session_group(session_id)
+            if group in self.groups:
+                return
+            await self._join(group, session_id)
+            heads = await database_sync_to_async(fanout.heads)([session_id])
+            head = heads.get(session_id)
+            if head is None:  # deleted meanwhile
+                await self._leave(group)
+                return
+            after = min(int(fields["after"]), head)
+            self.positions[session_id] = after
+            await self._replay(session_id, after, head)
+
+    async def _on_session_deleted(self, frame: Frame, batch: list[Any]) -> None:
+        if self.request.session_id is not None:
+            if batch:
+                await self.write(batch)
+                batch.clear()
+            raise StreamClosed("session_deleted")
+        if frame.session_id:
+            await self._leave(fanout.session_group(frame.session_id))
+            self.positions.pop(frame.session_id, None)

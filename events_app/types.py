@@ -1,0 +1,199 @@
+"""Every event type, declared once, and the single wire encoding of an event.
+
+A built-in event whose properties do not match its declaration is a bug in the code that
+sent it, so ``encode`` refuses it loudly. Custom events (published by clients) are checked
+for their *name* here and for their size by the service that publishes them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True)
+class EventType:
+    name: str
+    persisted: bool
+    required: frozenset[str]
+    optional: frozenset[str] = field(default_factory=frozenset)
+
+
+def _t(name: str, persisted: bool, required: str = "", optional: str = "") -> EventType:
+    return EventType(name, persisted, frozenset(required.split()), frozenset(optional.split()))
+
+
+EVENT_TYPES: dict[str, EventType] = {
+    t.name: t
+    for t in [
+        _t("server.connected", False, "connection_id last_seq resumed", "cursor"),
+        _t("server.heartbeat", False),
+        _t("stream.reset", False, "reason last_seq"),
+        _t("auth.expired", False),
+        _t("session.created", True, "session"),
+        _t("session.updated", True, "session"),
+        _t("session.deleted", False, "session_id"),
+        _t("session.status", True, "status"),
+        _t("member.added", True, "user role"),
+        _t("member.removed", True, "user role"),
+        _t("message.created", True, "message"),
+        _t("message.part.updated", True, "message_id part", "delta"),
+        _t("message.completed", True, "message_id status", "error"),
+        _t("tool.status", True, "message_id call_id tool status", "input output error"),
+        _t("permission.requested", True, "permission"),
+        _t("permission.resolved", True, "permission_id approved reason resolved_by"),
+        _t("presence.joined", False, "user connection_id transport", "state"),
+        _t("presence.left", False, "user connection_id transport", "state"),
+        _t("presence.updated", False, "user connection_id transport", "state"),
+    ]
+}
+
+RESERVED_PREFIXES = (
+    "server.", "stream.", "session.", "message.", "permission.", "presence.", "auth.", "member.",
+)
+CUSTOM_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+CUSTOM_TYPE_MAX = 64
+# Control events pass every ?types= filter: a client must always learn about its stream.
+ALWAYS_DELIVERED_PREFIXES = ("server.", "stream.")
+
+
+def is_persisted(type_name: str) -> bool:
+    definition = EVENT_TYPES.get(type_name)
+    return True if definition is None else definition.persisted
+
+
+def custom_type_problem(type_name: Any) -> str | None:
+    """Why ``type_name`` cannot be a custom event type, or None when it can."""
+    if not isinstance(type_name, str):
+        return "Must be a string."
+    if len(type_name) > CUSTOM_TYPE_MAX:
+        return f"At most {CUSTOM_TYPE_MAX} characters."
+    if not CUSTOM_TYPE_RE.match(type_name):
+        return "Must look like 'task.progress': lowercase words joined by dots."
+    if type_name.startswith(RESERVED_PREFIXES):
+        return f"The prefix '{type_name.split('.')[0]}.' is reserved."
+    if type_name in EVENT_TYPES:  # tool.status: not under a reserved prefix, still ours
+        return f"'{type_name}' is a built-in event type."
+    return None
+
+
+def check_builtin(type_name: str, properties: dict[str, Any]) -> None:
+    definition = EVENT_TYPES.get(type_name)
+    if definition is None:
+        return
+    keys = set(properties)
+    missing = definition.required - keys
+    extra = keys - definition.required - definition.optional
+    if missing or extra:
+        raise ValueError(
+            f"{type_name}: missing {sorted(missing)} / undeclared {sorted(extra)} properties"
+        )
+
+
+def iso(dt: datetime) -> str:
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def encode(
+    *, seq: int | None, session_id: str | None, type_name: str, time: str, properties: dict[str, Any]
+) -> str:
+    """The one encoding of an envelope. Everything a client reads is made here."""
+    check_builtin(type_name, properties)
+    return orjson.dumps(
+        {
+            "seq": seq,
+            "session_id": session_id,
+            "type": type_name,
+            "time": time,
+            "properties": properties,
+        }
+    ).decode()
+
+
+class Frame:
+    """One event as it leaves this process: encoded once, its SSE variants made lazily
+    and cached, then written as the same bytes to every local connection."""
+
+    __slots__ = ("seq", "session_id", "type", "envelope", "_sse", "_sse_named")
+
+    def __init__(self, seq: int | None, session_id: str | None, type_name: str, envelope: str):
+        self.seq = seq
+        self.session_id = session_id
+        self.type = type_name
+        self.envelope = envelope
+        self._sse: bytes | None = None
+        self._sse_named: bytes | None = None
+
+    @classmethod
+    def make(
+        cls, session_id: str | None, type_name: str, time: str, properties: dict[str, Any]
+    ) -> Frame:
+        """An ephemeral (never persisted) event."""
+        envelope = encode(
+            seq=None, session_id=session_id, type_name=type_name, time=time, properties=properties
+        )
+        return cls(None, session_id, type_name, envelope)
+
+    def sse(self, named: bool = False) -> bytes:
+        if named:
+            if self._sse_named is None:
+                self._sse_named = sse_bytes(self.envelope, self.seq, self.type)
+            return self._sse_named
+        if self._sse is None:
+            self._sse = sse_bytes(self.envelope, self.seq, None)
+        return self._sse
+
+    def with_cursor(self, cursor: str) -> str:
+        """The envelope with ``"cursor"`` added, for user-level streams: spliced into the
+        stored JSON rather than decoded and encoded again."""
+        return f'{self.envelope[:-1]},"cursor":"{cursor}"}}'
+
+
+def sse_bytes(envelope: str, event_id: int | str | None, event_name: str | None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    if event_name is not None:
+        head += f"event: {event_name}\n"
+    return f"{head}data: {envelope}\n\n".encode()
+
+
+class TypeFilter:
+    """``?types=a.b,c.*``: exact types and ``prefix.*`` patterns matching any depth below."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, exact: frozenset[str], prefixes: tuple[str, ...]) -> None:
+        self.exact = exact
+        self.prefixes = prefixes  # each ends with "."
+
+    @classmethod
+    def parse(cls, raw: str | None) -> TypeFilter | None:
+        """None when absent; ValueError naming the first bad pattern."""
+        if raw is None:
+            return None
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for pattern in (p.strip() for p in raw.split(",")):
+            if pattern.endswith(".*") and _is_type_name(pattern[:-2]):
+                prefixes.append(pattern[:-1])
+            elif _is_type_name(pattern):
+                exact.add(pattern)
+            else:
+                raise ValueError(f"'{pattern}' is not an event type or a 'prefix.*' pattern.")
+        return cls(frozenset(exact), tuple(prefixes))
+
+    def __call__(self, type_name: str) -> bool:
+        return (
+            type_name in self.exact
+            or type_name.startswith(self.prefixes)
+            or type_name.startswith(ALWAYS_DELIVERED_PREFIXES)
+        )
+
+
+_TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+
+def _is_type_name(value: str) -> bool:
+    return len(value) <= CUSTOM_TYPE_MAX and bool(_TYPE_NAME_RE.match(value))

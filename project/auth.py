@@ -1,0 +1,164 @@
+"""Credentials: strict Bearer JWTs for REST, stream tickets, and the one function that
+authenticates a stream (SSE or WebSocket) from its ASGI scope."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs
+
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.core import signing
+from django.utils.crypto import constant_time_compare
+from importlib import import_module
+from rest_framework.request import Request
+from rest_framework_simplejwt.authentication import JWTAuthentication
+from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenRefreshSerializer
+from rest_framework_simplejwt.tokens import AccessToken
+
+from project.errors import AuthenticationFailed, NotAuthenticated
+
+_TICKET_SALT = "tandem.stream-ticket"
+
+
+class StrictJWTAuthentication(JWTAuthentication):
+    """Any Authorization header that is not ``Bearer <jwt>`` is a bad credential (401),
+    not an anonymous request that silently falls through to other schemes."""
+
+    def authenticate(self, request: Request) -> tuple[Any, Any] | None:
+        header = request.META.get("HTTP_AUTHORIZATION")
+        if header is None:
+            return None
+        parts = header.split()
+        if len(parts) != 2 or parts[0] != "Bearer":
+            raise AuthenticationFailed("Use 'Authorization: Bearer <access token>'.")
+        try:
+            return super().authenticate(request)
+        except Exception as exc:  # simplejwt raises its own InvalidToken/AuthenticationFailed
+            raise AuthenticationFailed() from exc
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="api"'
+
+
+def issue_ticket(user_id: int) -> str:
+    return signing.TimestampSigner(salt=_TICKET_SALT).sign(str(user_id))
+
+
+def read_ticket(ticket: str) -> int:
+    try:
+        raw = signing.TimestampSigner(salt=_TICKET_SALT).unsign(
+            ticket, max_age=settings.TANDEM_TICKET_SECONDS
+        )
+        return int(raw)
+    except (signing.BadSignature, ValueError):
+        raise AuthenticationFailed("The stream ticket is not valid or has expired.") from None
+
+
+def read_access_token(raw: str) -> tuple[int, float]:
+    """(user id, expiry as a UNIX time) of an access JWT, or AuthenticationFailed."""
+    try:
+        token = AccessToken(raw)  # type: ignore[arg-type]
+        return int(token["user_id"]), float(token["exp"])
+    except (TokenError, KeyError, ValueError, TypeError):
+        raise AuthenticationFailed() from None
+
+
+@dataclass(frozen=True)
+class StreamCredentials:
+    user: AbstractBaseUser
+    expires_at: float | None  # set when the stream must end with auth.expired
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def query_params(scope: dict[str, Any]) -> dict[str, str]:
+    """Last value wins, like Django's QueryDict.__getitem__."""
+    raw = scope.get("query_string", b"").decode("latin-1")
+    return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+
+
+def _user_from_cookie(scope: dict[str, Any]) -> AbstractBaseUser | None:
+    cookie_header = _header(scope, b"cookie")
+    if not cookie_header:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(cookie_header)
+    except Exception:
+        return None
+    morsel = jar.get(settings.SESSION_COOKIE_NAME)
+    if morsel is None:
+        return None
+    engine = import_module(settings.SESSION_ENGINE)
+    session = engine.SessionStore(morsel.value)
+    user_id = session.get(SESSION_KEY)
+    if user_id is None or session.get(BACKEND_SESSION_KEY) is None:
+        return None
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return None
+    # A password change invalidates old sessions, as it does for Django's own views.
+    if not constant_time_compare(session.get(HASH_SESSION_KEY, ""), user.get_session_auth_hash()):
+        return None
+    return user
+
+
+def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamCredentials:
+    """Who opens this stream: Bearer header, ``?token=``, ``?ticket=`` or the session
+    cookie, in that order. Runs database queries: call it through database_sync_to_async."""
+    params = query_params(scope)
+    header = _header(scope, b"authorization")
+    user_id: int | None = None
+    expires_at: float | None = None
+    if header is not None:
+        parts = header.split()
+        if len(parts) != 2 or parts[0] != "Bearer":
+            raise AuthenticationFailed("Use 'Authorization: Bearer <access token>'.")
+        user_id, expires_at = read_access_token(parts[1])
+    elif "token" in params:
+        user_id, expires_at = read_access_token(params["token"])
+    elif "ticket" in params:
+        user_id = read_ticket(params["ticket"])
+    elif allow_cookie:
+        user = _user_from_cookie(scope)
+        if user is not None:
+            return StreamCredentials(user, None)
+    if user_id is None:
+        raise NotAuthenticated()
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        raise AuthenticationFailed()
+    if expires_at is not None and expires_at <= time.time():
+        raise AuthenticationFailed()
+    return StreamCredentials(user, expires_at)
+
+
+def _refuse_unknown(serializer: Any, data: Any) -> None:
+    from rest_framework import serializers
+
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - set(serializer.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+
+
+class StrictTokenObtainPairSerializer(TokenObtainPairSerializer):
+    def to_internal_value(self, data: Any) -> Any:
+        _refuse_unknown(self, data)
+        return super().to_internal_value(data)
+
+
+class StrictTokenRefreshSerializer(TokenRefreshSerializer):
+    def to_internal_value(self, data: Any) -> Any:
+        _refuse_unknown(self, data)
+        return super().to_internal_value(data)

@@ -1,0 +1,224 @@
+"""Per-user limits (PROTOCOL §8): the write rate, and the number of open streams.
+
+Both are counted where every server process can see them: in Redis when ``REDIS_URL``
+is set, in this process otherwise. Stream slots carry their own expiry and are renewed
+by the process holding them, so the slots of a killed process free themselves.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from django.conf import settings
+from project import redisconn
+from project.errors import RateLimited, TooManyConnections
+from project.rates import parse_rate
+
+# ---------------------------------------------------------------- the write rate
+
+
+def _prefix() -> str:
+    # The channel layer's prefix: deployments (and test runs) sharing one Redis keep apart.
+    return str(settings.TANDEM_CHANNEL_PREFIX)
+
+
+class _LocalCounter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, float]] = {}
+
+    def hit(self, key: str, ttl: int) -> int:
+        now = time.time()
+        with self._lock:
+            if len(self._counts) > 10_000:  # drop ended windows now and then
+                self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+            count, expires = self._counts.get(key, (0, now + ttl))
+            if expires <= now:
+                count, expires = 0, now + ttl
+            self._counts[key] = (count + 1, expires)
+            return count + 1
+
+
+class _RedisCounter:
+    def __init__(self, url: str) -> None:
+        self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def hit(self, key: str, ttl: int) -> int:
+        pipe = self._redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, ttl, nx=True)
+        count, _ = pipe.execute()
+        return int(count)
+
+
+_counter: _LocalCounter | _RedisCounter | None = None
+_counter_for: str | None = None
+
+
+def _counters() -> _LocalCounter | _RedisCounter:
+    global _counter, _counter_for
+    if _counter is None or _counter_for != settings.REDIS_URL:
+        _counter = _RedisCounter(settings.REDIS_URL) if settings.REDIS_URL else _LocalCounter()
+        _counter_for = settings.REDIS_URL
+    return _counter
+
+
+def check_write_rate(user_id: int) -> None:
+    """Count one write by ``user_id``; RateLimited (with Retry-After) past the rate.
+    A fixed window per user: one atomic increment, the same on every process."""
+    rate = parse_rate(settings.TANDEM_RATE_WRITE)
+    if rate is None:
+        return
+    allowed, period = rate
+    now = time.time()
+    window = int(now // period)
+    try:
+        count = _counters().hit(f"{_prefix()}:rate:{user_id}:{window}", period + 1)
+    except Exception:  # Redis down: serve rather than refuse every write
+        return
+    if count > allowed:
+        wait = max(1, math.ceil((window + 1) * period - now))
+        raise RateLimited(
+            f"Too many writes; retry in {wait} s.", headers={"Retry-After": str(wait)},
+            details={"retry_after": wait},
+        )
+
+
+class WriteThrottle:
+    """DRF throttle for REST writes (not ``/api/auth/``); raises the error itself so
+    Retry-After is whole seconds, rounded up."""
+
+    def allow_request(self, request: object, view: object) -> bool:
+        method = getattr(request, "method", "GET")
+        path = getattr(request, "path", "")
+        user = getattr(request, "user", None)
+        if method in ("GET", "HEAD", "OPTIONS") or path.startswith("/api/auth/"):
+            return True
+        if user is None or not user.is_authenticated:
+            return True  # refused by authentication, not counted
+        check_write_rate(user.pk)
+        return True
+
+    def wait(self) -> float | None:
+        return None
+
+
+# ---------------------------------------------------------------- open streams
+
+
+class _LocalSlots:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[int, set[str]] = {}
+
+    def take(self, user_id: int, slot: str, limit: int, ttl: float) -> bool:
+        with self._lock:
+            slots = self._users.setdefault(user_id, set())
+            if len(slots) >= limit:
+                return False
+            slots.add(slot)
+            return True
+
+    def release(self, user_id: int, slot: str) -> None:
+        with self._lock:
+            slots = self._users.get(user_id)
+            if slots is not None:
+                slots.discard(slot)
+                if not slots:
+                    del self._users[user_id]
+
+    def renew(self, held: list[tuple[int, str]], ttl: float) -> None:
+        pass
+
+
+_TAKE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class _RedisSlots:
+    """A sorted set per user: member = connection, score = when it lapses."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
+        self._take = self._redis.register_script(_TAKE)
+
+    @staticmethod
+    def _key(user_id: int) -> str:
+        return f"{_prefix()}:streams:{user_id}"
+
+    def take(self, user_id: int, slot: str, limit: int, ttl: float) -> bool:
+        now = time.time()
+        # One script: pruning, counting and adding cannot interleave with another process.
+        return bool(self._take(keys=[self._key(user_id)], args=[now, now + ttl, limit, slot, math.ceil(ttl)]))
+
+    def release(self, user_id: int, slot: str) -> None:
+        self._redis.zrem(self._key(user_id), slot)
+
+    def renew(self, held: list[tuple[int, str]], ttl: float) -> None:
+        if not held:
+            return
+        expires = time.time() + ttl
+        pipe = self._redis.pipeline(transaction=False)
+        for user_id, slot in held:
+            pipe.zadd(self._key(user_id), {slot: expires}, xx=True)
+            pipe.expire(self._key(user_id), math.ceil(ttl))
+        pipe.execute()
+
+
+_slots: _LocalSlots | _RedisSlots | None = None
+_slots_for: str | None = None
+_held: dict[str, int] = {}  # slot -> user id, this process's open streams
+
+
+def _slot_store() -> _LocalSlots | _RedisSlots:
+    global _slots, _slots_for
+    if _slots is None or _slots_for != settings.REDIS_URL:
+        _slots = _RedisSlots(settings.REDIS_URL) if settings.REDIS_URL else _LocalSlots()
+        _slots_for = settings.REDIS_URL
+    return _slots
+
+
+def slot_ttl() -> float:
+    return float(settings.TANDEM_PRESENCE_TTL_SECONDS)
+
+
+def take_stream_slot(user_id: int, slot: str) -> None:
+    """Count a new stream of ``user_id``; TooManyConnections past the limit."""
+    limit = settings.TANDEM_MAX_CONNECTIONS_PER_USER
+    try:
+        taken = _slot_store().take(user_id, slot, limit, slot_ttl())
+    except Exception:  # Redis down: the stream itself will fail or recover; do not block it here
+        taken = True
+    if not taken:
+        raise TooManyConnections(
+            f"At most {limit} open streams per user; close one first.",
+            headers={"Retry-After": "5"},
+        )
+    _held[slot] = user_id
+
+
+def release_stream_slot(slot: str) -> None:
+    user_id = _held.pop(slot, None)
+    if user_id is None:
+        return
+    try:
+        _slot_store().release(user_id, slot)
+    except Exception:  # it lapses by itself
+        pass
+
+
+def renew_stream_slots() -> None:
+    _slot_store().renew([(user_id, slot) for slot, user_id in list(_held.items())], slot_ttl())
+
+
+def forget_local_state() -> None:
+    """Tests: start from no counts and no slots (user ids are reused after a rollback)."""
+    global _counter, _slots
+    _counter = _slots = None
+    _held.clear()

@@ -1,0 +1,356 @@
+"""The one settings module. Every value comes from the environment through the small
+helpers below, which raise ImproperlyConfigured on a value they cannot read instead of
+guessing: a typo in production must stop the process, not change its behaviour."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from project.rates import parse_rate
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} is below its minimum of {minimum}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} is below its minimum of {minimum}")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = env_str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-key-change-me-in-production-0123456789"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "corsheaders",
+    "channels",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "sessions_app",
+    "events_app",
+]
+
+MIDDLEWARE = [
+    "events_app.metrics.RequestTimingMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    # Serves static/ from any server (daphne, uvicorn) with no collectstatic step.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "project.errors.ApiErrorMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+ASGI_APPLICATION = "project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+try:
+    _db: dict[str, Any] = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE takes the write lock at BEGIN, so concurrent publishers queue up on the
+    # busy timeout instead of failing with "database is locked" on lock upgrade.
+    _db.setdefault("OPTIONS", {}).update(
+        {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+    # A file, not :memory:, so real server processes started by tests share it.
+    (BASE_DIR / "var").mkdir(exist_ok=True)
+    _db["TEST"] = {
+        "NAME": str(BASE_DIR / "var" / f"{env_str('TANDEM_TEST_DB_NAME', 'test-db')}.sqlite3")
+    }
+elif os.environ.get("TANDEM_TEST_DB_NAME"):
+    # Lets several test runs share one PostgreSQL server without clobbering each other.
+    _db["TEST"] = {"NAME": env_str("TANDEM_TEST_DB_NAME", "")}
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", "")
+# Also keeps the limits' Redis keys apart between deployments sharing one Redis.
+TANDEM_CHANNEL_PREFIX = env_str("TANDEM_CHANNEL_PREFIX", "tandem")
+if REDIS_URL:
+    from project.redisconn import channel_layer_host
+
+    try:
+        _redis_host = channel_layer_host(REDIS_URL)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"REDIS_URL: {exc}") from None
+    # The pub/sub layer: one Redis subscription per group per process and no silent
+    # capacity drops (see STACK-NOTES: the core layer loses events under fan-out).
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [_redis_host], "prefix": TANDEM_CHANNEL_PREFIX},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # One hub channel per process carries every event; the defaults (100
+            # messages, groups expiring after a day) would drop bursts and silence idle
+            # sessions.
+            "CONFIG": {"capacity": 100_000, "group_expiry": 10 * 365 * 86400, "expiry": 3600},
+        }
+    }
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+if env_bool("TANDEM_FAST_PASSWORD_HASHER", False):
+    # For test runs only: hashing is the slowest thing a test does.
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+# Production hardening, on whenever DEBUG is off. Behind a TLS-terminating proxy that
+# sets X-Forwarded-Proto. TANDEM_HTTPS=false serves plain HTTP (a loopback benchmark).
+TANDEM_HTTPS = env_bool("TANDEM_HTTPS", not DEBUG)
+if TANDEM_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    # Health checks and scrapes come over plain HTTP from inside the network.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("TANDEM_HSTS_SECONDS", 31_536_000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("TANDEM_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("TANDEM_HSTS_PRELOAD", True)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "var" / "static"
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns on every start otherwise
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "project.auth.StrictJWTAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["project.errors.StrictJSONParser"],
+    "DEFAULT_THROTTLE_CLASSES": ["project.limits.WriteThrottle"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "project.errors.drf_exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+# The OpenAPI description (project/openapi.py): /api/schema/ and its Swagger UI, /api/docs/.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tandem API",
+    "VERSION": "1",
+    "OAS_VERSION": "3.0.3",
+    "SCHEMA_PATH_PREFIX": r"/api/",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "COMPONENT_SPLIT_PATCH": False,  # PATCH bodies are validated whole (title is required)
+    "ENUM_NAME_OVERRIDES": {"PartTypeEnum": ["text"]},
+    "DEFAULT_GENERATOR_CLASS": "project.openapi.TandemSchemaGenerator",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "project.openapi.postprocess",
+    ],
+    # Public: the schema describes the API, not anyone's data.
+    "SERVE_PUBLIC": True,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    # Swagger UI from drf-spectacular-sidecar's static files: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+}
+
+TANDEM_ACCESS_TOKEN_SECONDS = env_int("TANDEM_ACCESS_TOKEN_SECONDS", 900, minimum=1)
+SIMPLE_JWT = {
+    "ACCESS_TOKEN_LIFETIME": timedelta(seconds=TANDEM_ACCESS_TOKEN_SECONDS),
+    "REFRESH_TOKEN_LIFETIME": timedelta(days=7),
+    "SIGNING_KEY": SECRET_KEY,
+    "UPDATE_LAST_LOGIN": False,
+    "TOKEN_OBTAIN_SERIALIZER": "project.auth.StrictTokenObtainPairSerializer",
+    "TOKEN_REFRESH_SERIALIZER": "project.auth.StrictTokenRefreshSerializer",
+}
+
+TANDEM_ALLOW_SIGNUP = env_bool("TANDEM_ALLOW_SIGNUP", True)
+TANDEM_TICKET_SECONDS = env_int("TANDEM_TICKET_SECONDS", 60, minimum=1)
+TANDEM_MAX_MESSAGE_CHARS = env_int("TANDEM_MAX_MESSAGE_CHARS", 32_000, minimum=1)
+TANDEM_MAX_EVENT_BYTES = env_int("TANDEM_MAX_EVENT_BYTES", 65_536, minimum=256)
+TANDEM_MAX_BODY_BYTES = env_int("TANDEM_MAX_BODY_BYTES", 262_144, minimum=1024)
+TANDEM_MAX_WS_FRAME = env_int("TANDEM_MAX_WS_FRAME", 524_288, minimum=1024)
+TANDEM_MAX_PRESENCE_BYTES = 4096
+TANDEM_EVENT_RETENTION_SECONDS = env_int("TANDEM_EVENT_RETENTION_SECONDS", 86_400, minimum=1)
+TANDEM_EVENT_RETENTION_COUNT = env_int("TANDEM_EVENT_RETENTION_COUNT", 10_000, minimum=1)
+TANDEM_PRUNE_INTERVAL_SECONDS = env_float("TANDEM_PRUNE_INTERVAL_SECONDS", 5.0, minimum=0.1)
+TANDEM_HEARTBEAT_SECONDS = env_float("TANDEM_HEARTBEAT_SECONDS", 15.0, minimum=0.05)
+TANDEM_STREAM_QUEUE = env_int("TANDEM_STREAM_QUEUE", 1000, minimum=1)
+TANDEM_ECHO_DELAY_MS = env_int("TANDEM_ECHO_DELAY_MS", 20, minimum=0)
+TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
+TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
+TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)
+TANDEM_ALLOWED_ORIGINS = env_list("TANDEM_ALLOWED_ORIGINS", [])
+# PROTOCOL §8. The rate is checked here so a typo stops the process at start.
+TANDEM_RATE_WRITE = env_str("TANDEM_RATE_WRITE", "120/min")
+try:
+    parse_rate(TANDEM_RATE_WRITE)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"TANDEM_RATE_WRITE: {exc}") from None
+TANDEM_MAX_CONNECTIONS_PER_USER = env_int("TANDEM_MAX_CONNECTIONS_PER_USER", 20, minimum=1)
+
+# Agents (PROTOCOL §7). Replies run in the server process ("inline") unless a Redis
+# channel layer is configured, where ``manage.py run_agents`` workers take them.
+TANDEM_AGENT_MODE = env_str("TANDEM_AGENT_MODE", "worker" if REDIS_URL else "inline")
+if TANDEM_AGENT_MODE not in ("inline", "worker"):
+    raise ImproperlyConfigured("TANDEM_AGENT_MODE must be 'inline' or 'worker'.")
+TANDEM_AGENT_CONCURRENCY = env_int("TANDEM_AGENT_CONCURRENCY", 100, minimum=1)
+TANDEM_RUN_LEASE_SECONDS = env_float("TANDEM_RUN_LEASE_SECONDS", 20.0, minimum=1.0)
+TANDEM_PERMISSION_TIMEOUT = env_float("TANDEM_PERMISSION_TIMEOUT", 300.0, minimum=0.1)
+TANDEM_TOOL_TIMEOUT = env_float("TANDEM_TOOL_TIMEOUT", 10.0, minimum=0.1)
+TANDEM_OPENAI_BASE_URL = env_str("TANDEM_OPENAI_BASE_URL", "https://api.openai.com/v1")
+TANDEM_OPENAI_API_KEY = env_str("TANDEM_OPENAI_API_KEY", "")
+TANDEM_OPENAI_MODEL = env_str("TANDEM_OPENAI_MODEL", "gpt-4o-mini")
+TANDEM_OPENAI_TIMEOUT = env_float("TANDEM_OPENAI_TIMEOUT", 60.0, minimum=0.1)
+TANDEM_OPENAI_MAX_RETRIES = env_int("TANDEM_OPENAI_MAX_RETRIES", 3, minimum=0)
+TANDEM_OPENAI_RETRY_BASE_SECONDS = env_float("TANDEM_OPENAI_RETRY_BASE_SECONDS", 1.0, minimum=0.0)
+# The Redis pub/sub bridge for external agent services (manage.py ingest_redis).
+TANDEM_INGEST_PATTERN = env_str("TANDEM_INGEST_PATTERN", "tandem:ingest:*")
+TANDEM_INGEST_USER = env_str("TANDEM_INGEST_USER", "")
+# Keep the largest allowed body above the event limit so the event check, not Django's
+# generic one, answers for oversized events.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(TANDEM_MAX_BODY_BYTES, TANDEM_MAX_EVENT_BYTES) + 1024
+
+CSRF_TRUSTED_ORIGINS = [o for o in TANDEM_ALLOWED_ORIGINS if o.startswith(("http://", "https://"))]
+# Cross-origin REST for those origins only; the SSE consumer applies the same list itself
+# (it answers outside Django's middleware).
+CORS_ALLOWED_ORIGINS = CSRF_TRUSTED_ORIGINS
+CORS_URLS_REGEX = r"^/api/.*$"
+CORS_ALLOW_HEADERS = ["authorization", "content-type", "last-event-id", "x-csrftoken"]
+CORS_EXPOSE_HEADERS = ["retry-after"]
+CORS_PREFLIGHT_MAX_AGE = 600
+
+TANDEM_LOG_FORMAT = env_str("TANDEM_LOG_FORMAT", "plain")
+if TANDEM_LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured("TANDEM_LOG_FORMAT must be 'plain' or 'json'.")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "project.logfilters.RedactSecrets"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "project.logfilters.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler", "filters": ["redact"],
+            "formatter": "json" if TANDEM_LOG_FORMAT == "json" else "plain",
+        }
+    },
+    "root": {"handlers": ["console"], "level": env_str("TANDEM_LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "django.channels.server": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+        # One line per request and stream, query secrets redacted (project/asgi.py).
+        "tandem.access": {"level": "INFO" if env_bool("TANDEM_ACCESS_LOG", True) else "WARNING"},
+    },
+}

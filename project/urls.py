@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path, re_path
+from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
+
+from events_app.metrics import metrics_view
+from events_app.views import EventListView
+from project import views
+from project.openapi import SchemaView, SwaggerView
+from sessions_app import pages
+from sessions_app.views import RegisterView, TicketView
+
+api = [
+    path("auth/token/", TokenObtainPairView.as_view()),
+    path("auth/token/refresh/", TokenRefreshView.as_view()),
+    path("auth/register/", RegisterView.as_view()),
+    path("auth/ticket/", TicketView.as_view()),
+    path("sessions/<str:session_id>/events/", EventListView.as_view()),
+    path("", include("sessions_app.urls")),
+    # The OpenAPI description and its browsable pages (public; local assets only).
+    path("schema/", SchemaView.as_view(), name="api-schema"),
+    path("docs/", SwaggerView.as_view(), name="api-docs"),
+    re_path(r"^.*$", views.api_not_found),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("accounts/signup/", pages.signup_page, name="signup"),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("api/", include(api)),
+    path("healthz", views.healthz),
+    path("readyz", views.readyz),
+    path("metrics", metrics_view),
+    path("s/<str:session_id>/", pages.session_page, name="session"),
+    path("", pages.sessions_page, name="sessions"),
+]
+
+handler404 = "sessions_app.pages.not_found_page"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite twice: on SQLite and on
+# PostgreSQL, with the real Redis for the fan-out tests. Starts PostgreSQL and Redis if
+# they are installed here but not running. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+
+# The browser tests drive Debian's Chromium; the deployment test runs nginx.
+missing=""
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
+if [ -n "$missing" ]; then
+  echo "Installing:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null
+fi
+
+PG_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
+
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  echo "Redis is not running: starting it"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  echo "PostgreSQL is not running: starting it"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+fi
+for _ in $(seq 50); do
+  (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && break
+  sleep 0.2
+done
+
+status=0
+echo "== pytest on SQLite =="
+env -u DATABASE_URL -u REDIS_URL "$VENV/bin/python" -m pytest "$@" || status=$?
+echo "== pytest on PostgreSQL =="
+env -u REDIS_URL DATABASE_URL="$PG_URL" "$VENV/bin/python" -m pytest "$@" || status=$?
+exit $status

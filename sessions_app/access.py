@@ -1,0 +1,31 @@
+"""Who may see and do what. Outsiders get 404, never 403, so ids leak nothing."""
+from __future__ import annotations
+
+from typing import Any
+
+from project.errors import NotFound, PermissionDenied
+from sessions_app.models import ROLE_RANK, Membership, Role, Session
+
+
+def session_for(user: Any, session_id: str, need: str = Role.VIEWER) -> tuple[Session, str]:
+    """The session and the caller's role, if the caller's role is at least ``need``."""
+    if not user or not user.is_authenticated or len(session_id) > 32:
+        raise NotFound()
+    # Ids are printable ASCII; anything else (a NUL above all, which PostgreSQL refuses
+    # with an error) cannot name a session.
+    if not session_id.isascii() or not session_id.isprintable():
+        raise NotFound()
+    membership = (
+        Membership.objects.select_related("session", "session__owner")
+        .filter(session_id=session_id, user=user)
+        .first()
+    )
+    if membership is None:
+        raise NotFound()
+    if ROLE_RANK[membership.role] < ROLE_RANK[need]:
+        raise PermissionDenied(f"This needs the {need} role; you are a {membership.role}.")
+    return membership.session, membership.role
+
+
+def member_session_ids(user_id: int) -> list[str]:
+    return list(Membership.objects.filter(user_id=user_id).values_list("session_id", flat=True))

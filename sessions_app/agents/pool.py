@@ -1,0 +1,215 @@
+"""Where replies run.
+
+A pool claims queued replies (``ReplyRun`` rows) from the database and runs each on this
+process's runtime loop; it renews their leases and stops the ones asked to abort. In
+``inline`` mode every server process has a pool; in ``worker`` mode the
+``run_agents`` processes do, and server processes only queue the reply and wake the
+workers through the channel layer. Either way the database row is the queue, so a reply
+posted while no runner is up waits for one instead of being lost, and the lease tells a
+dead runner from a slow one (``reap_forever`` ends the replies of dead ones).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+import weakref
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from events_app import fanout, runtime
+from events_app.fanout import get_hub
+from events_app.types import Frame
+from sessions_app import services
+from sessions_app.agents.runner import Run
+
+log = logging.getLogger(__name__)
+
+WORKERS_GROUP = "tandem.workers"
+# How often an idle pool looks for queued replies whose wake-up it missed.
+_POLL_SECONDS = 1.0
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.runs: dict[str, Run] = {}  # message id -> run
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()
+        self.serving: asyncio.Task[None] | None = None
+        self.accepting = True
+
+    # Listener protocol for the workers' group: only wake-ups come through it.
+    def deliver(self, frame: Frame) -> None:
+        pass
+
+    def control(self, message: dict[str, Any]) -> None:
+        if message.get("action") == "wake":
+            self.wake.set()
+
+    def start(self, *, listen: bool = False, persistent: bool = True) -> None:
+        if self.serving is None or self.serving.done():
+            self.serving = asyncio.get_running_loop().create_task(
+                self.serve(listen=listen, persistent=persistent)
+            )
+
+    async def serve(self, *, listen: bool, persistent: bool) -> None:
+        """Claim and run replies. A pool that is not ``persistent`` (started on demand
+        where no server runs: management commands, tests) stops once it has nothing to
+        do, rather than polling the database for the life of the process."""
+        hub = get_hub()
+        if listen:
+            await hub.subscribe(WORKERS_GROUP, self)
+        renew_every = settings.TANDEM_RUN_LEASE_SECONDS / 4
+        next_renew = time.monotonic() + renew_every
+        try:
+            while True:
+                self.wake.clear()
+                try:
+                    await self._claim()
+                    if time.monotonic() >= next_renew:
+                        next_renew = time.monotonic() + renew_every
+                        await self._renew()
+                except Exception:  # the database went away for a moment: try again
+                    log.exception("Agent pool %s could not claim or renew", self.name)
+                # No await between this check and returning: a wake-up cannot slip in.
+                if not persistent and not self.runs and not self.wake.is_set():
+                    return
+                wait = min(_POLL_SECONDS, max(0.0, next_renew - time.monotonic()))
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+        finally:
+            if listen:
+                await hub.unsubscribe(WORKERS_GROUP, self)
+
+    async def _claim(self) -> None:
+        free = settings.TANDEM_AGENT_CONCURRENCY - len(self.runs)
+        if free <= 0 or not self.accepting:
+            return
+        for claimed in await database_sync_to_async(services.claim_runs)(self.name, free):
+            run = Run(claimed.session_id, claimed.message_id, claimed.agent, self.name)
+            self.runs[claimed.message_id] = run
+            task = asyncio.get_running_loop().create_task(run.run())
+            self.tasks[claimed.message_id] = task
+            task.add_done_callback(lambda _, mid=claimed.message_id: self._ended(mid))
+
+    def _ended(self, message_id: str) -> None:
+        self.runs.pop(message_id, None)
+        self.tasks.pop(message_id, None)
+        self.wake.set()  # room for the next queued reply
+
+    async def _renew(self) -> None:
+        lost, aborts = await database_sync_to_async(services.renew_leases)(self.name, list(self.runs))
+        for message_id in lost:
+            log.warning("Reply %s was ended elsewhere; stopping it here", message_id)
+            run = self.runs.get(message_id)
+            if run is not None:
+                run.abort(lost=True)
+        for message_id in aborts:
+            run = self.runs.get(message_id)
+            if run is not None and not run.aborted.is_set():
+                run.abort()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop claiming; let running replies finish for up to ``timeout`` seconds, then
+        end the rest ``interrupted`` now rather than when their leases lapse."""
+        self.accepting = False
+        if self.serving is not None:
+            self.serving.cancel()
+        pending = set(self.tasks.values())
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        left = list(self.runs)
+        for message_id in left:
+            self.runs[message_id].abort(lost=True)
+        if left:
+            await database_sync_to_async(services.interrupt_runs)(self.name, left)
+
+
+    async def cancel_all(self) -> None:
+        """Stop every reply here without ending it (the row stays for a reaper)."""
+        for run in list(self.runs.values()):
+            run.abort(lost=True)
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+            # A cancelled task leaves its database call running in the sync thread; a
+            # no-op queued behind it returns once that call is done.
+            await database_sync_to_async(lambda: None)()
+
+
+def stop_local_runs(timeout: float = 10.0) -> None:
+    """Stop the replies this process runs on loops other than the caller's, and wait
+    for them. For tests: a reply must not outlive the test that started it."""
+    for loop, pool in list(_pools.items()):
+        if not pool.tasks or loop.is_closed() or not loop.is_running():
+            continue
+        try:
+            if asyncio.get_running_loop() is loop:
+                continue
+        except RuntimeError:
+            pass
+        asyncio.run_coroutine_threadsafe(pool.cancel_all(), loop).result(timeout)
+
+
+def get_pool() -> Pool:
+    """This loop's pool (tests run several loops; a server process has one)."""
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = Pool()
+    return pool
+
+
+def _wake_local() -> None:
+    pool = get_pool()
+    pool.start(persistent=False)
+    pool.wake.set()
+
+
+def dispatch() -> None:
+    """A reply was queued: wake whoever runs replies. Called after the commit."""
+    if settings.TANDEM_AGENT_MODE == "inline":
+        runtime.call_soon(_wake_local)
+    else:
+        fanout.send_control(WORKERS_GROUP, "wake")
+
+
+def request_abort(session_id: str) -> None:
+    """Tell the runner holding the session's reply, in whichever process, to stop."""
+    fanout.send_control(services.run_group(session_id), "abort", session_id=session_id)
+
+
+def active_runs() -> int:
+    return sum(len(pool.runs) for pool in list(_pools.values()))
+
+
+async def reap_forever() -> None:
+    """End the replies of runners that died (their leases lapsed). Every server process
+    and worker runs this, so replies are recovered even when every worker is gone."""
+    interval = max(1.0, settings.TANDEM_RUN_LEASE_SECONDS / 4)
+    while True:
+        try:
+            ended = await database_sync_to_async(services.reap_expired_runs)()
+            if ended:
+                log.warning("Ended %d interrupted repl%s", ended, "y" if ended == 1 else "ies")
+        except Exception:
+            log.exception("Could not reap interrupted replies")
+        await asyncio.sleep(interval)
+
+
+async def start_inline() -> None:
+    """Server start-up in inline mode: run replies here, including any queued before a
+    restart."""
+    get_pool().start()

@@ -1,0 +1,371 @@
+"""Runs one reply. The agent iterates in a task of its own and hands everything it
+produces to the runner through one queue, so text, tools and permissions reach the
+event log in the order the agent produced them. The runner coalesces deltas (about every
+``TANDEM_COALESCE_MS`` or ``TANDEM_COALESCE_BYTES``), asks permission, runs tools off
+the loop, and on the way out closes whatever is open — on success, failure or abort.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from events_app.fanout import get_hub
+from events_app.types import Frame, iso
+from sessions_app import services
+from sessions_app.agents import registry, tools
+from sessions_app.agents.base import (
+    AgentError,
+    Output,
+    ReasoningDelta,
+    ReplyContext,
+    Retrying,
+    TextDelta,
+    ToolResult,
+    Usage,
+)
+from sessions_app.models import Message, Part, PermissionRequest, new_id
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+# While waiting for an answer, the database is read this often in case the control
+# message that says "answered" was lost (a Redis hiccup, say).
+_PERMISSION_POLL_SECONDS = 1.0
+
+
+@dataclass
+class _OpenPart:
+    id: str
+    type: str
+    text: str = ""
+    pending: str = ""
+
+
+@dataclass
+class _ToolCall:
+    name: str
+    input: Any
+    call_id: str | None
+    result: asyncio.Future[ToolResult]
+
+
+@dataclass
+class _Usage:
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def add(self, usage: Usage) -> None:
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            self.totals[key] = self.totals.get(key, 0) + int(getattr(usage, key))
+
+
+class Run:
+    def __init__(self, session_id: str, message_id: str, agent_name: str, runner: str) -> None:
+        self.session_id = session_id
+        self.message_id = message_id
+        self.agent_name = agent_name
+        self.runner = runner
+        self.outputs: asyncio.Queue[Any] = asyncio.Queue()
+        self.producer: asyncio.Task[None] | None = None
+        self.parts: list[_OpenPart] = []  # text and reasoning parts, in order
+        self.current: _OpenPart | None = None  # where the next delta of its type goes
+        self.tool_parts = 0
+        self.aborted = asyncio.Event()
+        self.lost = False  # another process ended this run (our lease lapsed)
+        self.answered: dict[str, asyncio.Event] = {}
+        self.usage = _Usage()
+        self.retrying = False
+        self.last_flush = time.monotonic()
+
+    # Listener protocol: the run group carries only control messages.
+    def deliver(self, frame: Frame) -> None:
+        pass
+
+    def control(self, message: dict[str, Any]) -> None:
+        action = message.get("action")
+        if action == "abort":
+            self.abort()
+        elif action == "permission":
+            event = self.answered.get(str(message.get("permission_id")))
+            if event is not None:
+                event.set()
+
+    def abort(self, *, lost: bool = False) -> None:
+        self.lost = self.lost or lost
+        self.aborted.set()
+        if self.producer is not None:
+            self.producer.cancel()
+
+    async def _produce(self, ctx: ReplyContext) -> None:
+        replies = None
+        try:
+            replies = registry.create(self.agent_name).reply(ctx)
+            async for output in replies:
+                await self.outputs.put(output)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            if not isinstance(exc, AgentError):
+                log.exception("Agent %s failed in session %s", self.agent_name, self.session_id)
+            await self.outputs.put(exc)
+        finally:
+            self.outputs.put_nowait(_DONE)
+            if replies is not None:
+                # Close the generator here, on this task, so its ``finally`` blocks
+                # (an open HTTP stream, say) run now, not in the loop's finaliser.
+                await _close(replies)
+
+    async def _use_tool(self, name: str, input: Any, call_id: str | None = None) -> ToolResult:
+        """What agents call as ``ctx.use_tool``: queued behind the agent's earlier
+        outputs, so the tool's part comes after the text written before it."""
+        result: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
+        await self.outputs.put(_ToolCall(name, input, call_id, result))
+        return await result
+
+    async def run(self) -> None:
+        group = services.run_group(self.session_id)
+        hub = get_hub()
+        await hub.subscribe(group, self)
+        status, error = Message.Status.COMPLETED, None
+        try:
+            if await database_sync_to_async(services.abort_requested)(self.message_id):
+                self.aborted.set()  # asked before we were listening
+            context = await database_sync_to_async(services.reply_context)(
+                self.session_id, self.message_id
+            )
+            ctx = ReplyContext(
+                self.session_id, self.message_id, context["history"], use_tool=self._use_tool
+            )
+            self.producer = asyncio.get_running_loop().create_task(self._produce(ctx))
+            # A task cancelled before its first step never runs its body, nor the
+            # ``finally`` that says it is done: an abort that lands before the agent
+            # starts would leave this loop waiting forever. A second _DONE is harmless.
+            self.producer.add_done_callback(lambda _: self.outputs.put_nowait(_DONE))
+            if self.aborted.is_set():
+                self.producer.cancel()
+            interval = settings.TANDEM_COALESCE_MS / 1000
+            while True:
+                try:
+                    timeout = interval if self._has_pending() else None
+                    item = await asyncio.wait_for(self.outputs.get(), timeout)
+                except TimeoutError:
+                    await self._flush()
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, AgentError):
+                    status, error = Message.Status.ERROR, {"code": item.code, "message": item.message}
+                elif isinstance(item, Exception):
+                    status = Message.Status.ERROR
+                    error = {"code": "agent_error", "message": str(item) or type(item).__name__}
+                elif isinstance(item, _ToolCall):
+                    outcome = await self._run_tool(item)
+                    if not item.result.done():
+                        item.result.set_result(outcome)
+                else:
+                    await self._apply(item)
+            if self.aborted.is_set():
+                status, error = Message.Status.CANCELLED, None
+        except Exception as exc:  # a failure of ours, not the agent's: still end cleanly
+            log.exception("Reply %s failed", self.message_id)
+            status, error = Message.Status.ERROR, {"code": "internal_error", "message": str(exc)}
+        finally:
+            try:
+                if not self.lost:
+                    await self._finish(status, error)
+            finally:
+                await hub.unsubscribe(group, self)
+
+    def _has_pending(self) -> bool:
+        return any(p.pending for p in self.parts)
+
+    async def _apply(self, output: Output) -> None:
+        if self.retrying and not isinstance(output, Retrying):
+            self.retrying = False
+            await database_sync_to_async(services.set_session_status)(self.session_id, {"type": "busy"})
+        if isinstance(output, (TextDelta, ReasoningDelta)):
+            await self._add_text(output)
+        elif isinstance(output, Usage):
+            self.usage.add(output)
+        elif isinstance(output, Retrying):
+            self.retrying = True
+            await self._flush()
+            status = {
+                "type": "retry", "attempt": output.attempt, "message": output.message,
+                "next_at": iso(output.next_at),
+            }
+            await database_sync_to_async(services.set_session_status)(self.session_id, status)
+
+    async def _add_text(self, output: TextDelta | ReasoningDelta) -> None:
+        if not output.text:
+            return
+        part_type = Part.PartType.TEXT if isinstance(output, TextDelta) else Part.PartType.REASONING
+        part = self.current if self.current and self.current.type == part_type else None
+        if part is None:
+            await self._flush()
+            created = await database_sync_to_async(services.start_part)(
+                self.message_id, self.session_id, self._next_index(), part_type
+            )
+            part = _OpenPart(created.id, part_type)
+            self.parts.append(part)
+            self.current = part
+        part.pending += output.text
+        due = time.monotonic() - self.last_flush >= settings.TANDEM_COALESCE_MS / 1000
+        if due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
+            await self._flush()
+
+    def _next_index(self) -> int:
+        return len(self.parts) + self.tool_parts
+
+    async def _flush(self) -> None:
+        self.last_flush = time.monotonic()
+        for part in self.parts:
+            if part.pending:
+                delta, part.pending = part.pending, ""
+                part.text += delta
+                await database_sync_to_async(services.append_text)(
+                    part.id, part.type, self.message_id, self.session_id, part.text, delta
+                )
+
+    # ------------------------------------------------------------ tools
+
+    async def _run_tool(self, call: _ToolCall) -> ToolResult:
+        """Part, permission, execution and status of one tool call."""
+        await self._flush()
+        if self.aborted.is_set():
+            return ToolResult(ok=False, error="The reply was aborted.")
+        call_id = call.call_id or new_id("call")
+        shown_input = call.input if _is_json(call.input) else repr(call.input)
+        part = await database_sync_to_async(services.start_tool_part)(
+            self.message_id, self.session_id, self._next_index(), call.name, call_id, shown_input
+        )
+        self.tool_parts += 1
+        self.current = None  # text after the tool starts a new part below it
+
+        async def fail(message: str, *, rejected: bool = False) -> ToolResult:
+            await database_sync_to_async(services.set_tool_state)(
+                part.id, self.session_id, self.message_id, {"status": "error", "error": message}
+            )
+            return ToolResult(ok=False, error=message, rejected=rejected)
+
+        tool = tools.get(call.name)
+        if tool is None:
+            return await fail(f"There is no tool named {call.name!r}.")
+        try:
+            checked = tool.check_input(call.input)
+        except tools.ToolFailed as exc:
+            return await fail(f"Invalid input: {exc}")
+        if tool.needs_permission:
+            permission = await database_sync_to_async(services.request_permission)(
+                self.session_id, self.message_id, call_id, tool.name, checked
+            )
+            decided = await self._await_answer(permission)
+            if decided is None:  # aborted: the finish closes the part and the request
+                return ToolResult(ok=False, error="The reply was aborted.")
+            if decided.status != PermissionRequest.Status.APPROVED:
+                why = "expired" if decided.status == PermissionRequest.Status.EXPIRED else "rejected"
+                detail = f": {decided.reason}" if decided.reason else "."
+                return await fail(f"Permission {why}{detail}", rejected=True)
+        await database_sync_to_async(services.set_tool_state)(
+            part.id, self.session_id, self.message_id, {"status": "running"}
+        )
+        try:
+            output = await self._execute(tool, checked)
+        except tools.ToolFailed as exc:
+            return await fail(str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("Tool %s failed", tool.name)
+            return await fail("The tool failed.")
+        if output is _ABORTED:
+            return ToolResult(ok=False, error="The reply was aborted.")
+        await database_sync_to_async(services.set_tool_state)(
+            part.id, self.session_id, self.message_id, {"status": "completed", "output": output}
+        )
+        return ToolResult(ok=True, output=output)
+
+    async def _execute(self, tool: tools.Tool, checked: dict[str, Any]) -> Any:
+        work = asyncio.ensure_future(asyncio.to_thread(tool.run, checked))
+        stop = asyncio.ensure_future(self.aborted.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {work, stop}, timeout=settings.TANDEM_TOOL_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+        if work in done:
+            output = work.result()
+            if not _is_json(output):
+                raise tools.ToolFailed("The tool's result is not JSON.")
+            return output
+        # A thread cannot be stopped; the calculator bounds its own work, so a timed-out
+        # call ends soon on its own. Nobody waits for it.
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self.aborted.is_set():
+            return _ABORTED
+        raise tools.ToolFailed(f"The tool took longer than {settings.TANDEM_TOOL_TIMEOUT:g} s.")
+
+    async def _await_answer(self, permission: PermissionRequest) -> PermissionRequest | None:
+        """The request once it is answered or expired; None if the reply is aborted."""
+        answered = self.answered.setdefault(permission.id, asyncio.Event())
+        try:
+            while True:
+                if self.aborted.is_set():
+                    return None
+                current = await database_sync_to_async(services.permission_state)(permission.id)
+                if current.status != PermissionRequest.Status.PENDING:
+                    return current
+                left = (current.expires_at - timezone.now()).total_seconds()
+                if left <= 0:
+                    current = await database_sync_to_async(services.expire_permission)(permission.id)
+                    if current.status != PermissionRequest.Status.PENDING:
+                        return current
+                    continue
+                answered.clear()
+                waits = [asyncio.ensure_future(answered.wait()), asyncio.ensure_future(self.aborted.wait())]
+                try:
+                    await asyncio.wait(
+                        waits, timeout=min(left, _PERMISSION_POLL_SECONDS),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    for waiter in waits:
+                        waiter.cancel()
+        finally:
+            self.answered.pop(permission.id, None)
+
+    async def _finish(self, status: str, error: dict[str, str] | None) -> None:
+        # Pending text goes out as a last delta, even on abort: the deltas of a part must
+        # add up to its final text.
+        await self._flush()
+        await database_sync_to_async(services.finish_reply)(
+            self.session_id, self.message_id, runner=self.runner, status=status, error=error,
+            text_parts=[(p.id, p.text) for p in self.parts],
+            usage=self.usage.totals or None,
+        )
+
+
+_ABORTED = object()
+
+
+async def _close(replies: Any) -> None:
+    try:
+        await replies.aclose()
+    except (Exception, asyncio.CancelledError):  # it failed already; that was reported
+        pass
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    return True

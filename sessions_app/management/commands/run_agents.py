@@ -1,0 +1,55 @@
+"""``python manage.py run_agents``: a worker that runs agent replies, so server processes
+only serve connections. Start as many as the load needs; they share the queue."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from events_app import runtime
+from sessions_app.agents.pool import get_pool, reap_forever
+
+log = logging.getLogger("tandem.worker")
+
+
+class Command(BaseCommand):
+    help = "Run agent replies queued by the server processes (worker mode)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--drain-seconds", type=float, default=30.0,
+            help="On SIGTERM, how long running replies may take to finish before they "
+            "are ended as interrupted.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.REDIS_URL:
+            log.warning(
+                "REDIS_URL is not set: this worker cannot be woken by server processes and "
+                "will find replies by polling the database only."
+            )
+        asyncio.run(self._main(options["drain_seconds"]))
+
+    async def _main(self, drain_seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        runtime.bind(loop)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        pool = get_pool()
+        pool.start(listen=True)
+        reaper = loop.create_task(reap_forever())
+        log.info("Agent worker %s ready (concurrency %d)", pool.name, settings.TANDEM_AGENT_CONCURRENCY)
+        self.stdout.write(f"ready {pool.name}", ending="\n")
+        self.stdout.flush()
+        await stop.wait()
+        log.info("Agent worker %s stopping; draining %d repl(ies)", pool.name, len(pool.runs))
+        reaper.cancel()
+        await pool.drain(drain_seconds)
+        with contextlib.suppress(BaseException):
+            await reaper

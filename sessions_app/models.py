@@ -1,0 +1,207 @@
+"""Sessions, their members, messages and message parts. State changes go through
+``sessions_app.services``; these classes only describe the data."""
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def new_session_id() -> str:
+    return new_id("ses")
+
+
+def new_message_id() -> str:
+    return new_id("msg")
+
+
+def new_part_id() -> str:
+    return new_id("prt")
+
+
+def idle_status() -> dict[str, Any]:
+    return {"type": "idle"}
+
+
+class Role(models.TextChoices):
+    OWNER = "owner"
+    EDITOR = "editor"
+    VIEWER = "viewer"
+
+
+ROLE_RANK: dict[str, int] = {Role.VIEWER: 0, Role.EDITOR: 1, Role.OWNER: 2}
+
+
+class Session(models.Model):
+    id = models.CharField(primary_key=True, max_length=32, default=new_session_id, editable=False)
+    title = models.CharField(max_length=200, blank=True, default="")
+    agent = models.CharField(max_length=32, default="echo")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="owned_sessions"
+    )
+    status = models.JSONField(default=idle_status)
+    # The head of the event log: bumped in the same transaction that inserts an event,
+    # so its row lock is what makes seq contiguous under concurrent writers.
+    last_seq = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_activity_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-last_activity_at"]
+
+    def __str__(self) -> str:
+        return self.title or self.id
+
+    @property
+    def is_busy(self) -> bool:
+        return self.status.get("type", "idle") != "idle"
+
+
+class Membership(models.Model):
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=8, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["session", "user"], name="one_membership_per_user")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} ({self.role}) in {self.session_id}"
+
+
+class Message(models.Model):
+    class MessageRole(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        COMPLETED = "completed"
+        CANCELLED = "cancelled"
+        ERROR = "error"
+
+    id = models.CharField(primary_key=True, max_length=32, default=new_message_id, editable=False)
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16, choices=MessageRole.choices)
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    status = models.CharField(max_length=16, choices=Status.choices)
+    error = models.JSONField(null=True, blank=True)
+    usage = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["session", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.role} message {self.id}"
+
+
+class Part(models.Model):
+    class PartType(models.TextChoices):
+        TEXT = "text"
+        REASONING = "reasoning"
+        TOOL = "tool"
+
+    id = models.CharField(primary_key=True, max_length=32, default=new_part_id, editable=False)
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="parts")
+    index = models.PositiveIntegerField()
+    type = models.CharField(max_length=16, choices=PartType.choices)
+    text = models.TextField(blank=True, default="")
+    tool = models.CharField(max_length=64, blank=True, default="")
+    call_id = models.CharField(max_length=64, blank=True, default="")
+    state = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "index"], name="one_part_per_index")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} part {self.index} of {self.message_id}"
+
+
+def new_permission_id() -> str:
+    return new_id("per")
+
+
+class PermissionRequest(models.Model):
+    """An agent's request to run a tool, waiting for a human. The status moves from
+    ``pending`` exactly once; the conditional UPDATE in the service is what makes the
+    first answer win across processes."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        REJECTED = "rejected"
+        EXPIRED = "expired"
+
+    id = models.CharField(primary_key=True, max_length=32, default=new_permission_id, editable=False)
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="permissions")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="permissions")
+    call_id = models.CharField(max_length=64)
+    tool = models.CharField(max_length=64)
+    input = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    approved = models.BooleanField(null=True, blank=True)
+    reason = models.TextField(null=True, blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Set when nobody answered in time, or the run that asked went away.
+    resolved_by_timeout = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["session", "status"])]
+
+    def __str__(self) -> str:
+        return f"{self.tool} permission {self.id} ({self.status})"
+
+
+class ReplyRun(models.Model):
+    """One reply waiting for, or held by, a runner process: the queue the agent workers
+    claim from and the lease that tells a dead runner from a slow one. The row goes
+    away when the reply ends."""
+
+    message = models.OneToOneField(
+        Message, primary_key=True, on_delete=models.CASCADE, related_name="run"
+    )
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="runs")
+    agent = models.CharField(max_length=32)
+    runner = models.CharField(max_length=128, blank=True, default="")  # "" = not claimed yet
+    lease_until = models.DateTimeField(null=True, blank=True)
+    # Read by the runner right after it starts listening for abort, so an abort that
+    # arrives before that moment is not lost.
+    abort_requested = models.BooleanField(default=False)
+    abort_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["runner", "lease_until"])]
+
+    def __str__(self) -> str:
+        return f"run of {self.message_id} ({self.runner or 'queued'})"

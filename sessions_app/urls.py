@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from sessions_app import views
+
+urlpatterns = [
+    path("sessions/", views.SessionListView.as_view()),
+    path("sessions/<str:session_id>/", views.SessionDetailView.as_view()),
+    path("sessions/<str:session_id>/members/", views.MemberListView.as_view()),
+    path("sessions/<str:session_id>/members/<str:username>/", views.MemberDetailView.as_view()),
+    path("sessions/<str:session_id>/presence/", views.PresenceView.as_view()),
+    path("sessions/<str:session_id>/health/", views.HealthView.as_view()),
+    path("sessions/<str:session_id>/messages/", views.MessageListView.as_view()),
+    path("sessions/<str:session_id>/abort/", views.AbortView.as_view()),
+    path("sessions/<str:session_id>/permissions/", views.PermissionListView.as_view()),
+    path(
+        "sessions/<str:session_id>/permissions/<str:permission_id>/",
+        views.PermissionDetailView.as_view(),
+    ),
+]

@@ -1,0 +1,432 @@
+"""Thin REST views: validate with a serializer, call one service, return."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework import exceptions as drf_exceptions
+from rest_framework import status
+from rest_framework.pagination import CursorPagination
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from events_app import presence
+from project.auth import issue_ticket
+from project.errors import BadRequest, PermissionDenied, ValidationFailed
+from project.openapi import (
+    PAGE_PARAMETERS,
+    PERMISSION_ID,
+    SESSION_ID,
+    USERNAME,
+    doc,
+    json_body,
+    ref,
+)
+from sessions_app import services
+from sessions_app.access import session_for
+from sessions_app.models import Membership, Message, Role, Session
+from sessions_app.serializers import (
+    CredentialsSerializer,
+    MemberAddSerializer,
+    MessagePostSerializer,
+    PermissionListQuerySerializer,
+    PermissionReplySerializer,
+    SessionCreateSerializer,
+    SessionUpdateSerializer,
+    message_data,
+    permission_data,
+    session_data,
+    user_data,
+)
+
+
+def validated(serializer_class: type, data: Any) -> dict[str, Any]:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data  # type: ignore[no-any-return]
+
+
+class Page(CursorPagination):
+    """Every paginated list: ``{"results": [...], "next": url or null}``."""
+
+    page_size = 50
+    max_page_size = 200
+    page_size_query_param = "limit"
+
+    def get_paginated_response(self, data: Any) -> Response:
+        return Response({"results": data, "next": self.get_next_link()})
+
+    def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> Any:
+        # A cursor that does not decode, or decodes to a position the ordering field
+        # cannot hold, is a bad query parameter (400), not a 404 or a 500.
+        try:
+            return super().paginate_queryset(queryset, request, view)
+        except (drf_exceptions.NotFound, DjangoValidationError, ValueError, TypeError, OverflowError):
+            raw = request.query_params.get(self.cursor_query_param, "")
+            raise BadRequest("The cursor is not valid.", details={"cursor": raw[:40]}) from None
+
+
+class SessionPage(Page):
+    ordering = ("-last_activity_at", "-created_at")
+
+
+class MessagePage(Page):
+    ordering = ("created_at", "id")
+
+
+# ---------------------------------------------------------------- auth
+
+
+class RegisterView(APIView):
+    permission_classes = [AllowAny]
+    authentication_classes: list[type] = []
+
+    @doc(
+        summary="Sign up",
+        tags=["auth"],
+        request=CredentialsSerializer,
+        responses={201: OpenApiResponse(ref("User"), description="The new user.")},
+        errors={
+            400: "`bad_request` (malformed JSON) or `validation_error`: a username outside "
+            "Django's rules (at most 150 letters, digits and `@.+-_`) or taken, a password "
+            "Django's validators refuse, or an unknown field.",
+            403: "`permission_denied`: sign-up is disabled (`TANDEM_ALLOW_SIGNUP=false`).",
+        },
+    )
+    def post(self, request: Request) -> Response:
+        if not settings.TANDEM_ALLOW_SIGNUP:
+            raise PermissionDenied("Sign-up is disabled on this server.")
+        data = validated(CredentialsSerializer, request.data)
+        User = get_user_model()
+        if User.objects.filter(username=data["username"]).exists():
+            raise ValidationFailed(details={"username": ["This username is taken."]})
+        candidate = User(username=data["username"])
+        try:
+            validate_password(data["password"], candidate)
+        except DjangoValidationError as exc:
+            raise ValidationFailed(details={"password": list(exc.messages)}) from None
+        try:
+            user = User.objects.create_user(username=data["username"], password=data["password"])
+        except IntegrityError:
+            raise ValidationFailed(details={"username": ["This username is taken."]}) from None
+        return Response(user_data(user), status=status.HTTP_201_CREATED)
+
+
+class TicketView(APIView):
+    @doc(
+        summary="A short-lived stream ticket",
+        description="A ticket for the caller, accepted as `?ticket=` on the stream endpoints "
+        "until it expires (`expires_in` seconds); reusable in that time, so `EventSource`'s "
+        "own reconnects work.",
+        tags=["auth"],
+        request=json_body(ref("EmptyRequest")),
+        responses={200: OpenApiResponse(ref("Ticket"), description="The ticket.")},
+    )
+    def post(self, request: Request) -> Response:
+        if request.data:  # parsing also refuses malformed JSON and other media types
+            raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
+        return Response(
+            {"ticket": issue_ticket(request.user.pk), "expires_in": settings.TANDEM_TICKET_SECONDS}
+        )
+
+
+# ---------------------------------------------------------------- sessions
+
+
+class SessionListView(APIView):
+    @doc(
+        operation_id="sessions_list",
+        summary="Your sessions",
+        description="Sessions the caller is a member of, newest activity first, cursor-paginated.",
+        tags=["sessions"],
+        parameters=PAGE_PARAMETERS,
+        responses={200: OpenApiResponse(ref("SessionPage"), description="A page of sessions.")},
+        errors={400: "`bad_request`: a `cursor` the server did not make."},
+    )
+    def get(self, request: Request) -> Response:
+        memberships = {
+            m.session_id: m.role for m in Membership.objects.filter(user=request.user)
+        }
+        sessions = Session.objects.filter(pk__in=list(memberships)).select_related("owner")
+        paginator = SessionPage()
+        page = paginator.paginate_queryset(sessions, request, view=self) or []
+        return paginator.get_paginated_response(
+            [session_data(s, memberships[s.id]) for s in page]
+        )
+
+    @doc(
+        summary="Create a session",
+        description="The caller becomes its owner. Publishes `session.created`.",
+        tags=["sessions"],
+        request=SessionCreateSerializer,
+        responses={201: OpenApiResponse(ref("Session"), description="The new session.")},
+    )
+    def post(self, request: Request) -> Response:
+        data = validated(SessionCreateSerializer, request.data)
+        session = services.create_session(request.user, title=data["title"], agent=data["agent"])
+        return Response(session_data(session, Role.OWNER), status=status.HTTP_201_CREATED)
+
+
+class SessionDetailView(APIView):
+    @doc(
+        summary="One session",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        responses={200: OpenApiResponse(ref("Session"), description="The session.")},
+        errors={404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, role = session_for(request.user, session_id)
+        return Response(session_data(session, role))
+
+    @doc(
+        summary="Rename a session",
+        description="Owner only. Publishes `session.updated`.",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        request=SessionUpdateSerializer,
+        responses={200: OpenApiResponse(ref("Session"), description="The session.")},
+        errors={403: "`permission_denied`: only the owner renames a session.", 404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def patch(self, request: Request, session_id: str) -> Response:
+        session, role = session_for(request.user, session_id, Role.OWNER)
+        data = validated(SessionUpdateSerializer, request.data)
+        session = services.update_session(session, title=data["title"])
+        return Response(session_data(session, role))
+
+    @doc(
+        summary="Delete a session",
+        description="Owner only. Its streams get `session.deleted` and end.",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        responses={204: OpenApiResponse(description="Deleted.")},
+        errors={403: "`permission_denied`: only the owner deletes a session.", 404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def delete(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id, Role.OWNER)
+        services.delete_session(session)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MemberListView(APIView):
+    @doc(
+        operation_id="sessions_members_list",
+        summary="The session's members",
+        description="Oldest first; a plain array.",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        responses={200: OpenApiResponse({"type": "array", "items": ref("Member")}, description="The members.")},
+        errors={404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id)
+        rows = Membership.objects.filter(session=session).select_related("user").order_by("created_at")
+        return Response([{"user": user_data(m.user), "role": m.role} for m in rows])
+
+    @doc(
+        summary="Add a member",
+        description="Owner only. Publishes `member.added`.",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        request=MemberAddSerializer,
+        responses={201: OpenApiResponse(ref("Member"), description="The new member.")},
+        errors={
+            400: "`bad_request` (malformed JSON) or `validation_error`: no such active user, "
+            "a bad role, or an unknown field.",
+            403: "`permission_denied`: only the owner manages members.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+            409: "`conflict`: the user is already a member.",
+        },
+    )
+    def post(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id, Role.OWNER)
+        data = validated(MemberAddSerializer, request.data)
+        membership = services.add_member(session, username=data["username"], role=data["role"])
+        return Response(
+            {"user": user_data(membership.user), "role": membership.role},
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class MemberDetailView(APIView):
+    @doc(
+        summary="Remove a member",
+        description="Owner only. Publishes `member.removed` and closes that user's streams "
+        "of the session.",
+        tags=["sessions"],
+        parameters=[SESSION_ID, USERNAME],
+        responses={204: OpenApiResponse(description="Removed.")},
+        errors={
+            400: "`bad_request`: the owner cannot be removed.",
+            403: "`permission_denied`: only the owner manages members.",
+            404: "`not_found`: no such session (or you are not a member), or that user is "
+            "not a member.",
+        },
+    )
+    def delete(self, request: Request, session_id: str, username: str) -> Response:
+        session, _ = session_for(request.user, session_id, Role.OWNER)
+        services.remove_member(session, username=username)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PresenceView(APIView):
+    @doc(
+        operation_id="sessions_presence_list",
+        summary="Who is connected now",
+        description="One row per user, sorted by username, across all server processes. "
+        "Only session streams count.",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        responses={200: OpenApiResponse({"type": "array", "items": ref("Presence")}, description="Who is here.")},
+        errors={404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id)
+        return Response(presence.summary(session.id))
+
+
+class HealthView(APIView):
+    @doc(
+        summary="The session's status, head and running reply",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        responses={200: OpenApiResponse(ref("Health"), description="The session's health.")},
+        errors={404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id)
+        return Response(
+            {
+                "status": session.status,
+                "last_seq": session.last_seq,
+                "connections": presence.connection_count(session.id),
+                "run": services.current_run(session.id),
+            }
+        )
+
+
+# ---------------------------------------------------------------- messages
+
+
+class MessageListView(APIView):
+    @doc(
+        operation_id="sessions_messages_list",
+        summary="The session's messages",
+        description="Oldest first, cursor-paginated.",
+        tags=["messages"],
+        parameters=[SESSION_ID, *PAGE_PARAMETERS],
+        responses={200: OpenApiResponse(ref("MessagePage"), description="A page of messages.")},
+        errors={400: "`bad_request`: a `cursor` the server did not make.", 404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id)
+        messages = (
+            Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
+        )
+        paginator = MessagePage()
+        page = paginator.paginate_queryset(messages, request, view=self) or []
+        return paginator.get_paginated_response([message_data(m) for m in page])
+
+    @doc(
+        summary="Post a message",
+        description="Editors and owners. Starts the session's agent; the reply streams as "
+        "events (`message.created`, `message.part.updated`…, `message.completed`).",
+        tags=["messages"],
+        parameters=[SESSION_ID],
+        request=MessagePostSerializer,
+        responses={
+            202: OpenApiResponse(ref("MessagePosted"), description="Accepted: the user's message and the reply's id.")
+        },
+        errors={
+            403: "`permission_denied`: viewers cannot post.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+            409: "`session_busy`: a reply is already streaming in this session.",
+            413: "`payload_too_large`: the text parts hold more than "
+            "`TANDEM_MAX_MESSAGE_CHARS` characters in total, or the body is too large.",
+        },
+    )
+    def post(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        data = validated(MessagePostSerializer, request.data)
+        message, reply = services.post_message(session, request.user, data["parts"])
+        return Response(
+            {"message": message_data(message), "reply_id": reply.id},
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+
+class AbortView(APIView):
+    @doc(
+        summary="Stop the running reply",
+        description="Editors and owners. The reply ends `cancelled` within a second.",
+        tags=["messages"],
+        parameters=[SESSION_ID],
+        request=json_body(ref("EmptyRequest")),
+        responses={200: OpenApiResponse(ref("AbortResult"), description="Whether a reply was running.")},
+        errors={403: "`permission_denied`: viewers cannot abort.", 404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def post(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        if request.data:
+            raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
+        return Response({"aborted": services.abort(session, request.user)})
+
+
+# ---------------------------------------------------------------- permissions
+
+
+class PermissionListView(APIView):
+    @doc(
+        operation_id="sessions_permissions_list",
+        summary="The session's permission requests",
+        description="Oldest first; a plain array.",
+        tags=["permissions"],
+        parameters=[
+            SESSION_ID,
+            OpenApiParameter(
+                "status", str, OpenApiParameter.QUERY,
+                enum=["pending", "approved", "rejected", "expired"],
+                description="Only requests in this state.",
+            ),
+        ],
+        responses={200: OpenApiResponse({"type": "array", "items": ref("Permission")}, description="The requests.")},
+        errors={400: "`validation_error`: an unknown `status` or query parameter.", 404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(request.user, session_id)
+        query = validated(PermissionListQuerySerializer, request.query_params.dict())
+        found = services.list_permissions(session, query.get("status"))
+        return Response([permission_data(p) for p in found])
+
+
+class PermissionDetailView(APIView):
+    @doc(
+        operation_id="sessions_permissions_answer",
+        summary="Answer a permission request",
+        description="Editors and owners; the first answer wins. Publishes `permission.resolved`.",
+        tags=["permissions"],
+        parameters=[SESSION_ID, PERMISSION_ID],
+        request=PermissionReplySerializer,
+        responses={200: OpenApiResponse(ref("Permission"), description="The request, now `approved` or `rejected`.")},
+        errors={
+            403: "`permission_denied`: viewers cannot answer.",
+            404: "`not_found`: no such session (or you are not a member), or no such request "
+            "in this session.",
+            409: "`already_resolved`: answered, expired or aborted; `details.permission` is "
+            "its current state.",
+        },
+    )
+    def post(self, request: Request, session_id: str, permission_id: str) -> Response:
+        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        data = validated(PermissionReplySerializer, request.data)
+        permission = services.answer_permission(
+            session, permission_id, request.user, approved=data["approved"], reason=data["reason"]
+        )
+        return Response(permission_data(permission))

@@ -1,0 +1,306 @@
+"""Personas and real components. alice owns, bob collaborates (editor), carol watches
+(viewer), charlie is an outsider who must see nothing of alice's."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from channels.layers import channel_layers
+from django.contrib.auth import get_user_model
+from django.db import connection
+from rest_framework.test import APIClient
+from rest_framework_simplejwt.tokens import AccessToken
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PASSWORD = "correct-horse-battery-9"
+
+
+pytest_plugins = ["tests.browser"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    # Lets fixtures see whether the test failed (the browser fixture takes screenshots).
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: Any, nextitem: Any) -> Iterator[None]:
+    # Before any fixture is torn down (the database first of all): a reply a test
+    # started must not go on writing into the next test.
+    from sessions_app.agents.pool import stop_local_runs
+
+    stop_local_runs()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_settings(settings: Any) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.TANDEM_ECHO_DELAY_MS = 1
+    # Tests publish in bursts; the limits have tests of their own that set them.
+    settings.TANDEM_RATE_WRITE = "none"
+    from project.limits import forget_local_state
+
+    forget_local_state()
+
+
+def make_user(username: str) -> Any:
+    return get_user_model().objects.create_user(username=username, password=PASSWORD)
+
+
+@pytest.fixture
+def alice(db: None) -> Any:
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(db: None) -> Any:
+    return make_user("bob")
+
+
+@pytest.fixture
+def carol(db: None) -> Any:
+    return make_user("carol")
+
+
+@pytest.fixture
+def charlie(db: None) -> Any:
+    return make_user("charlie")
+
+
+def token_for(user: Any) -> str:
+    return str(AccessToken.for_user(user))
+
+
+def client_for(user: Any | None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
+    return client
+
+
+@pytest.fixture
+def api() -> Any:
+    return client_for
+
+
+@pytest.fixture
+def shared_session(alice: Any, bob: Any, carol: Any, charlie: Any) -> Any:
+    """alice's session; bob is an editor, carol a viewer, charlie nothing."""
+    from sessions_app import services
+
+    session = services.create_session(alice, title="Fix the login bug", agent="echo")
+    services.add_member(session, username="bob", role="editor")
+    services.add_member(session, username="carol", role="viewer")
+    session.refresh_from_db()
+    return session
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+# ---------------------------------------------------------------- Redis
+
+
+def _require_redis() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:  # a test that needs Redis fails, it never skips
+        pytest.fail(f"Redis is required at {REDIS_URL} and is not reachable: {exc}")
+
+
+@pytest.fixture
+def redis_layer(settings: Any) -> Iterator[str]:
+    """Switch this process to the real Redis pub/sub channel layer (and Redis presence)."""
+    from events_app import presence
+
+    _require_redis()
+    prefix = f"tandemtest{os.getpid()}x{time.monotonic_ns()}"
+    settings.REDIS_URL = REDIS_URL
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": prefix},
+        }
+    }
+    channel_layers.backends.clear()
+    presence._store = None
+    yield prefix
+    channel_layers.backends.clear()
+    presence._store = None
+
+
+# ---------------------------------------------------------------- real server processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_database_url() -> str:
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    return f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class ServerProcess:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.port = port
+        self.proc = proc
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# Which ASGI server the real-process tests start: daphne, or uvicorn (TANDEM_TEST_ASGI_SERVER).
+ASGI_SERVER = os.environ.get("TANDEM_TEST_ASGI_SERVER", "daphne")
+
+
+def _server_command(server: str, port: int) -> list[str]:
+    if server == "uvicorn":
+        return [
+            sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning",
+            "--timeout-graceful-shutdown", "5", "--host", "127.0.0.1", "--port", str(port),
+            "project.asgi:application",
+        ]
+    # --verbosity 0: daphne's own access log writes raw URLs, tokens included; the app
+    # writes one with secrets redacted instead (project/asgi.py).
+    return [sys.executable, "-m", "daphne", "--verbosity", "0", "-b", "127.0.0.1", "-p", str(port), "project.asgi:application"]
+
+
+def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server") -> ServerProcess:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": test_database_url(),
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "TANDEM_ECHO_DELAY_MS": "2",
+        "TANDEM_FAST_PASSWORD_HASHER": "1",
+        "TANDEM_RATE_WRITE": "none",
+        "PYTHONUNBUFFERED": "1",
+        **env_extra,
+    }
+    log_path = tmp_path / f"{name}-{port}.log"
+    proc = subprocess.Popen(
+        _server_command(env_extra.get("ASGI_SERVER", ASGI_SERVER), port),
+        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+    )
+    server = ServerProcess(port, proc, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"server did not start:\n{server.log()}")
+
+
+def start_worker(env_extra: dict[str, str], tmp_path: Path, name: str = "worker") -> ServerProcess:
+    """A ``manage.py run_agents`` process; ready once it prints ``ready``."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": test_database_url(),
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "TANDEM_ECHO_DELAY_MS": "2",
+        "PYTHONUNBUFFERED": "1",
+        **env_extra,
+    }
+    log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "run_agents", "--drain-seconds", "2"],
+        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+    )
+    worker = ServerProcess(0, proc, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early:\n{worker.log()}")
+        if "ready" in worker.log():
+            return worker
+        time.sleep(0.05)
+    worker.stop()
+    raise AssertionError(f"worker did not start:\n{worker.log()}")
+
+
+@pytest.fixture
+def servers(transactional_db: None, tmp_path: Path) -> Iterator[Any]:
+    """Start real daphne processes on the test database: ``servers(n, redis=True)``.
+    Replies run inline in the servers unless ``workers`` asks for ``run_agents``
+    processes (worker mode); those are in ``servers.workers``."""
+    started: list[ServerProcess] = []
+    prefix = f"tandemlive{os.getpid()}x{time.monotonic_ns()}"
+
+    def start(n: int = 1, *, redis: bool = False, workers: int = 0, **env: str) -> list[ServerProcess]:
+        extra = {"TANDEM_AGENT_MODE": "worker" if workers else "inline", **env}
+        if redis:
+            _require_redis()
+            extra.setdefault("REDIS_URL", REDIS_URL)
+            extra["TANDEM_CHANNEL_PREFIX"] = prefix
+        for i in range(workers):
+            start.workers.append(start_worker(extra, tmp_path, name=f"worker{i}"))  # type: ignore[attr-defined]
+        for i in range(n):
+            started.append(start_server(extra, tmp_path, name=f"server{i}"))
+        return started[-n:] if n else []
+
+    start.workers = []  # type: ignore[attr-defined]
+    start.env = lambda: {"REDIS_URL": REDIS_URL, "TANDEM_CHANNEL_PREFIX": prefix}  # type: ignore[attr-defined]
+    yield start
+    for server in [*started, *start.workers]:  # type: ignore[attr-defined]
+        server.stop()
+
+
+@pytest.fixture
+def sse_streams() -> Iterator[Any]:
+    """``sse_streams(base_url, path, token=…, headers=…)`` opens a raw-socket SSE client
+    (tests/test_sse_real_socket.py) that is closed after the test."""
+    from tests.test_sse_real_socket import SSEClient
+
+    opened: list[SSEClient] = []
+
+    def open_stream(*args: Any, **kwargs: Any) -> SSEClient:
+        stream = SSEClient(*args, **kwargs)
+        opened.append(stream)
+        return stream
+
+    yield open_stream
+    for stream in opened:
+        stream.close()

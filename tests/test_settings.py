@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from project.settings import env_bool, env_float, env_int, env_list
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_env_bool_reads_the_usual_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for raw, expected in [("1", True), ("yes", True), ("ON", True), ("0", False), ("off", False)]:
+        monkeypatch.setenv("X_FLAG", raw)
+        assert env_bool("X_FLAG", not expected) is expected
+    monkeypatch.delenv("X_FLAG")
+    assert env_bool("X_FLAG", True) is True
+
+
+def test_env_bool_refuses_a_typo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_FLAG", "ture")
+    with pytest.raises(ImproperlyConfigured, match="X_FLAG"):
+        env_bool("X_FLAG", False)
+
+
+def test_env_int_refuses_non_numbers_and_values_below_minimum(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_NUM", "12s")
+    with pytest.raises(ImproperlyConfigured, match="not an integer"):
+        env_int("X_NUM", 1)
+    monkeypatch.setenv("X_NUM", "0")
+    with pytest.raises(ImproperlyConfigured, match="minimum"):
+        env_int("X_NUM", 1, minimum=1)
+    monkeypatch.setenv("X_NUM", "42")
+    assert env_int("X_NUM", 1, minimum=1) == 42
+
+
+def test_env_float_and_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_F", "abc")
+    with pytest.raises(ImproperlyConfigured):
+        env_float("X_F", 1.0)
+    monkeypatch.setenv("X_L", " a.example , ,b.example ")
+    assert env_list("X_L", []) == ["a.example", "b.example"]
+
+
+def _load_settings(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; print(settings.CHANNEL_LAYERS['default']['BACKEND'], settings.DATABASES['default']['ENGINE'])"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "project.settings", **env},
+    )
+
+
+def test_bad_environment_stops_the_process_with_a_clear_message() -> None:
+    result = _load_settings({"TANDEM_HEARTBEAT_SECONDS": "soon"})
+    assert result.returncode != 0
+    assert "TANDEM_HEARTBEAT_SECONDS" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("TANDEM_RATE_WRITE", "lots"), ("TANDEM_RATE_WRITE", "0/min"), ("TANDEM_AGENT_MODE", "both"),
+     ("TANDEM_MAX_CONNECTIONS_PER_USER", "0")],
+)
+def test_bad_limits_and_modes_stop_the_process(name: str, value: str) -> None:
+    result = _load_settings({name: value})
+    assert result.returncode != 0
+    assert name in result.stderr
+
+
+def test_production_without_secret_key_is_refused() -> None:
+    result = _load_settings({"DEBUG": "0"})
+    assert result.returncode != 0
+    assert "SECRET_KEY" in result.stderr
+
+
+def test_defaults_need_no_services_and_redis_url_selects_the_pubsub_layer() -> None:
+    plain = _load_settings({})
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split() == ["channels.layers.InMemoryChannelLayer", "django.db.backends.sqlite3"]
+    with_services = _load_settings(
+        {"REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test"}
+    )
+    assert with_services.returncode == 0, with_services.stderr
+    assert with_services.stdout.split() == [
+        "channels_redis.pubsub.RedisPubSubChannelLayer", "django.db.backends.postgresql",
+    ]
+
+
+def test_log_records_never_carry_stream_tokens_or_tickets() -> None:
+    import logging
+
+    from project.logfilters import RedactSecrets
+
+    record = logging.LogRecord(
+        "django.channels.server", logging.WARNING, __file__, 1,
+        "HTTP GET %s 401", ("/api/stream/?types=a.*&token=eyJhbGciOi.abc.def&ticket=1:x:y",), None,
+    )
+    RedactSecrets().filter(record)
+    text = record.getMessage()
+    assert "eyJhbGciOi" not in text and "1:x:y" not in text
+    assert "token=[redacted]" in text and "types=a.*" in text
+
+
+def test_production_settings_pass_the_deploy_check() -> None:
+    import secrets
+
+    env = {
+        "DEBUG": "0", "SECRET_KEY": secrets.token_urlsafe(50), "ALLOWED_HOSTS": "tandem.example.com",
+        "DJANGO_SETTINGS_MODULE": "project.settings", "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.django_db
+def test_without_debug_http_is_redirected_but_health_checks_are_not(settings: Any) -> None:
+    from django.test import Client
+
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    client = Client()
+    assert client.get("/api/sessions/").status_code == 301
+    assert client.get("/healthz").status_code == 200
+    secure = client.get("/api/sessions/", HTTP_X_FORWARDED_PROTO="https", secure=True)
+    assert secure.status_code == 401
+
+
+def test_json_logs_are_one_object_per_line_and_redacted() -> None:
+    import json
+    import logging
+
+    from project.logfilters import JsonFormatter, RedactSecrets
+
+    record = logging.LogRecord("tandem.access", logging.INFO, __file__, 1, '"GET /s/?ticket=%s"', ("abc",), None)
+    RedactSecrets().filter(record)
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["level"] == "INFO" and entry["logger"] == "tandem.access"
+    assert entry["message"] == '"GET /s/?ticket=[redacted]"' and entry["time"].endswith("Z")
+    result = _load_settings({"TANDEM_LOG_FORMAT": "xml"})
+    assert result.returncode != 0 and "TANDEM_LOG_FORMAT" in result.stderr
