@@ -5,7 +5,7 @@ Neither consumer takes a channel-layer channel of its own: the process's hub del
 frames to them directly, so an open stream costs no Redis subscription and no receive
 loop. And neither runs ``aclose_old_connections`` per message (channels >= 4.2 does a
 thread hop for it on every dispatch); they touch the ORM only through
-database_sync_to_async, which manages connections itself.
+``streams.off_loop``, which manages connections itself.
 """
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import logging
 from typing import Any
 
 import orjson
-from channels.db import database_sync_to_async
 from channels.generic.http import AsyncHttpConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from events_app import commands
-from events_app.streams import Connection, prepare, serving
+from events_app.streams import Connection, off_loop, prepare, serving
 from project.errors import ApiError, BadRequest, InternalError
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class SSEConsumer(AsyncHttpConsumer):
             return
         session_id = scope["url_route"]["kwargs"].get("session_id")
         try:
-            request = await database_sync_to_async(prepare)(scope, session_id, "sse")
+            request = await off_loop(prepare)(scope, session_id, "sse")
         except ApiError as err:
             await self._error(err)
             return
@@ -112,8 +111,11 @@ class SSEConsumer(AsyncHttpConsumer):
         await conn.run()
 
     async def _write(self, chunks: list[Any]) -> None:
+        # Straight to the server's send: this runs once per frame per connection.
         if chunks:
-            await self.send_body(b"".join(chunks), more_body=True)
+            await self.base_send(
+                {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
+            )
 
     @staticmethod
     async def _wait_for_disconnect(receive: Any) -> None:
@@ -162,7 +164,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         self.task: asyncio.Task[None] | None = None
         session_id = self.scope["url_route"]["kwargs"].get("session_id")
         try:
-            request = await database_sync_to_async(prepare)(self.scope, session_id, "ws")
+            request = await off_loop(prepare)(self.scope, session_id, "ws")
         except ApiError as err:
             await self.accept()
             await self.close(code=4000 + err.status if err.status < 1000 else 4500)

@@ -104,6 +104,8 @@ def send_control(group: str, action: str, **fields: Any) -> None:
 
 
 class Listener(Protocol):
+    wants_presence: bool
+
     def deliver(self, frame: Frame) -> None: ...
 
     def control(self, message: dict[str, Any]) -> None: ...
@@ -120,6 +122,9 @@ class Hub:
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.groups: dict[str, set[Listener]] = {}
+        # The members of each group that take presence frames: a large audience that
+        # filters presence out is not offered N joins for N connections.
+        self.presence: dict[str, set[Listener]] = {}
         self.heads: dict[str, int] = {}  # session group -> last seq passed on
         self.group_session: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -149,11 +154,14 @@ class Hub:
                 if session_id is not None:
                     # Read after group_add: anything committed before is at or below
                     # this head, anything after will arrive through the group.
-                    found = await database_sync_to_async(heads)([session_id])
+                    found = await database_sync_to_async(heads, thread_sensitive=False)([session_id])
                     self.heads[group] = found.get(session_id, 0)
                     self.group_session[group] = session_id
                 members = self.groups[group] = set()
+                self.presence[group] = set()
             members.add(listener)
+            if getattr(listener, "wants_presence", True):
+                self.presence[group].add(listener)
 
     async def unsubscribe(self, group: str, listener: Listener) -> None:
         async with self._group_lock(group):
@@ -161,8 +169,10 @@ class Hub:
             if members is None or listener not in members:
                 return
             members.discard(listener)
+            self.presence[group].discard(listener)
             if not members:
                 del self.groups[group]
+                del self.presence[group]
                 self.heads.pop(group, None)
                 self.group_session.pop(group, None)
                 if self.channel is not None:
@@ -226,7 +236,7 @@ class Hub:
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
         from events_app.services import events_between
 
-        frames = await database_sync_to_async(events_between)(
+        frames = await database_sync_to_async(events_between, thread_sensitive=False)(
             session_id, after, upto, limit=upto - after
         )
         for frame in frames:
@@ -236,7 +246,10 @@ class Hub:
                 self._deliver(group, frame)
 
     def _deliver(self, group: str, frame: Frame) -> None:
-        listeners = tuple(self.groups.get(group, ()))
+        if frame.seq is None and frame.type.startswith("presence."):
+            listeners = tuple(self.presence.get(group, ()))
+        else:
+            listeners = tuple(self.groups.get(group, ()))
         for listener in listeners:
             listener.deliver(frame)
         EVENTS_DELIVERED.inc(len(listeners))  # once per frame, not once per connection
@@ -249,7 +262,7 @@ class Hub:
                 sessions = dict(self.group_session)
                 if not sessions:
                     continue
-                found = await database_sync_to_async(heads)(list(sessions.values()))
+                found = await database_sync_to_async(heads, thread_sensitive=False)(list(sessions.values()))
                 for group, session_id in sessions.items():
                     head = found.get(session_id)
                     if head is not None and group in self.heads and head > self.heads[group]:
@@ -261,6 +274,12 @@ class Hub:
 
     def subscription_count(self) -> int:
         return len(self.groups)
+
+
+def local_subscriptions() -> tuple[int, int]:
+    """(channel-layer groups held, listeners in them) by every hub of this process."""
+    hubs = list(_hubs.values())
+    return sum(len(h.groups) for h in hubs), sum(len(m) for h in hubs for m in h.groups.values())
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()

@@ -2,6 +2,7 @@
 for itself; Prometheus scrapes every one and sums."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -30,10 +31,26 @@ HTTP_LATENCY = Histogram(
 )
 
 
+HUB_GROUPS = Gauge(
+    "tandem_hub_groups", "Channel-layer groups this process subscribes to (one per followed session)."
+)
+HUB_LISTENERS = Gauge("tandem_hub_listeners", "Streams attached to those groups.")
+ASYNCIO_TASKS = Gauge("tandem_asyncio_tasks", "Tasks alive on the server's event loop.")
+
+
 def metrics_view(request: HttpRequest) -> HttpResponse:
+    from events_app import fanout, runtime
     from sessions_app.agents.pool import active_runs
 
     ACTIVE_REPLIES.set(active_runs())
+    # Read at scrape time: with open streams and hub gauges, a leak shows as a level
+    # that does not come back down after clients leave.
+    groups, listeners = fanout.local_subscriptions()
+    HUB_GROUPS.set(groups)
+    HUB_LISTENERS.set(listeners)
+    loop = runtime.bound_loop()
+    if loop is not None:
+        ASYNCIO_TASKS.set(len(asyncio.all_tasks(loop)))
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
 

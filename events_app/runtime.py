@@ -42,6 +42,11 @@ def bind(loop: asyncio.AbstractEventLoop) -> None:
     _bound = loop
 
 
+def bound_loop() -> asyncio.AbstractEventLoop | None:
+    """The server's loop, if one is bound and running (never starts the fallback)."""
+    return _bound if _usable(_bound) else None
+
+
 def _usable(loop: asyncio.AbstractEventLoop | None) -> bool:
     return loop is not None and loop.is_running() and not loop.is_closed()
 

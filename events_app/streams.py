@@ -114,6 +114,13 @@ def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> St
 
 _release_slot = sync_to_async(release_stream_slot, thread_sensitive=False)
 
+
+def off_loop(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """A stream's database work, on the thread pool rather than the one shared
+    "thread-sensitive" thread, where it would queue behind every REST request; each pool
+    thread keeps its own connection (CONN_MAX_AGE), and no stream holds one while open."""
+    return database_sync_to_async(func, thread_sensitive=False)
+
 # The tasks serving streams in this process, so a server that stops can wait for them to
 # end their responses (uvicorn cancels them, then shuts down without waiting).
 _serving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
@@ -161,7 +168,24 @@ class Connection:
         self.id = request.connection_id or f"con_{secrets.token_hex(8)}"
         self.positions: dict[str, int] = {}
         self.queue: deque[Frame | _Command] = deque()
-        self.wakeup = asyncio.Event()
+        # Settings read once: they are on the path of every frame to every connection.
+        self._queue_limit: int = settings.TANDEM_STREAM_QUEUE
+        self._heartbeat: float = settings.TANDEM_HEARTBEAT_SECONDS
+        types = request.types
+        # Ephemeral frames this stream filters out are dropped on arrival, never queued;
+        # and a stream that takes no presence is not even offered it by the hub.
+        self._drops_ephemeral = types
+        self.wants_presence = types is None or any(
+            types(t) for t in ("presence.joined", "presence.left", "presence.updated")
+        )
+        # A bare future rather than an asyncio.Event, and one timer re-armed per heartbeat
+        # period rather than asyncio.timeout() per wait: a wakeup per frame per connection
+        # is the hot path.
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_write = 0.0
+        self._beat_due = False
+        self._expired = False
         self.overflowed = False
         # Set by the consumer: stops a writer that may be blocked on a stalled socket.
         self.on_overflow: Callable[[], object] | None = None
@@ -169,14 +193,22 @@ class Connection:
         self.groups: set[str] = set()
         self.presence_state: dict[str, Any] = {}
         self.hub = fanout.get_hub()
+        self._loop = asyncio.get_running_loop()
+        self._expires_at: float | None = None  # loop time
 
     # ------------------------------------------------------------ hub callbacks
 
     def deliver(self, frame: Frame) -> None:
         if self.overflowed:
             return  # being closed as too slow; the client resumes from its last id
+        types = self._drops_ephemeral
+        if (
+            frame.seq is None and types is not None and frame.type != "session.deleted"
+            and not types(frame.type)
+        ):
+            return  # persisted frames still go through the queue: they move the position
         self.queue.append(frame)
-        if len(self.queue) > settings.TANDEM_STREAM_QUEUE:
+        if len(self.queue) > self._queue_limit:
             # Drop the backlog at once: a writer blocked on a stalled socket must not
             # let the queue grow without bound before run() gets to close the stream.
             self.overflowed = True
@@ -184,11 +216,16 @@ class Connection:
             SLOW_DISCONNECTS.inc()
             if self.on_overflow is not None:
                 self.on_overflow()
-        self.wakeup.set()
+        self._wake()
 
     def control(self, message: dict[str, Any]) -> None:
         self.queue.append(_Command(message["action"], message))
-        self.wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -201,12 +238,11 @@ class Connection:
         if req.session_id is not None:
             session_ids = [req.session_id]
         else:
-            session_ids = await database_sync_to_async(member_session_ids)(self.user_id)
+            session_ids = await off_loop(member_session_ids)(self.user_id)
             await self._join(fanout.user_group(self.user_id), None)
         for session_id in session_ids:
             await self._join(fanout.session_group(session_id), session_id)
-        heads = await database_sync_to_async(fanout.heads)(session_ids)
-        plans = await database_sync_to_async(self._plan)(heads)
+        heads, plans = await off_loop(self._heads_and_plans)(session_ids)
 
         connected: dict[str, Any] = {"connection_id": self.id, "resumed": req.resume is not None}
         resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
@@ -230,12 +266,18 @@ class Connection:
             first.append(
                 self._render_control(sid, "stream.reset", {"reason": reason, "last_seq": heads.get(sid, 0)})
             )
-        await self.write(first)
+        await self.send(first)
         if req.session_id is not None:
             await self._announce("presence.joined")
         for sid, (position, reason) in plans.items():
             if reason is None and position < heads.get(sid, 0):
                 await self._replay(sid, position, heads[sid])
+
+    def _heads_and_plans(
+        self, session_ids: list[str]
+    ) -> tuple[dict[str, int], dict[str, tuple[int, str | None]]]:
+        heads = fanout.heads(session_ids)
+        return heads, self._plan(heads)
 
     def _plan(self, heads: dict[str, int]) -> dict[str, tuple[int, str | None]]:
         """Per session: (position to resume from, reset reason or None)."""
@@ -256,42 +298,63 @@ class Connection:
 
     async def _replay(self, session_id: str, after: int, upto: int) -> None:
         while after < upto:
-            frames = await database_sync_to_async(events_between)(
-                session_id, after, upto, REPLAY_BATCH
-            )
+            frames = await off_loop(events_between)(session_id, after, upto, REPLAY_BATCH)
             if not frames:
                 break
-            await self.write([out for f in frames if (out := self._render(f)) is not None])
+            await self.send([out for f in frames if (out := self._render(f)) is not None])
             EVENTS_DELIVERED.inc(len(frames))
             after = frames[-1].seq or upto
 
+    async def send(self, chunks: list[Any]) -> None:
+        self._last_write = self._loop.time()
+        await self.write(chunks)
+
+    def _arm_timer(self) -> None:
+        loop = self._loop
+        due = self._last_write + self._heartbeat
+        if self._expires_at is not None:
+            due = min(due, self._expires_at)
+        self._timer = loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        now = self._loop.time()
+        if self._expires_at is not None and now >= self._expires_at:
+            self._expired = True
+            self._wake()
+            return
+        if now - self._last_write >= self._heartbeat - 0.001:
+            self._beat_due = True
+            self._last_write = now  # the next heartbeat is a period after this one
+            self._wake()
+        self._arm_timer()
+
     async def run(self) -> str:
         """Write live frames until the stream ends; returns why it ended."""
-        heartbeat = settings.TANDEM_HEARTBEAT_SECONDS
+        loop = self._loop
+        expires = self.request.expires_at
+        self._expires_at = None if expires is None else loop.time() + (expires - time.time())
+        if not self._last_write:
+            self._last_write = loop.time()
+        self._arm_timer()
         try:
             while True:
-                if not self.queue and not self.overflowed:
-                    self.wakeup.clear()
-                    timeout = heartbeat
-                    if self.request.expires_at is not None:
-                        timeout = min(timeout, max(0.0, self.request.expires_at - time.time()))
+                if not self.queue and not self.overflowed and not self._beat_due and not self._expired:
+                    self._waiter = loop.create_future()
                     try:
-                        async with asyncio.timeout(timeout):
-                            await self.wakeup.wait()
-                    except TimeoutError:
-                        if self.request.expires_at is not None and time.time() >= self.request.expires_at:
-                            await self.write([self._render_control(self.request.session_id, "auth.expired", {})])
-                            return "auth_expired"
-                        await self.write([self._render_control(None, "server.heartbeat", {})])
-                        continue
+                        await self._waiter
+                    finally:
+                        self._waiter = None
                 if self.overflowed:
                     raise StreamClosed("slow_client")
+                if self._expired:
+                    await self.send([self._render_control(self.request.session_id, "auth.expired", {})])
+                    return "auth_expired"
                 batch: list[Any] = []
                 while self.queue:
                     item = self.queue.popleft()
                     if isinstance(item, _Command):
                         if batch:
-                            await self.write(batch)
+                            await self.send(batch)
                             batch = []
                         await self._command(item)
                     else:
@@ -301,9 +364,17 @@ class Connection:
                         if item.type == "session.deleted":
                             await self._on_session_deleted(item, batch)
                 if batch:
-                    await self.write(batch)
+                    self._beat_due = False
+                    await self.send(batch)
+                elif self._beat_due:
+                    self._beat_due = False
+                    await self.send([self._render_control(None, "server.heartbeat", {})])
         except StreamClosed as closed:
             return closed.reason
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     async def close(self) -> None:
         """Leave the hub and presence; safe to call more than once."""
@@ -400,7 +471,7 @@ class Connection:
             if group in self.groups:
                 return
             await self._join(group, session_id)
-            heads = await database_sync_to_async(fanout.heads)([session_id])
+            heads = await off_loop(fanout.heads)([session_id])
             head = heads.get(session_id)
             if head is None:  # deleted meanwhile
                 await self._leave(group)
@@ -412,7 +483,7 @@ class Connection:
     async def _on_session_deleted(self, frame: Frame, batch: list[Any]) -> None:
         if self.request.session_id is not None:
             if batch:
-                await self.write(batch)
+                await self.send(batch)
                 batch.clear()
             raise StreamClosed("session_deleted")
         if frame.session_id:

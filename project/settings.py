@@ -129,7 +129,14 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 try:
-    _db: dict[str, Any] = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
+    # Persistent connections: opening one per request (SQLite's PRAGMAs, PostgreSQL's
+    # handshake) was most of the cost of opening a stream. Streams hold none while open:
+    # their queries run on pool threads, and each thread keeps one connection.
+    _db: dict[str, Any] = dj_database_url.parse(
+        DATABASE_URL,
+        conn_max_age=env_int("TANDEM_DB_CONN_MAX_AGE", 60, minimum=0),
+        conn_health_checks=True,
+    )
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
 if _db["ENGINE"] == "django.db.backends.sqlite3":

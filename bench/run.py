@@ -1,0 +1,467 @@
+"""The load tool: ``python -m bench SCENARIO [options]`` (or ``python bench/run.py``).
+
+Scenarios (each bounded in time and count, loopback only):
+
+  fanout       N SSE/WebSocket clients over S sessions; custom events at one or more rates
+  echo         S sessions x C clients (SSE and WebSocket mixed); an echo reply streams in each
+  idle         N idle streams held open; heartbeats on time; RSS per connection
+  first-delta  POST a message -> the first text delta at a subscriber, one at a time
+  posts        POST messages as fast as the server takes them, every event checked
+  churn        R rounds of N connects and disconnects; RSS and leak gauges after each
+
+``--target peer`` points fanout and idle (SSE) at the seed reference peer. Reports go to
+stdout as a table and, with ``--json PATH``, as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make ``bench`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.clients import StreamClient, connect_all
+from bench.procinfo import Server
+from bench.stats import by_bn, by_seq, connect_summary, percentiles, table
+from bench.targets import BenchError, TandemTarget, Target, make_target, spread
+
+Scenario = Callable[[argparse.Namespace, Target], Awaitable[dict[str, Any]]]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class ServerProbe:
+    """RSS and CPU of the server processes, when they can be found from the port."""
+
+    def __init__(self, port: int) -> None:
+        self.server = Server(port)
+        self.samples: dict[str, int] = {}
+        self.cpu_start = self.server.cpu_seconds()
+
+    def sample(self, name: str) -> None:
+        if self.server.pids:
+            self.samples[name] = self.server.rss_kb()
+
+    def report(self, connections: int = 0, before: str = "before", after: str = "connected") -> dict[str, Any]:
+        out: dict[str, Any] = {"pids": self.server.pids, "rss_kb": dict(self.samples)}
+        if self.server.pids:
+            out["cpu_seconds"] = round(self.server.cpu_seconds() - self.cpu_start, 2)
+        if connections and before in self.samples and after in self.samples:
+            out["kb_per_connection"] = round((self.samples[after] - self.samples[before]) / connections, 1)
+        return out
+
+
+def open_clients(args: argparse.Namespace, target: Target, transport: str, keep_time: bool = False) -> tuple[list[StreamClient], list[int]]:
+    layout = spread(target.sessions, args.clients, transport)
+    index = {s: i for i, s in enumerate(target.sessions)}
+    clients = [StreamClient(target.endpoint(s, t, args.types or None), keep_time) for s, t in layout]
+    return clients, [index[s] for s, _ in layout]
+
+
+async def close_all(clients: list[StreamClient]) -> None:
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+async def wait_until(done: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        await asyncio.sleep(step)
+    return done()
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    if args.transport != "sse" and not target.supports_ws:
+        raise BenchError("this target serves SSE only")
+    await target.setup(args.sessions)
+    probe = ServerProbe(target.port)
+    probe.sample("before")
+    clients, session_of = open_clients(args, target, args.transport)
+    seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
+    await asyncio.sleep(args.settle)
+    probe.sample("connected")
+    report: dict[str, Any] = {"clients": connect_summary(clients, seconds), "phases": []}
+    live = [c for c in clients if c.connected_at and not c.error]
+    if len(live) < len(clients) and not args.allow_failed:
+        await close_all(clients)
+        report["server"] = probe.report(len(live))
+        report["error"] = "not every client connected"
+        return report
+
+    next_bn = 0
+    gate = asyncio.Semaphore(args.publishers)
+    for rate in args.rate:
+        expected: dict[int, set[int]] = {i: set() for i in range(len(target.sessions))}
+        sent: dict[int, float] = {}
+        failures = 0
+        tasks: list[asyncio.Task[None]] = []
+        count = args.events if args.events else max(1, int(rate * args.duration))
+
+        async def publish(session_index: int, bn: int) -> None:
+            nonlocal failures
+            async with gate:
+                sent[bn] = time.time()
+                try:
+                    await target.publish(target.sessions[session_index], bn)
+                    expected[session_index].add(bn)
+                except Exception:
+                    failures += 1
+
+        started = time.time()
+        clock = time.monotonic()
+        for k in range(count):
+            for s in range(len(target.sessions)):
+                tasks.append(asyncio.create_task(publish(s, next_bn)))
+                next_bn += 1
+            await asyncio.sleep(max(0.0, clock + (k + 1) / rate - time.monotonic()))
+        await asyncio.gather(*tasks)
+        published_for = time.time() - started
+        per_session = {i: len(v) for i, v in expected.items()}
+        lowest = min(sent) if sent else 0
+        scanned = [0] * len(clients)
+        counts = [0] * len(clients)
+
+        def complete() -> bool:
+            # Incremental: a full rescan of every client each time would stall the loop
+            # the clients read on, and show up as latency.
+            done = True
+            for i, c in enumerate(clients):
+                if c.ended:
+                    continue
+                bns = c.bns
+                n = len(bns)
+                counts[i] += sum(1 for j in range(scanned[i], n) if bns[j] >= lowest)
+                scanned[i] = n
+                if counts[i] < per_session[session_of[i]]:
+                    done = False
+            return done
+
+        await wait_until(complete, args.drain, step=0.25)
+        stats = by_bn(clients, expected, sent, session_of)
+        last = stats.pop("last_delivery") or time.time()
+        deliveries = stats["delivered"]
+        phase = {
+            "rate_per_session": rate,
+            "published": sum(per_session.values()), "publish_failures": failures,
+            "publish_seconds": round(published_for, 2),
+            "expected_deliveries": sum(per_session[session_of[i]] for i in range(len(clients))),
+            **stats,
+            "deliveries_per_s": round(deliveries / max(1e-6, last - started), 1),
+            "offered_per_s": round(rate * len(clients), 1),
+        }
+        report["phases"].append(phase)
+        probe.sample(f"after_rate_{rate:g}")
+    report["clients"]["dropped_during_run"] = sum(1 for c in live if c.ended)
+    await close_all(clients)
+    report["server"] = probe.report(len(live))
+    return report
+
+
+async def echo(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    if not isinstance(target, TandemTarget):
+        raise BenchError("echo replies are Tandem's")
+    await target.setup(args.sessions)
+    probe = ServerProbe(target.port)
+    probe.sample("before")
+    args.clients = args.sessions * args.per_session
+    clients, session_of = open_clients(args, target, args.transport, keep_time=True)
+    seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
+    probe.sample("connected")
+    text = " ".join(f"w{i}" for i in range(args.words))
+    gate = asyncio.Semaphore(args.publishers)
+    statuses: dict[int, int] = {}
+
+    async def post(session: str) -> None:
+        async with gate:
+            code = await target.post_message(session, text)
+            statuses[code] = statuses.get(code, 0) + 1
+
+    started = time.time()
+    await asyncio.gather(*(post(s) for s in target.sessions))
+    posted_for = time.time() - started
+    # Done when every session is idle again and its clients have read up to its head.
+    heads = await _settled_heads(target, args.drain)
+    await wait_until(
+        lambda: all(c.ended or (c.seqs and max(c.seqs) >= heads[session_of[i]]) for i, c in enumerate(clients)),
+        args.drain, step=0.25,
+    )
+    elapsed = time.time() - started
+    stats = by_seq(clients, [heads[session_of[i]] for i in range(len(clients))])
+    probe.sample("end")
+    await close_all(clients)
+    starts = {session_of[i]: c.head or 0 for i, c in enumerate(clients)}
+    return {
+        "clients": connect_summary(clients, seconds),
+        "posts": {"sessions": len(target.sessions), "statuses": statuses, "seconds": round(posted_for, 2)},
+        "events_persisted": sum(heads.values()) - sum(starts.values()),
+        **stats,
+        "deliveries_per_s": round(stats["delivered"] / max(1e-6, elapsed), 1),
+        "server": probe.report(len(clients)),
+    }
+
+
+async def _settled_heads(target: TandemTarget, timeout: float) -> dict[int, int]:
+    gate = asyncio.Semaphore(16)
+    deadline = time.monotonic() + timeout
+
+    async def one(session: str) -> int:
+        async with gate:
+            while time.monotonic() < deadline and await target.status(session) != "idle":
+                await asyncio.sleep(0.2)
+            return await target.last_seq(session)
+
+    values = await asyncio.gather(*(one(s) for s in target.sessions))
+    return dict(enumerate(values))
+
+
+async def idle(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    if args.transport != "sse" and not target.supports_ws:
+        raise BenchError("this target serves SSE only")
+    await target.setup(args.sessions)
+    gc.collect()
+    probe = ServerProbe(target.port)
+    probe.sample("before")
+    clients, _ = open_clients(args, target, args.transport)
+    seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
+    await asyncio.sleep(args.settle)
+    probe.sample("connected")
+    held_from = time.time()
+    await asyncio.sleep(args.hold)
+    probe.sample("held")
+    live = [c for c in clients if c.connected_at and not c.error]
+    held = [c for c in live if not c.ended]
+    gaps = [c.heartbeat_gap for c in held if c.heartbeat_gap]
+    silent = sum(1 for c in held if c.heartbeats == 0)
+    report = {
+        "clients": connect_summary(clients, seconds),
+        "held_seconds": round(time.time() - held_from, 1),
+        "still_open": len(held),
+        "heartbeats": {
+            "total": sum(c.heartbeats for c in held), "clients_without_any": silent,
+            "longest_gap_ms": percentiles(gaps),
+        },
+        "server": probe.report(len(live), "before", "held"),
+    }
+    await close_all(clients)
+    return report
+
+
+async def first_delta(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    if not isinstance(target, TandemTarget):
+        raise BenchError("message replies are Tandem's")
+    await target.setup(1)
+    session = target.sessions[0]
+    client = StreamClient(target.endpoint(session, args.transport, None))
+    await connect_all([client], 1, args.timeout)
+    if client.error:
+        raise BenchError(f"stream: {client.error}")
+    first: asyncio.Future[float] | None = None
+    idle_again = asyncio.Event()
+
+    def on_frame(frame: bytes, now: float) -> None:
+        if b'"message.part.updated"' in frame and b'"delta"' in frame and first is not None and not first.done():
+            first.set_result(now)
+        elif b'"session.status"' in frame and b'"idle"' in frame:
+            idle_again.set()
+
+    client.on_frame = on_frame
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    for _ in range(args.rounds):
+        first = loop.create_future()
+        idle_again.clear()
+        t0 = time.time()
+        code = await target.post_message(session, "hello")
+        if code != 202:
+            raise BenchError(f"post: HTTP {code}")
+        latencies.append(await asyncio.wait_for(first, args.timeout) - t0)
+        await asyncio.wait_for(idle_again.wait(), args.timeout)
+    await client.close()
+    head = await target.last_seq(session)
+    stats = by_seq([client], [head])
+    return {"rounds": args.rounds, "post_to_first_delta_ms": percentiles(latencies),
+            "delivered": stats["delivered"], "lost": stats["lost"], "duplicates": stats["duplicates"],
+            "reordered": stats["reordered"]}
+
+
+async def posts(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    if not isinstance(target, TandemTarget):
+        raise BenchError("message posts are Tandem's")
+    await target.setup(args.sessions)
+    probe = ServerProbe(target.port)
+    args.clients = args.sessions
+    clients, session_of = open_clients(args, target, args.transport)
+    seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    stop_at = time.monotonic() + args.duration
+    sessions = target.sessions
+
+    async def poster(k: int) -> None:
+        mine = sessions[k::args.publishers]
+        i = 0
+        while mine and time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            code = await target.post_message(mine[i % len(mine)], "hi")
+            latencies.append(time.perf_counter() - t0)
+            statuses[code] = statuses.get(code, 0) + 1
+            i += 1
+
+    started = time.time()
+    await asyncio.gather(*(poster(k) for k in range(args.publishers)))
+    posting = time.time() - started
+    heads = await _settled_heads(target, args.drain)
+    await wait_until(
+        lambda: all(c.ended or (c.seqs and max(c.seqs) >= heads[session_of[i]]) for i, c in enumerate(clients)),
+        args.drain, step=0.25,
+    )
+    stats = by_seq(clients, [heads[session_of[i]] for i in range(len(clients))])
+    await close_all(clients)
+    accepted = statuses.get(202, 0)
+    persisted = sum(heads.values()) - sum({session_of[i]: c.head or 0 for i, c in enumerate(clients)}.values())
+    return {
+        "clients": connect_summary(clients, seconds),
+        "seconds": round(posting, 2), "statuses": statuses,
+        "accepted_per_s": round(accepted / posting, 1),
+        "post_ms": percentiles(latencies),
+        "events_persisted": persisted, "events_persisted_per_s": round(persisted / posting, 1),
+        **{k: v for k, v in stats.items() if k != "latency_ms"},
+        "server": probe.report(),
+    }
+
+
+async def churn(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    await target.setup(args.sessions)
+    probe = ServerProbe(target.port)
+    gauges_before = await target.metrics() if isinstance(target, TandemTarget) else {}
+    probe.sample("start")
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        clients, _ = open_clients(args, target, args.transport)
+        seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
+        connected = sum(1 for c in clients if c.connected_at and not c.error)
+        probe.sample(f"round_{r + 1}_open")
+        await close_all(clients)
+        await asyncio.sleep(args.settle)
+        probe.sample(f"round_{r + 1}_closed")
+        row: dict[str, Any] = {"connected": connected, "connect_s": round(seconds, 2),
+                               "rss_kb_closed": probe.samples.get(f"round_{r + 1}_closed")}
+        rounds.append(row)
+    gauges_after = await target.metrics() if isinstance(target, TandemTarget) else {}
+    start = probe.samples.get("start")
+    end = probe.samples.get(f"round_{args.rounds}_closed")
+    leak_keys = [k for k in gauges_after if k.startswith(("tandem_open_streams", "tandem_hub_", "tandem_asyncio_tasks"))]
+    return {
+        "rounds": rounds,
+        "rss_kb": {"start": start, "end": end,
+                   "change_pct": round((end - start) / start * 100, 1) if start and end else None},
+        "gauges": {k: {"before": gauges_before.get(k), "after": gauges_after[k]} for k in sorted(leak_keys)},
+        "server": probe.report(),
+    }
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "fanout": fanout, "echo": echo, "idle": idle, "first-delta": first_delta, "posts": posts,
+    "churn": churn,
+}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _rates(raw: str) -> list[float]:
+    try:
+        rates = [float(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("rates are numbers, comma-separated") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be positive")
+    return rates
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
+    p.add_argument("--target", choices=("tandem", "peer"), default="tandem")
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--per-session", type=int, default=2, help="echo: clients per session")
+    p.add_argument("--transport", choices=("sse", "ws", "mixed"), default="sse")
+    p.add_argument("--types", default="bench.*",
+                   help="Tandem's ?types= filter for fanout/idle/churn clients ('' for every event)")
+    p.add_argument("--rate", type=_rates, default=[20.0],
+                   help="events per second per session; a comma list runs one phase per rate")
+    p.add_argument("--events", type=int, default=0, help="events per session per phase (else rate x duration)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per phase (fanout, posts)")
+    p.add_argument("--words", type=int, default=20, help="echo: words in each message")
+    p.add_argument("--rounds", type=int, default=10, help="churn rounds / first-delta posts")
+    p.add_argument("--hold", type=float, default=35.0, help="idle: seconds to hold the streams open")
+    p.add_argument("--publishers", type=int, default=8, help="concurrent publishing requests")
+    p.add_argument("--connect-concurrency", type=int, default=200)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds for a client to connect")
+    p.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the last deliveries")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds between connecting and measuring")
+    p.add_argument("--agent", default="echo", help="the agent of the sessions the tool creates")
+    p.add_argument("--allow-failed", action="store_true", help="go on when some clients fail to connect")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout only)")
+    return p
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    target = make_target(args.target, args.url, args.publishers, args.agent)
+    try:
+        started = time.time()
+        result = await SCENARIOS[args.scenario](args, target)
+    finally:
+        await target.aclose()
+    return {
+        "scenario": args.scenario, "target": args.target, "url": args.url,
+        "params": {k: v for k, v in vars(args).items() if k not in ("scenario", "target", "url", "json")},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        **result,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.clients < 1 or args.sessions < 1 or args.per_session < 1:
+        parser().error("--clients, --sessions and --per-session must be at least 1")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        report = asyncio.run(amain(args))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+    else:
+        print(table(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+    lost = report.get("lost", 0) + sum(p.get("lost", 0) for p in report.get("phases", []))
+    return 1 if lost or report.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""What the load tool talks to: Tandem (auth, sessions, custom events, messages) or the
+seed reference peer (channels, no auth, publish over REST). Both give the tool stream
+endpoints and a way to publish the event numbered ``bn``."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from urllib.parse import urlparse
+
+import httpx
+
+from bench.clients import Endpoint
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+EVENT_TYPE = "bench.tick"
+
+
+class BenchError(Exception):
+    pass
+
+
+def _split(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme != "http" or parsed.hostname not in LOOPBACK:
+        raise BenchError(f"{url}: the load tool only targets http:// on loopback")
+    return parsed.hostname or "127.0.0.1", parsed.port or 80
+
+
+class Target:
+    name = "target"
+    supports_ws = False
+    supports_messages = False
+
+    def __init__(self, url: str, publishers: int = 8) -> None:
+        self.url = url.rstrip("/")
+        self.host, self.port = _split(self.url)
+        self.http = httpx.AsyncClient(
+            base_url=self.url, timeout=60,
+            limits=httpx.Limits(max_connections=publishers, max_keepalive_connections=publishers),
+        )
+        self.sessions: list[str] = []
+
+    async def setup(self, sessions: int) -> None:
+        raise NotImplementedError
+
+    def endpoint(self, session: str, transport: str, types: str | None) -> Endpoint:
+        raise NotImplementedError
+
+    async def publish(self, session: str, bn: int) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class TandemTarget(Target):
+    name = "tandem"
+    supports_ws = True
+    supports_messages = True
+
+    def __init__(self, url: str, publishers: int = 8, agent: str = "echo") -> None:
+        super().__init__(url, publishers)
+        self.agent = agent
+        self.token = ""
+        self.headers: dict[str, str] = {}
+
+    async def setup(self, sessions: int) -> None:
+        name, password = f"bench{secrets.token_hex(5)}", secrets.token_urlsafe(18)
+        r = await self.http.post("/api/auth/register/", json={"username": name, "password": password})
+        if r.status_code != 201:
+            raise BenchError(f"register: HTTP {r.status_code} {r.text[:200]}")
+        r = await self.http.post("/api/auth/token/", json={"username": name, "password": password})
+        r.raise_for_status()
+        self.token = r.json()["access"]
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+        gate = asyncio.Semaphore(16)
+
+        async def create(i: int) -> str:
+            async with gate:
+                r = await self.http.post(
+                    "/api/sessions/", json={"title": f"bench {i}", "agent": self.agent}, headers=self.headers
+                )
+                if r.status_code != 201:
+                    raise BenchError(f"create session: HTTP {r.status_code} {r.text[:200]}")
+                return str(r.json()["id"])
+
+        self.sessions = list(await asyncio.gather(*(create(i) for i in range(sessions))))
+
+    def endpoint(self, session: str, transport: str, types: str | None) -> Endpoint:
+        query = f"token={self.token}" + (f"&types={types}" if types else "")
+        path = f"/api/sessions/{session}/stream/?{query}" if transport == "sse" else f"/ws/sessions/{session}/?{query}"
+        return Endpoint(self.host, self.port, path, transport, origin=self.url)
+
+    async def publish(self, session: str, bn: int) -> None:
+        r = await self.http.post(
+            f"/api/sessions/{session}/events/",
+            json={"type": EVENT_TYPE, "properties": {"bn": bn}}, headers=self.headers,
+        )
+        if r.status_code != 201:
+            raise BenchError(f"publish: HTTP {r.status_code} {r.text[:200]}")
+
+    async def post_message(self, session: str, text: str) -> int:
+        r = await self.http.post(
+            f"/api/sessions/{session}/messages/",
+            json={"parts": [{"type": "text", "text": text}]}, headers=self.headers,
+        )
+        return r.status_code
+
+    async def last_seq(self, session: str) -> int:
+        r = await self.http.get(f"/api/sessions/{session}/", headers=self.headers)
+        r.raise_for_status()
+        return int(r.json()["last_seq"])
+
+    async def status(self, session: str) -> str:
+        r = await self.http.get(f"/api/sessions/{session}/", headers=self.headers)
+        r.raise_for_status()
+        return str(r.json()["status"]["type"])
+
+    async def metrics(self) -> dict[str, float]:
+        """The process's own gauges, for the leak checks (one process answers)."""
+        r = await self.http.get("/metrics")
+        out: dict[str, float] = {}
+        for line in r.text.splitlines():
+            if line.startswith("tandem_") and " " in line:
+                key, value = line.rsplit(" ", 1)
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+
+class PeerTarget(Target):
+    """The seed reference peer (``../shared/bench/seed_peer``): ``/stream/{channel}``,
+    ``POST /publish/{channel}``."""
+
+    name = "peer"
+
+    async def setup(self, sessions: int) -> None:
+        stamp = f"{int(time.time())}{secrets.token_hex(3)}"
+        self.sessions = [f"bench-{stamp}-{i}" for i in range(sessions)]
+
+    def endpoint(self, session: str, transport: str, types: str | None) -> Endpoint:
+        if transport != "sse":
+            raise BenchError("the peer serves SSE only")
+        return Endpoint(self.host, self.port, f"/stream/{session}", "sse", expects_connected=False)
+
+    async def publish(self, session: str, bn: int) -> None:
+        r = await self.http.post(f"/publish/{session}", json={"event": EVENT_TYPE, "data": {"bn": bn}})
+        if r.status_code != 200:
+            raise BenchError(f"publish: HTTP {r.status_code} {r.text[:200]}")
+
+
+def make_target(kind: str, url: str, publishers: int, agent: str = "echo") -> Target:
+    if kind == "peer":
+        return PeerTarget(url, publishers)
+    return TandemTarget(url, publishers, agent)
+
+
+def spread(sessions: list[str], clients: int, transport: str) -> list[tuple[str, str]]:
+    """Client i follows session i mod S; ``mixed`` alternates SSE and WebSocket so every
+    session with two or more clients has both."""
+    out: list[tuple[str, str]] = []
+    for i in range(clients):
+        t = transport if transport != "mixed" else ("sse", "ws")[(i // len(sessions)) % 2]
+        out.append((sessions[i % len(sessions)], t))
+    return out
