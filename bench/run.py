@@ -176,6 +176,7 @@ async def echo(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     probe = ServerProbe(target.port)
     probe.sample("before")
     args.clients = args.sessions * args.per_session
+    args.types = ""  # every event of the reply
     clients, session_of = open_clients(args, target, args.transport, keep_time=True)
     seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
     probe.sample("connected")
@@ -302,6 +303,7 @@ async def posts(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     await target.setup(args.sessions)
     probe = ServerProbe(target.port)
     args.clients = args.sessions
+    args.types = ""
     clients, session_of = open_clients(args, target, args.transport)
     seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
     statuses: dict[int, int] = {}

@@ -43,6 +43,8 @@ def by_bn(
     """Custom-event runs. ``expected[s]``: the bns published to session index ``s``;
     ``sent[bn]``: when the publishing request started; ``session_of[i]``: client i's session."""
     latencies: list[float] = []
+    by_second: dict[int, list[float]] = {}
+    start = min(sent.values()) if sent else 0.0
     delivered = lost = duplicates = reordered = 0
     first = last = None
     wanted = set().union(*expected.values()) if expected else set()
@@ -59,7 +61,9 @@ def by_bn(
                 continue
             seen.add(bn)
             delivered += 1
-            latencies.append(max(0.0, t - sent[bn]))
+            latency = max(0.0, t - sent[bn])
+            latencies.append(latency)
+            by_second.setdefault(int(sent[bn] - start), []).append(latency)
             first = t if first is None or t < first else first
             last = t if last is None or t > last else last
             if client.seqs[j] >= 0:
@@ -69,6 +73,8 @@ def by_bn(
     return {
         "delivered": delivered, "lost": lost, "duplicates": duplicates, "reordered": reordered,
         "latency_ms": percentiles(latencies), "last_delivery": last,
+        # Per second of publishing: where in the run the slow deliveries were.
+        "p99_ms_by_second": [percentiles(v)["p99"] for _, v in sorted(by_second.items())],
     }
 
 

@@ -292,6 +292,9 @@ TANDEM_PRUNE_INTERVAL_SECONDS = env_float("TANDEM_PRUNE_INTERVAL_SECONDS", 5.0, 
 TANDEM_HEARTBEAT_SECONDS = env_float("TANDEM_HEARTBEAT_SECONDS", 15.0, minimum=0.05)
 TANDEM_STREAM_QUEUE = env_int("TANDEM_STREAM_QUEUE", 1000, minimum=1)
 TANDEM_ECHO_DELAY_MS = env_int("TANDEM_ECHO_DELAY_MS", 20, minimum=0)
+# Allocations between young-generation collections in server processes (Python's default
+# is 700); 0 leaves the interpreter's settings alone. See project/asgi.py.
+TANDEM_GC_THRESHOLD = env_int("TANDEM_GC_THRESHOLD", 50_000, minimum=0)
 TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
 TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
 TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)

@@ -216,9 +216,12 @@ class Run:
             part = _OpenPart(created.id, part_type)
             self.parts.append(part)
             self.current = part
+        first = not part.text and not part.pending
         part.pending += output.text
         due = time.monotonic() - self.last_flush >= settings.TANDEM_COALESCE_MS / 1000
-        if due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
+        # A part's first words go out at once (time to first token is what a reader
+        # feels); what follows is coalesced.
+        if first or due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
             await self._flush()
 
     def _next_index(self) -> int:
