@@ -27,6 +27,15 @@ PASSWORD = "correct-horse-battery-9"
 pytest_plugins = ["tests.browser"]
 
 
+def pytest_configure(config: Any) -> None:
+    from django.conf import settings
+
+    # The server processes the tests start keep persistent connections, as in production.
+    # This process closes its own after each use: its pool threads would otherwise still
+    # hold connections when PostgreSQL's test database is dropped at the end.
+    settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
     # Lets fixtures see whether the test failed (the browser fixture takes screenshots).
