@@ -31,7 +31,9 @@ class StreamAuthMiddleware:
         # proves nothing, only tokens and tickets count.
         allow_cookie = scope["type"] == "http" or _has_origin(scope)
         try:
-            auth: Any = await database_sync_to_async(authenticate_stream)(scope, allow_cookie=allow_cookie)
+            auth: Any = await database_sync_to_async(authenticate_stream, thread_sensitive=False)(
+                scope, allow_cookie=allow_cookie
+            )
         except ApiError as err:
             auth = err
         return await self.app({**scope, "stream_auth": auth}, receive, send)
@@ -53,9 +55,11 @@ class StreamOriginValidator(OriginValidator):
         return bool(super().valid_origin(parsed_origin))
 
 
+# SSE streams authenticate inside ``streams.prepare``, in the same thread hop as the
+# membership check (the same rules as StreamAuthMiddleware: header, token, ticket, cookie).
 sse_urlpatterns = [
-    path("api/sessions/<str:session_id>/stream/", StreamAuthMiddleware(SSEConsumer.as_asgi())),
-    path("api/stream/", StreamAuthMiddleware(SSEConsumer.as_asgi())),
+    path("api/sessions/<str:session_id>/stream/", SSEConsumer.as_asgi()),
+    path("api/stream/", SSEConsumer.as_asgi()),
 ]
 
 websocket_urlpatterns = [

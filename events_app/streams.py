@@ -34,7 +34,7 @@ from events_app.services import events_between, parse_position, reset_reason
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project.auth import authenticate_stream, query_params
 from project.errors import BadRequest
-from sessions_app.access import member_session_ids, session_for
+from sessions_app.access import check_member, member_session_ids
 from sessions_app.serializers import user_data
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> St
     if creds is None:  # not behind StreamAuthMiddleware
         creds = authenticate_stream(scope, allow_cookie=transport == "sse")
     if session_id is not None:
-        session_for(creds.user, session_id)
+        check_member(creds.user, session_id)
     params = query_params(scope)
     try:
         types = TypeFilter.parse(params.get("types"))

@@ -27,5 +27,16 @@ def session_for(user: Any, session_id: str, need: str = Role.VIEWER) -> tuple[Se
     return membership.session, membership.role
 
 
+def check_member(user: Any, session_id: str) -> None:
+    """NotFound unless the user is a member: ``session_for`` without loading anything,
+    for streams, which open often and only need the answer."""
+    if not user or not user.is_authenticated or len(session_id) > 32:
+        raise NotFound()
+    if not session_id.isascii() or not session_id.isprintable():
+        raise NotFound()
+    if not Membership.objects.filter(session_id=session_id, user=user).exists():
+        raise NotFound()
+
+
 def member_session_ids(user_id: int) -> list[str]:
     return list(Membership.objects.filter(user_id=user_id).values_list("session_id", flat=True))
