@@ -134,12 +134,10 @@ def _tune_gc() -> None:
     docs/PERFORMANCE.md)."""
     from django.conf import settings
 
-    threshold = settings.TANDEM_GC_THRESHOLD
-    if threshold:
-        gc.collect()
-        gc.freeze()
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(threshold, gen1, gen2)
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(settings.TANDEM_GC_THRESHOLD, gen1, gen2)
 
 
 _tune_gc()

@@ -129,13 +129,13 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
 try:
-    # Persistent connections: opening one per request (SQLite's PRAGMAs, PostgreSQL's
-    # handshake) was most of the cost of opening a stream. Streams hold none while open:
-    # their queries run on pool threads, and each thread keeps one connection.
+    # No persistent connections by default: under ASGI every request runs in a thread of
+    # its own, and a connection kept by a finished thread is never closed (Django's docs
+    # say as much). PostgreSQL gets a connection pool instead, below.
+    _conn_max_age = env_int("TANDEM_DB_CONN_MAX_AGE", 0, minimum=0)
+    _pool_size = env_int("TANDEM_DB_POOL_SIZE", 16, minimum=0)
     _db: dict[str, Any] = dj_database_url.parse(
-        DATABASE_URL,
-        conn_max_age=env_int("TANDEM_DB_CONN_MAX_AGE", 60, minimum=0),
-        conn_health_checks=True,
+        DATABASE_URL, conn_max_age=_conn_max_age, conn_health_checks=_conn_max_age > 0
     )
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
@@ -154,7 +154,12 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     _db["TEST"] = {
         "NAME": str(BASE_DIR / "var" / f"{env_str('TANDEM_TEST_DB_NAME', 'test-db')}.sqlite3")
     }
-elif os.environ.get("TANDEM_TEST_DB_NAME"):
+elif _db["ENGINE"] == "django.db.backends.postgresql" and not _conn_max_age:
+    # A pool per process (psycopg_pool): a stream's or a request's queries borrow a
+    # connection for the moment they run, with no handshake, and no open stream holds one.
+    if _pool_size:
+        _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": _pool_size, "timeout": 10}
+if _db["ENGINE"] != "django.db.backends.sqlite3" and os.environ.get("TANDEM_TEST_DB_NAME"):
     # Lets several test runs share one PostgreSQL server without clobbering each other.
     _db["TEST"] = {"NAME": env_str("TANDEM_TEST_DB_NAME", "")}
 DATABASES = {"default": _db}
@@ -293,8 +298,9 @@ TANDEM_HEARTBEAT_SECONDS = env_float("TANDEM_HEARTBEAT_SECONDS", 15.0, minimum=0
 TANDEM_STREAM_QUEUE = env_int("TANDEM_STREAM_QUEUE", 1000, minimum=1)
 TANDEM_ECHO_DELAY_MS = env_int("TANDEM_ECHO_DELAY_MS", 20, minimum=0)
 # Allocations between young-generation collections in server processes (Python's default
-# is 700); 0 leaves the interpreter's settings alone. See project/asgi.py.
-TANDEM_GC_THRESHOLD = env_int("TANDEM_GC_THRESHOLD", 50_000, minimum=0)
+# is 700). Higher trades memory held by cyclic garbage for fewer pauses; see
+# project/asgi.py and docs/PERFORMANCE.md.
+TANDEM_GC_THRESHOLD = env_int("TANDEM_GC_THRESHOLD", 5_000, minimum=100)
 TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
 TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
 TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)

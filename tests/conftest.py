@@ -30,10 +30,11 @@ pytest_plugins = ["tests.browser"]
 def pytest_configure(config: Any) -> None:
     from django.conf import settings
 
-    # The server processes the tests start keep persistent connections, as in production.
-    # This process closes its own after each use: its pool threads would otherwise still
-    # hold connections when PostgreSQL's test database is dropped at the end.
+    # The server processes the tests start use PostgreSQL's connection pool, as in
+    # production. This process opens and closes its own: a pool would still hold
+    # connections when the test database is dropped at the end.
     settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+    settings.DATABASES["default"].get("OPTIONS", {}).pop("pool", None)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -145,3 +145,29 @@ def test_json_logs_are_one_object_per_line_and_redacted() -> None:
     assert entry["message"] == '"GET /s/?ticket=[redacted]"' and entry["time"].endswith("Z")
     result = _load_settings({"TANDEM_LOG_FORMAT": "xml"})
     assert result.returncode != 0 and "TANDEM_LOG_FORMAT" in result.stderr
+
+
+def _database_settings(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; d = settings.DATABASES['default']; print(d['CONN_MAX_AGE'], d.get('OPTIONS', {}).get('pool'))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "project.settings", **env},
+    )
+
+
+def test_postgresql_gets_a_pool_and_no_persistent_connections() -> None:
+    pg = "postgres://u@127.0.0.1:5432/x"
+    pooled = _database_settings({"DATABASE_URL": pg, "TANDEM_DB_POOL_SIZE": "7"})
+    assert pooled.returncode == 0, pooled.stderr
+    assert pooled.stdout.split(" ", 1) == ["0", "{'min_size': 2, 'max_size': 7, 'timeout': 10}\n"]
+    # A pool and persistent connections exclude each other; asking for the latter drops it.
+    kept = _database_settings({"DATABASE_URL": pg, "TANDEM_DB_CONN_MAX_AGE": "30"})
+    assert kept.stdout.split() == ["30", "None"]
+    assert _database_settings({"DATABASE_URL": pg, "TANDEM_DB_POOL_SIZE": "0"}).stdout.split() == ["0", "None"]
+    assert _database_settings({"TANDEM_DB_POOL_SIZE": "-1"}).returncode != 0
+
+
+def test_gc_threshold_refuses_values_that_would_switch_collection_off() -> None:
+    result = _load_settings({"TANDEM_GC_THRESHOLD": "0"})
+    assert result.returncode != 0
+    assert "TANDEM_GC_THRESHOLD" in result.stderr
