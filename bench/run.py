@@ -361,7 +361,20 @@ async def churn(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         row: dict[str, Any] = {"connected": connected, "connect_s": round(seconds, 2),
                                "rss_kb_closed": probe.samples.get(f"round_{r + 1}_closed")}
         rounds.append(row)
-    gauges_after = await target.metrics() if isinstance(target, TandemTarget) else {}
+    gauges_after: dict[str, float] = {}
+    settled_after = None
+    if isinstance(target, TandemTarget):
+        # Closing sockets finish their close handshakes for a while after the clients
+        # leave (WebSocket close timeouts): a leak is what is still there once that is
+        # over, so poll until the task count is back, or --drain runs out.
+        waited = time.monotonic()
+        while True:
+            gauges_after = await target.metrics()
+            tasks, base = gauges_after.get("tandem_asyncio_tasks"), gauges_before.get("tandem_asyncio_tasks")
+            if tasks is None or base is None or tasks <= base + 5 or time.monotonic() - waited > args.drain:
+                break
+            await asyncio.sleep(1)
+        settled_after = round(time.monotonic() - waited, 1)
     start = probe.samples.get("start")
     end = probe.samples.get(f"round_{args.rounds}_closed")
     leak_keys = [k for k in gauges_after if k.startswith(("tandem_open_streams", "tandem_hub_", "tandem_asyncio_tasks"))]
@@ -370,6 +383,7 @@ async def churn(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         "rss_kb": {"start": start, "end": end,
                    "change_pct": round((end - start) / start * 100, 1) if start and end else None},
         "gauges": {k: {"before": gauges_before.get(k), "after": gauges_after[k]} for k in sorted(leak_keys)},
+        "gauges_read_after_s": settled_after,
         "server": probe.report(),
     }
 

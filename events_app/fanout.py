@@ -1,8 +1,9 @@
 """Fan-out: from a committed event to every local connection, through the channel layer.
 
-Sending side — ``send_event`` / ``send_control`` put a message on this process's *outbox*,
-a FIFO drained by one task on the main loop, so events leave in the order they committed
-in this process (``group_send`` calls racing each other would reorder them).
+Sending side — ``send_frame`` / ``send_control`` put a message on this process's *outbox*
+on the main loop: one FIFO per group, each drained by its own task, so a session's events
+leave in the order they committed in this process (``group_send`` calls racing each other
+would reorder them) while different sessions do not wait for each other.
 
 Receiving side — one ``Hub`` per process (per event loop) holds **one** channel-layer
 channel and adds it to a session's group when the first local connection of that session
@@ -21,7 +22,7 @@ import asyncio
 import time
 import logging
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -50,24 +51,61 @@ def user_group(user_id: int) -> str:
 
 
 class _Outbox:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._drain(), name="tandem-outbox")
+    """One FIFO per group, sent strictly in order; different groups are sent side by
+    side. Order only matters within a session, and one sequential sender for the whole
+    process made every event wait for the Redis round trips of all events before it:
+    a worker streaming a thousand replies fell seconds behind (docs/PERFORMANCE.md)."""
 
-    async def _drain(self) -> None:
-        while True:
-            group, message = await self.queue.get()
-            for attempt in range(4):
-                try:
-                    await get_channel_layer().group_send(group, message)
-                    break
-                except Exception:
-                    if attempt == 3:
-                        # The event is in the database: readers recover it through the
-                        # hub's gap fill and head check.
-                        log.exception("Dropped a fan-out message to %s after retries", group)
-                    else:
-                        await asyncio.sleep(0.1 * 2**attempt)
+    def __init__(self) -> None:
+        self.pending: dict[str, deque[dict[str, Any]]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def put(self, group: str, message: dict[str, Any]) -> None:
+        queue = self.pending.get(group)
+        if queue is not None:
+            queue.append(message)  # its sender is running and will get to it
+            return
+        self.pending[group] = deque((message,))
+        self.idle.clear()
+        task = asyncio.get_running_loop().create_task(self._drain(group), name="tandem-outbox")
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not self.tasks:
+            self.idle.set()
+
+    async def _drain(self, group: str) -> None:
+        queue = self.pending[group]
+        try:
+            while queue:
+                await self._send(group, queue[0])
+                queue.popleft()
+        finally:
+            # Nothing awaits between the last check and here: a put() for this group now
+            # starts a new sender. If cancelled, what was left is dropped with the group
+            # and recovered by the readers' gap fill, as for any failed send.
+            del self.pending[group]
+
+    @staticmethod
+    async def _send(group: str, message: dict[str, Any]) -> None:
+        for attempt in range(4):
+            try:
+                await get_channel_layer().group_send(group, message)
+                return
+            except Exception:
+                if attempt == 3:
+                    # The event is in the database: readers recover it through the
+                    # hub's gap fill and head check.
+                    log.exception("Dropped a fan-out message to %s after retries", group)
+                else:
+                    await asyncio.sleep(0.1 * 2**attempt)
+
+    async def drained(self) -> None:
+        await self.idle.wait()
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
@@ -80,11 +118,11 @@ def _enqueue(group: str, message: dict[str, Any]) -> None:
     outbox = _outboxes.get(loop)
     if outbox is None:
         outbox = _outboxes[loop] = _Outbox()
-    outbox.queue.put_nowait((group, message))
+    outbox.put(group, message)
 
 
 def send_to_group(group: str, message: dict[str, Any]) -> None:
-    """Thread-safe, non-blocking, order-preserving."""
+    """Thread-safe, non-blocking; a group's messages leave in the order they were sent."""
     runtime.call_soon(_enqueue, group, message)
 
 

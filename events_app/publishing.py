@@ -157,17 +157,10 @@ def flush(timeout: float = 5.0) -> bool:
 
 async def _outbox_drained() -> None:
     # runtime.submit runs this after every callback scheduled before it (call_soon is
-    # FIFO), so each earlier send is already in the outbox's queue. The outbox is idle
-    # once its queue is empty and its task waits for the next item again.
-    # (A ``fanout.flush()`` built on Queue.task_done would not need the peek at _getters.)
+    # FIFO), so each earlier send is already in the outbox.
     outbox = fanout._outboxes.get(asyncio.get_running_loop())
-    if outbox is None:
-        return
-    queue = outbox.queue
-    while not outbox.task.done() and not (
-        queue.empty() and any(not waiter.done() for waiter in queue._getters)  # type: ignore[attr-defined]
-    ):
-        await asyncio.sleep(0.005)
+    if outbox is not None:
+        await outbox.drained()
 
 
 _exit_flush_lock = threading.Lock()

@@ -34,7 +34,7 @@ async def live_loop(redis_layer: str, monkeypatch: pytest.MonkeyPatch) -> AsyncI
     outbox = fanout._outboxes.pop(loop, None)
     tasks = list(hub._tasks) if hub is not None else []
     if outbox is not None:
-        tasks.append(outbox.task)
+        tasks.extend(outbox.tasks)
     # A cancel that lands inside a redis-py command can be swallowed, so keep asking
     # (bounded) until every background task of this loop has stopped.
     async with asyncio.timeout(5):
