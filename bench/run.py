@@ -200,6 +200,7 @@ async def echo(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     )
     elapsed = time.time() - started
     stats = by_seq(clients, [heads[session_of[i]] for i in range(len(clients))])
+    lag = _lag_buckets(await target.metrics())
     probe.sample("end")
     await close_all(clients)
     starts = {session_of[i]: c.head or 0 for i, c in enumerate(clients)}
@@ -209,8 +210,22 @@ async def echo(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         "events_persisted": sum(heads.values()) - sum(starts.values()),
         **stats,
         "deliveries_per_s": round(stats["delivered"] / max(1e-6, elapsed), 1),
+        # The server's own histogram: from the commit (in the worker) to its hub passing
+        # the event on, i.e. the part of the latency spent before the streams' writes.
+        "server_commit_to_hub": lag,
         "server": probe.report(len(clients)),
     }
+
+
+def _lag_buckets(metrics: dict[str, float]) -> dict[str, float]:
+    """Share of events the server's hub passed on within each bound (cumulative)."""
+    total = metrics.get("tandem_delivery_lag_seconds_count", 0.0)
+    out: dict[str, float] = {"events": total}
+    for bound in ("0.01", "0.05", "0.25", "1.0", "5.0"):
+        count = metrics.get(f'tandem_delivery_lag_seconds_bucket{{le="{bound}"}}')
+        if count is not None and total:
+            out[f"within_{bound}s"] = round(count / total, 4)
+    return out
 
 
 async def _settled_heads(target: TandemTarget, timeout: float) -> dict[int, int]:

@@ -185,6 +185,8 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             reason = await conn.run()
         except asyncio.CancelledError:
             raise
+        except OSError:
+            return  # the client went away mid-write (uvicorn's ClientDisconnected): nothing to tell it
         except Exception:
             log.exception("WebSocket stream failed")
             reason = "error"
