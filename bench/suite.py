@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from bench.procinfo import cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT.parent / "shared" / "bench" / "seed_peer"
 TANDEM_PORT, PEER_PORT = 8100, 8101
@@ -132,19 +134,30 @@ def start_peer(args: argparse.Namespace, logs: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def run_one(name: str, target: str, scenario_args: list[str], out: Path) -> dict[str, Any] | None:
+def run_one(
+    name: str, target: str, scenario_args: list[str], out: Path, worker: int | None = None
+) -> dict[str, Any] | None:
     port = TANDEM_PORT if target == "tandem" else PEER_PORT
     path = out / f"{name}.{target}.json"
     cmd = [sys.executable, "-m", "bench", *scenario_args, "--target", target,
            "--url", f"http://127.0.0.1:{port}", "--json", str(path)]
     print(f"== {name} on {target}: {' '.join(scenario_args)}", flush=True)
+    worker_cpu = cpu_seconds(worker) if worker else 0.0
+    started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.monotonic() - started
     (out / f"{name}.{target}.txt").write_text(proc.stdout + proc.stderr)
     if not path.exists():
         print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
         return None
     time.sleep(3)
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    report: dict[str, Any] = json.loads(path.read_text())
+    if worker:
+        # Where replies run: its CPU share over the scenario says whether it kept up.
+        used = cpu_seconds(worker) - worker_cpu
+        report["agents_worker"] = {"cpu_seconds": round(used, 1), "cpu_share": round(used / elapsed, 2)}
+        path.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> str:
@@ -208,7 +221,8 @@ def main() -> None:
         procs = [start_tandem(args, out), start_worker(args, out)] if who == "tandem" else [start_peer(args, out)]
         try:
             for name, _, full, quick in todo:
-                report = run_one(name, who, quick if args.quick else full, out)
+                worker = procs[1].pid if who == "tandem" else None
+                report = run_one(name, who, quick if args.quick else full, out, worker)
                 if report is not None:
                     results[f"{name}.{who}"] = report
         finally:
