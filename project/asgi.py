@@ -112,11 +112,35 @@ class Tandem:
                 return
 
 
+class RequestGate:
+    """At most ``TANDEM_MAX_CONCURRENT_REQUESTS`` Django requests at once per process;
+    the rest wait here, as coroutines. Each Django request runs in a thread of its own,
+    and every such thread competes with the event loop for the GIL: with 16 requests in
+    flight the loop got a sliver of it, and events for open streams queued for seconds
+    (docs/PERFORMANCE.md). Streams never pass through here."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            from django.conf import settings
+
+            gate = self._gates[loop] = asyncio.Semaphore(settings.TANDEM_MAX_CONCURRENT_REQUESTS)
+        async with gate:
+            await self.app(scope, receive, send)
+
+
 application = Tandem(
     ProtocolTypeRouter(
         {
             "http": URLRouter(
-                [*sse_urlpatterns, re_path(r"", django_app)]
+                [*sse_urlpatterns, re_path(r"", RequestGate(django_app))]
             ),
             "websocket": StreamOriginValidator(
                 StreamAuthMiddleware(URLRouter(websocket_urlpatterns))

@@ -301,6 +301,8 @@ TANDEM_ECHO_DELAY_MS = env_int("TANDEM_ECHO_DELAY_MS", 20, minimum=0)
 # is 700). Higher trades memory held by cyclic garbage for fewer pauses; see
 # project/asgi.py and docs/PERFORMANCE.md.
 TANDEM_GC_THRESHOLD = env_int("TANDEM_GC_THRESHOLD", 5_000, minimum=100)
+# Django requests (not streams) one server process runs at once; see project/asgi.py.
+TANDEM_MAX_CONCURRENT_REQUESTS = env_int("TANDEM_MAX_CONCURRENT_REQUESTS", 8, minimum=1)
 TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
 TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
 TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)
