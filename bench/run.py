@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import sys
@@ -79,10 +78,10 @@ async def wait_until(done: Callable[[], bool], timeout: float, step: float = 0.0
     return done()
 
 
-# ---------------------------------------------------------------- scenarios
-
-
-async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+async def _set_up_streams(
+    args: argparse.Namespace, target: Target
+) -> tuple[ServerProbe, list[StreamClient], list[int], float]:
+    """Sessions, then every client connected, with the server's RSS before and after."""
     if args.transport != "sse" and not target.supports_ws:
         raise BenchError("this target serves SSE only")
     await target.setup(args.sessions)
@@ -92,6 +91,14 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
     await asyncio.sleep(args.settle)
     probe.sample("connected")
+    return probe, clients, session_of, seconds
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    probe, clients, session_of, seconds = await _set_up_streams(args, target)
     report: dict[str, Any] = {"clients": connect_summary(clients, seconds), "phases": []}
     live = [c for c in clients if c.connected_at and not c.error]
     if len(live) < len(clients) and not args.allow_failed:
@@ -243,16 +250,7 @@ async def _settled_heads(target: TandemTarget, timeout: float) -> dict[int, int]
 
 
 async def idle(args: argparse.Namespace, target: Target) -> dict[str, Any]:
-    if args.transport != "sse" and not target.supports_ws:
-        raise BenchError("this target serves SSE only")
-    await target.setup(args.sessions)
-    gc.collect()
-    probe = ServerProbe(target.port)
-    probe.sample("before")
-    clients, _ = open_clients(args, target, args.transport)
-    seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
-    await asyncio.sleep(args.settle)
-    probe.sample("connected")
+    probe, clients, _, seconds = await _set_up_streams(args, target)
     held_from = time.time()
     await asyncio.sleep(args.hold)
     probe.sample("held")

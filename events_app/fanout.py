@@ -1,9 +1,9 @@
 """Fan-out: from a committed event to every local connection, through the channel layer.
 
-Sending side — ``send_frame`` / ``send_control`` put a message on this process's *outbox*
-on the main loop: one FIFO per group, each drained by its own task, so a session's events
-leave in the order they committed in this process (``group_send`` calls racing each other
-would reorder them) while different sessions do not wait for each other.
+Sending side — ``send_frame`` / ``send_control`` put a message on this process's *outbox*,
+a FIFO drained by one task on the main loop, so events leave in the order they committed
+in this process (``group_send`` calls racing each other would reorder them); each round
+trip to the channel layer carries everything queued meanwhile.
 
 Receiving side — one ``Hub`` per process (per event loop) holds **one** channel-layer
 channel and adds it to a session's group when the first local connection of that session
@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
 from events_app import runtime
@@ -51,61 +52,71 @@ def user_group(user_id: int) -> str:
 
 
 class _Outbox:
-    """One FIFO per group, sent strictly in order; different groups are sent side by
-    side. Order only matters within a session, and one sequential sender for the whole
-    process made every event wait for the Redis round trips of all events before it:
-    a worker streaming a thousand replies fell seconds behind (docs/PERFORMANCE.md)."""
+    """One FIFO per process, drained by one task that takes everything queued at once and
+    sends it in one round trip (a Redis pipeline of PUBLISHes, in order), so events leave
+    in the order they committed in this process. channels-redis sends one PUBLISH at a
+    time under a lock, so one message per round trip made every event wait for the round
+    trips of all the events before it: a worker streaming a thousand replies fell seconds
+    behind (docs/PERFORMANCE.md)."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, deque[dict[str, Any]]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.queue: deque[tuple[str, dict[str, Any]]] = deque()
+        self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.task = asyncio.get_running_loop().create_task(self._drain(), name="tandem-outbox")
 
     def put(self, group: str, message: dict[str, Any]) -> None:
-        queue = self.pending.get(group)
-        if queue is not None:
-            queue.append(message)  # its sender is running and will get to it
-            return
-        self.pending[group] = deque((message,))
+        self.queue.append((group, message))
         self.idle.clear()
-        task = asyncio.get_running_loop().create_task(self._drain(group), name="tandem-outbox")
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
+        self.wakeup.set()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not self.tasks:
-            self.idle.set()
-
-    async def _drain(self, group: str) -> None:
-        queue = self.pending[group]
-        try:
-            while queue:
-                await self._send(group, queue[0])
-                queue.popleft()
-        finally:
-            # Nothing awaits between the last check and here: a put() for this group now
-            # starts a new sender. If cancelled, what was left is dropped with the group
-            # and recovered by the readers' gap fill, as for any failed send.
-            del self.pending[group]
-
-    @staticmethod
-    async def _send(group: str, message: dict[str, Any]) -> None:
-        for attempt in range(4):
-            try:
-                await get_channel_layer().group_send(group, message)
-                return
-            except Exception:
-                if attempt == 3:
-                    # The event is in the database: readers recover it through the
-                    # hub's gap fill and head check.
-                    log.exception("Dropped a fan-out message to %s after retries", group)
-                else:
-                    await asyncio.sleep(0.1 * 2**attempt)
+    async def _drain(self) -> None:
+        while True:
+            if not self.queue:
+                self.idle.set()
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            batch = list(self.queue)
+            self.queue.clear()
+            for attempt in range(4):
+                try:
+                    await _send_batch(batch)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    if attempt == 3:
+                        # The events are in the database: readers recover them through
+                        # the hub's gap fill and head check.
+                        log.exception("Dropped %d fan-out messages after retries", len(batch))
+                    else:
+                        await asyncio.sleep(0.1 * 2**attempt)
 
     async def drained(self) -> None:
         await self.idle.wait()
+
+
+async def _send_batch(batch: list[tuple[str, dict[str, Any]]]) -> None:
+    layer = get_channel_layer()
+    if isinstance(layer, RedisPubSubChannelLayer):
+        # What RedisPubSubLoopLayer.group_send does for one message, for all of them:
+        # the same channel names and encoding, one pipeline per shard.
+        loop_layer = layer._get_layer()
+        pipes: dict[int, Any] = {}
+        for group, message in batch:
+            channel = loop_layer._get_group_channel_name(group)
+            shard = loop_layer._get_shard(channel)
+            if id(shard) not in pipes:
+                shard._ensure_redis()
+                pipes[id(shard)] = shard._redis.pipeline(transaction=False)
+            pipes[id(shard)].publish(channel, layer.serialize(message))
+        for pipe in pipes.values():
+            await pipe.execute()
+        return
+    for group, message in batch:
+        await layer.group_send(group, message)
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
@@ -122,7 +133,7 @@ def _enqueue(group: str, message: dict[str, Any]) -> None:
 
 
 def send_to_group(group: str, message: dict[str, Any]) -> None:
-    """Thread-safe, non-blocking; a group's messages leave in the order they were sent."""
+    """Thread-safe, non-blocking, order-preserving."""
     runtime.call_soon(_enqueue, group, message)
 
 
