@@ -241,9 +241,11 @@ async def _settled_heads(target: TandemTarget, timeout: float) -> dict[int, int]
 
     async def one(session: str) -> int:
         async with gate:
-            while time.monotonic() < deadline and await target.status(session) != "idle":
+            status, head = await target.state(session)
+            while status != "idle" and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            return await target.last_seq(session)
+                status, head = await target.state(session)
+            return head
 
     values = await asyncio.gather(*(one(s) for s in target.sessions))
     return dict(enumerate(values))
@@ -303,7 +305,7 @@ async def first_delta(args: argparse.Namespace, target: Target) -> dict[str, Any
         latencies.append(await asyncio.wait_for(first, args.timeout) - t0)
         await asyncio.wait_for(idle_again.wait(), args.timeout)
     await client.close()
-    head = await target.last_seq(session)
+    _, head = await target.state(session)
     stats = by_seq([client], [head])
     return {"rounds": args.rounds, "post_to_first_delta_ms": percentiles(latencies),
             "delivered": stats["delivered"], "lost": stats["lost"], "duplicates": stats["duplicates"],

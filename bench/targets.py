@@ -107,15 +107,12 @@ class TandemTarget(Target):
         )
         return r.status_code
 
-    async def last_seq(self, session: str) -> int:
+    async def state(self, session: str) -> tuple[str, int]:
+        """The session's status type and its head (last_seq)."""
         r = await self.http.get(f"/api/sessions/{session}/", headers=self.headers)
         r.raise_for_status()
-        return int(r.json()["last_seq"])
-
-    async def status(self, session: str) -> str:
-        r = await self.http.get(f"/api/sessions/{session}/", headers=self.headers)
-        r.raise_for_status()
-        return str(r.json()["status"]["type"])
+        data = r.json()
+        return str(data["status"]["type"]), int(data["last_seq"])
 
     async def metrics(self) -> dict[str, float]:
         """The process's own gauges, for the leak checks (one process answers)."""

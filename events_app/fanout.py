@@ -25,7 +25,6 @@ import weakref
 from collections import defaultdict, deque
 from typing import Any, Protocol
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
@@ -203,7 +202,7 @@ class Hub:
                 if session_id is not None:
                     # Read after group_add: anything committed before is at or below
                     # this head, anything after will arrive through the group.
-                    found = await database_sync_to_async(heads, thread_sensitive=False)([session_id])
+                    found = await runtime.off_loop(heads)([session_id])
                     self.heads[group] = found.get(session_id, 0)
                     self.group_session[group] = session_id
                 members = self.groups[group] = set()
@@ -285,7 +284,7 @@ class Hub:
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
         from events_app.services import events_between
 
-        frames = await database_sync_to_async(events_between, thread_sensitive=False)(
+        frames = await runtime.off_loop(events_between)(
             session_id, after, upto, limit=upto - after
         )
         for frame in frames:
@@ -311,7 +310,7 @@ class Hub:
                 sessions = dict(self.group_session)
                 if not sessions:
                     continue
-                found = await database_sync_to_async(heads, thread_sensitive=False)(list(sessions.values()))
+                found = await runtime.off_loop(heads)(list(sessions.values()))
                 for group, session_id in sessions.items():
                     head = found.get(session_id)
                     if head is not None and group in self.heads and head > self.heads[group]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-from channels.db import database_sync_to_async
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.urls import path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
+from events_app.runtime import off_loop
 from project.auth import authenticate_stream
 from project.errors import ApiError
 
@@ -31,9 +31,7 @@ class StreamAuthMiddleware:
         # proves nothing, only tokens and tickets count.
         allow_cookie = scope["type"] == "http" or _has_origin(scope)
         try:
-            auth: Any = await database_sync_to_async(authenticate_stream, thread_sensitive=False)(
-                scope, allow_cookie=allow_cookie
-            )
+            auth: Any = await off_loop(authenticate_stream)(scope, allow_cookie=allow_cookie)
         except ApiError as err:
             auth = err
         return await self.app({**scope, "stream_auth": auth}, receive, send)

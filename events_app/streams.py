@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 from asgiref.sync import sync_to_async
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from events_app import fanout, presence
+from events_app.runtime import off_loop
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
 from project.limits import release_stream_slot, take_stream_slot
 from events_app.services import events_between, parse_position, reset_reason
@@ -82,7 +82,7 @@ def encode_cursor(positions: dict[str, int]) -> str:
 
 def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
     """Authenticate, authorise and read the parameters of a stream. Synchronous (it
-    queries the database): call through database_sync_to_async. Raises ApiError."""
+    queries the database): call through runtime.off_loop. Raises ApiError."""
     creds = scope.get("stream_auth")
     if isinstance(creds, Exception):
         raise creds
@@ -114,12 +114,6 @@ def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> St
 
 _release_slot = sync_to_async(release_stream_slot, thread_sensitive=False)
 
-
-def off_loop(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """A stream's database work, on the thread pool rather than the one shared
-    "thread-sensitive" thread, where it would queue behind every REST request; each pool
-    thread keeps its own connection (CONN_MAX_AGE), and no stream holds one while open."""
-    return database_sync_to_async(func, thread_sensitive=False)
 
 # The tasks serving streams in this process, so a server that stops can wait for them to
 # end their responses (uvicorn cancels them, then shuts down without waiting).

@@ -46,9 +46,9 @@ def test_env_float_and_list(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env_list("X_L", []) == ["a.example", "b.example"]
 
 
-def _load_settings(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _load_settings(env: dict[str, str], show: str = "settings.CHANNEL_LAYERS['default']['BACKEND'], settings.DATABASES['default']['ENGINE']") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; print(settings.CHANNEL_LAYERS['default']['BACKEND'], settings.DATABASES['default']['ENGINE'])"],
+        [sys.executable, "-c", f"import django; django.setup(); from django.conf import settings; print({show})"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "project.settings", **env},
     )
@@ -148,11 +148,8 @@ def test_json_logs_are_one_object_per_line_and_redacted() -> None:
 
 
 def _database_settings(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; d = settings.DATABASES['default']; print(d['CONN_MAX_AGE'], d.get('OPTIONS', {}).get('pool'))"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "project.settings", **env},
-    )
+    d = "settings.DATABASES['default']"
+    return _load_settings(env, f"{d}['CONN_MAX_AGE'], {d}.get('OPTIONS', {{}}).get('pool')")
 
 
 def test_postgresql_gets_a_pool_and_no_persistent_connections() -> None:
