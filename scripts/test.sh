@@ -20,6 +20,14 @@ if [ -n "$missing" ]; then
   apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null
 fi
 
+# Real third-party Node clients (npm eventsource and ws) that tests drive against a live server.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "Installing: nodejs npm"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null
+fi
+(cd tests/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+
 PG_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 
