@@ -93,6 +93,8 @@ class SSEConsumer(AsyncHttpConsumer):
             raise
         stream = asyncio.ensure_future(self._stream(conn))
         conn.on_overflow = stream.cancel
+        # Ends the body (the finally below) rather than being cancelled by the server.
+        conn.when_server_stops(stream.cancel)
         gone = asyncio.ensure_future(self._wait_for_disconnect(receive))
         try:
             await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -174,11 +176,18 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         await self.accept()
         self.task = asyncio.ensure_future(self._stream(self.conn))
         self.conn.on_overflow = self._too_slow
+        self.conn.when_server_stops(self._server_stops)
 
     def _too_slow(self) -> None:
+        self._end(WS_CLOSE_CODES["slow_client"])
+
+    def _server_stops(self) -> None:
+        self._end(WS_CLOSE_CODES["shutdown"])
+
+    def _end(self, code: int) -> None:
         if self.task is not None:
             self.task.cancel()
-        asyncio.ensure_future(self.close(code=WS_CLOSE_CODES["slow_client"]))
+        asyncio.ensure_future(self.close(code=code))
 
     async def _stream(self, conn: Connection) -> None:
         try:

@@ -131,6 +131,21 @@ async def wait_for_streams(timeout: float) -> None:
         await asyncio.wait(pending, timeout=timeout)
 
 
+# The open streams that asked to hear of the server stopping (Connection.when_server_stops).
+_stoppable: weakref.WeakSet[Connection] = weakref.WeakSet()
+_server_stopping = False
+
+
+def end_all_streams() -> None:
+    """The server is stopping: every open stream ends now (SSE bodies finish, WebSockets
+    close with 4012), and one that opens from here on ends as soon as it is set up.
+    Clients reconnect to another process and resume there. Idempotent."""
+    global _server_stopping
+    _server_stopping = True
+    for conn in list(_stoppable):
+        conn.server_stops()
+
+
 class _Command:
     __slots__ = ("action", "fields")
 
@@ -189,6 +204,7 @@ class Connection:
         self.hub = fanout.get_hub()
         self._loop = asyncio.get_running_loop()
         self._expires_at: float | None = None  # loop time
+        self._on_server_stop: Callable[[], object] | None = None
 
     # ------------------------------------------------------------ hub callbacks
 
@@ -222,6 +238,21 @@ class Connection:
             waiter.set_result(None)
 
     # ------------------------------------------------------------ lifecycle
+
+    def when_server_stops(self, callback: Callable[[], object]) -> None:
+        """``callback`` (the consumer's way to end this stream) runs when the server
+        stops, or now if it already is stopping."""
+        self._on_server_stop = callback
+        if _server_stopping:
+            self.server_stops()
+        else:
+            _stoppable.add(self)
+
+    def server_stops(self) -> None:
+        _stoppable.discard(self)
+        callback, self._on_server_stop = self._on_server_stop, None
+        if callback is not None:
+            callback()
 
     async def open(self) -> None:
         """Join the hub, then send server.connected, any reset and the replay."""
@@ -385,6 +416,8 @@ class Connection:
                 await self._broadcast_presence("presence.left")
             except Exception:
                 log.exception("Presence cleanup failed for %s", self.id)
+        _stoppable.discard(self)
+        self._on_server_stop = None
         if self._counted_open:
             self._counted_open = False
             self._open_gauge.dec()

@@ -8,10 +8,13 @@ import asyncio
 import gc
 import logging
 import os
+import signal
+import threading
 import time
 import weakref
 from typing import Any
 
+import orjson
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
@@ -28,7 +31,8 @@ from events_app.routing import (  # noqa: E402
     websocket_urlpatterns,
 )
 from events_app.services import prune_forever  # noqa: E402
-from events_app.streams import wait_for_streams  # noqa: E402
+from events_app.streams import end_all_streams, wait_for_streams  # noqa: E402
+from project.errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout  # noqa: E402
 from project.logfilters import redact  # noqa: E402
 
 _access_log = logging.getLogger("tandem.access")
@@ -102,14 +106,119 @@ class Tandem:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                _start_housekeeping(asyncio.get_running_loop())
+                loop = asyncio.get_running_loop()
+                _start_housekeeping(loop)
+                _end_streams_on_exit_signals(loop)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # uvicorn has cancelled the streams still open; let them end their
-                # responses cleanly before it exits.
+                # Normally every stream ended when the signal came (above); this covers
+                # a server that stops without one.
+                end_all_streams()
                 await wait_for_streams(timeout=3.0)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _end_streams_on_exit_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Chain a handler in front of the server's own for SIGTERM and SIGINT that ends
+    every open stream at once. uvicorn sends ``lifespan.shutdown`` only after every
+    connection has closed, and an SSE response or a WebSocket never closes by itself: it
+    would wait out ``--timeout-graceful-shutdown``, then cancel the streams (ERROR lines
+    and tracebacks). Ended here, SSE bodies finish and WebSockets close with 4012 before
+    uvicorn starts waiting, so it exits at once. Only under a server that sends lifespan
+    events and has installed a handler of its own (uvicorn, directly or as a gunicorn
+    worker); daphne sends no lifespan events and cancels its streams itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue  # the server does not handle this signal: nothing to end gracefully
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            # Only schedule: a signal handler interrupts the loop between any two
+            # bytecodes, so the streams are ended from the loop itself.
+            loop.call_soon_threadsafe(end_all_streams)
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value
+    return None
+
+
+async def _refuse(send: Any, err: ApiError) -> None:
+    # Connection: close, because the rest of the body (if any) is never read.
+    await send({
+        "type": "http.response.start",
+        "status": err.status,
+        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+    })
+    await send({"type": "http.response.body", "body": orjson.dumps(err.body())})
+
+
+async def read_body(scope: dict[str, Any], receive: Any, send: Any) -> tuple[dict[str, Any], Any] | None:
+    """Read the whole request body into memory, bounded by ``DATA_UPLOAD_MAX_MEMORY_SIZE``
+    and by ``TANDEM_REQUEST_BODY_TIMEOUT`` seconds, and return the scope and a ``receive``
+    that replays it to Django; None when the request was answered here (400, 408, 413) or
+    the client left. A ``Content-Length`` over the limit is refused before a byte of the
+    body is read. A chunked body (no ``Content-Length``) is read the same way and handed
+    to Django with the ``Content-Length`` it turned out to have: Django reads no body
+    without one."""
+    from django.conf import settings
+
+    limit: int = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    declared = _header(scope, b"content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            await _refuse(send, BadRequest("Content-Length is not a number."))
+            return None
+        if length > limit:
+            await _refuse(send, PayloadTooLarge(details={"limit_bytes": limit}))
+            return None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(settings.TANDEM_REQUEST_BODY_TIMEOUT):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    await _refuse(send, PayloadTooLarge(details={"limit_bytes": limit}))
+                    return None
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        await _refuse(send, RequestTimeout())
+        return None
+    body = b"".join(chunks)
+    if declared is None and (body or _header(scope, b"transfer-encoding") is not None):
+        headers = [
+            (k, v) for k, v in scope.get("headers", []) if k not in (b"content-length", b"transfer-encoding")
+        ]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+    replayed = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # Django listens for http.disconnect while it works
+
+    return scope, replay
 
 
 class RequestGate:
@@ -117,7 +226,9 @@ class RequestGate:
     the rest wait here, as coroutines. Each Django request runs in a thread of its own,
     and every such thread competes with the event loop for the GIL: with 16 requests in
     flight the loop got a sliver of it, and events for open streams queued for seconds
-    (docs/PERFORMANCE.md). Streams never pass through here."""
+    (docs/PERFORMANCE.md). Streams never pass through here. The body is read before a
+    place is taken (``read_body``): a client that sends its body slowly, or never
+    finishes it, must not hold one of the few places while the rest wait."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -132,6 +243,10 @@ class RequestGate:
             from django.conf import settings
 
             gate = self._gates[loop] = asyncio.Semaphore(settings.TANDEM_MAX_CONCURRENT_REQUESTS)
+        read = await read_body(scope, receive, send)
+        if read is None:
+            return
+        scope, receive = read
         async with gate:
             await self.app(scope, receive, send)
 

@@ -86,6 +86,11 @@ class AlreadyResolved(Conflict):
     default_message = "This permission request has already been answered."
 
 
+class RequestTimeout(ApiError):
+    code, status = "request_timeout", 408
+    default_message = "The request body did not arrive in time."
+
+
 class PayloadTooLarge(ApiError):
     code, status = "payload_too_large", 413
     default_message = "The request body is too large."

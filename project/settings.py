@@ -96,6 +96,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "events_app.metrics.RequestTimingMiddleware",
+    # Probes for any Host; every other request's Host checked once (project/probes.py).
+    "project.probes.ProbesAndHostCheck",
     "django.middleware.security.SecurityMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     # Serves static/ from any server (daphne, uvicorn) with no collectstatic step.
@@ -303,6 +305,9 @@ TANDEM_ECHO_DELAY_MS = env_int("TANDEM_ECHO_DELAY_MS", 20, minimum=0)
 TANDEM_GC_THRESHOLD = env_int("TANDEM_GC_THRESHOLD", 5_000, minimum=100)
 # Django requests (not streams) one server process runs at once; see project/asgi.py.
 TANDEM_MAX_CONCURRENT_REQUESTS = env_int("TANDEM_MAX_CONCURRENT_REQUESTS", 8, minimum=1)
+# Seconds a client has to send a whole request body (read before the request takes one of
+# those places); past it, 408.
+TANDEM_REQUEST_BODY_TIMEOUT = env_float("TANDEM_REQUEST_BODY_TIMEOUT", 30.0, minimum=0.1)
 TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
 TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
 TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)

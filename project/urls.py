@@ -4,7 +4,6 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
-from events_app.metrics import metrics_view
 from events_app.views import EventListView
 from project import views
 from project.openapi import SchemaView, SwaggerView
@@ -29,9 +28,7 @@ urlpatterns = [
     path("accounts/signup/", pages.signup_page, name="signup"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include(api)),
-    path("healthz", views.healthz),
-    path("readyz", views.readyz),
-    path("metrics", metrics_view),
+    # /healthz, /readyz and /metrics are answered by project.probes, for any Host.
     path("s/<str:session_id>/", pages.session_page, name="session"),
     path("", pages.sessions_page, name="sessions"),
 ]

@@ -1,12 +1,25 @@
-"""Operational endpoints and the landing page; the API lives in the apps."""
+"""Operational endpoints and the landing page; the API lives in the apps. The probes are
+routed by project.probes, for any Host."""
 from __future__ import annotations
 
-from project import redisconn
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from events_app.runtime import off_loop
+from project import redisconn
 from project.errors import NotFound, Unavailable, error_response
+
+log = logging.getLogger("tandem.readiness")
+
+# Each dependency must answer within this; probes time out at 1 s by default (Kubernetes).
+CHECK_TIMEOUT = 0.5
 
 
 def api_not_found(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
@@ -17,19 +30,86 @@ def healthz(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"status": "ok"})
 
 
-def readyz(request: HttpRequest) -> HttpResponse:
-    failing = []
+async def _check_database() -> None:
+    if connection.vendor != "postgresql":
+        await off_loop(_select_one)()  # SQLite: a local file
+        return
+    import psycopg
+
+    # A connection of its own rather than one from the pool: with the database down the
+    # pool waits its full timeout (10 s) for a connection; this one is cancelled when the
+    # check times out.
+    params = connection.get_connection_params()
+    for name in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(name, None)
+    conn = await psycopg.AsyncConnection.connect(**params, connect_timeout=2)
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    except Exception:
-        failing.append("database")
-    if settings.REDIS_URL:
+        await conn.execute("SELECT 1")
+    finally:
+        await conn.close()
+
+
+def _select_one() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def _check_redis() -> None:
+    client = redisconn.async_client(
+        settings.REDIS_URL, socket_connect_timeout=CHECK_TIMEOUT, socket_timeout=CHECK_TIMEOUT
+    )
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def _run_checks(checks: dict[str, Callable[[], Awaitable[None]]]) -> dict[str, str]:
+    """Every check at once, each bounded by CHECK_TIMEOUT: name -> "ok" or why not."""
+
+    async def one(check: Callable[[], Awaitable[None]]) -> str:
         try:
-            redisconn.client(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2).ping()
-        except Exception:
-            failing.append("channel_layer")
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                await check()
+        except TimeoutError:
+            return f"no answer within {CHECK_TIMEOUT} s"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:200]
+        return "ok"
+
+    results = await asyncio.gather(*(one(check) for check in checks.values()))
+    return dict(zip(checks, results))
+
+
+_state_lock = threading.Lock()
+_last_failing: tuple[str, ...] = ()
+
+
+def _note_state(failing: tuple[str, ...], results: dict[str, str]) -> None:
+    """One WARNING when this process stops being ready (or what fails changes), one INFO
+    when it is ready again; not a line per probe."""
+    global _last_failing
+    with _state_lock:
+        changed, _last_failing = failing != _last_failing, failing
+    if not changed:
+        return
     if failing:
-        err = Unavailable(f"Not ready: {', '.join(failing)} unreachable.", details={"failing": failing})
-        return error_response(err)
+        log.warning("Not ready: %s", "; ".join(f"{name}: {results[name]}" for name in failing))
+    else:
+        log.info("Ready again")
+
+
+def readyz(request: HttpRequest) -> HttpResponse:
+    checks: dict[str, Callable[[], Awaitable[None]]] = {"database": _check_database}
+    if settings.REDIS_URL:
+        checks["channel_layer"] = _check_redis
+    results = async_to_sync(_run_checks)(checks)
+    failing = tuple(name for name, result in results.items() if result != "ok")
+    _note_state(failing, results)
+    if failing:
+        err = Unavailable(f"Not ready: {', '.join(failing)} unreachable.", details={"failing": list(failing)})
+        response = error_response(err)
+        # Django logs every 5xx at ERROR: once a probe, every second. _note_state logged it.
+        response._has_been_logged = True  # type: ignore[attr-defined]
+        return response
     return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok"})

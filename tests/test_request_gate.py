@@ -10,6 +10,10 @@ import pytest
 from project.asgi import RequestGate
 
 
+async def no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 async def test_no_more_requests_run_at_once_than_the_limit_and_the_rest_wait(settings: Any) -> None:
     settings.TANDEM_MAX_CONCURRENT_REQUESTS = 2
     running = peak = done = 0
@@ -24,7 +28,7 @@ async def test_no_more_requests_run_at_once_than_the_limit_and_the_rest_wait(set
         done += 1
 
     gate = RequestGate(app)
-    calls = [asyncio.create_task(gate({"type": "http"}, None, None)) for _ in range(5)]
+    calls = [asyncio.create_task(gate({"type": "http"}, no_body, None)) for _ in range(5)]
     await asyncio.sleep(0.05)
     assert (running, done) == (2, 0)  # three wait at the gate, not in threads
     release.set()
@@ -41,4 +45,4 @@ async def test_a_failing_request_gives_its_place_back(settings: Any) -> None:
     gate = RequestGate(broken)
     for _ in range(3):
         with pytest.raises(RuntimeError):
-            await asyncio.wait_for(gate({"type": "http"}, None, None), 1)
+            await asyncio.wait_for(gate({"type": "http"}, no_body, None), 1)
