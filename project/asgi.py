@@ -46,6 +46,7 @@ def _start_housekeeping(loop: asyncio.AbstractEventLoop) -> None:
     if loop in _started:
         return
     _started.add(loop)
+    _end_streams_on_exit_signals()
     from django.conf import settings
 
     from sessions_app.agents import pool
@@ -106,9 +107,7 @@ class Tandem:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                loop = asyncio.get_running_loop()
-                _start_housekeeping(loop)
-                _end_streams_on_exit_signals(loop)
+                _start_housekeeping(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # Normally every stream ended when the signal came (above); this covers
@@ -119,29 +118,59 @@ class Tandem:
                 return
 
 
-def _end_streams_on_exit_signals(loop: asyncio.AbstractEventLoop) -> None:
-    """Chain a handler in front of the server's own for SIGTERM and SIGINT that ends
-    every open stream at once. uvicorn sends ``lifespan.shutdown`` only after every
-    connection has closed, and an SSE response or a WebSocket never closes by itself: it
-    would wait out ``--timeout-graceful-shutdown``, then cancel the streams (ERROR lines
-    and tracebacks). Ended here, SSE bodies finish and WebSockets close with 4012 before
-    uvicorn starts waiting, so it exits at once. Only under a server that sends lifespan
-    events and has installed a handler of its own (uvicorn, directly or as a gunicorn
-    worker); daphne sends no lifespan events and cancels its streams itself."""
-    if threading.current_thread() is not threading.main_thread():
+_signals_chained = False
+_stopping = False
+
+
+def _end_streams_on_exit_signals() -> None:
+    """Chain a handler in front of the server's own for SIGTERM and SIGINT: it ends every
+    open stream at once (``end_all_streams``) while the server still runs normally, waits
+    for them (up to 1 s), and only then calls the server's handler.
+
+    uvicorn sends ``lifespan.shutdown`` only after every connection has closed, and an
+    SSE response or a WebSocket never closes by itself: it waited out
+    ``--timeout-graceful-shutdown``, then cancelled the streams (an ERROR line and
+    tracebacks). daphne cancels its applications at once, but the reactor stops before a
+    WebSocket's close frame leaves. Ended here, SSE bodies finish and WebSockets close
+    with 4012 first, and either server then exits at once. A second signal goes straight
+    to the server (uvicorn: force quit).
+
+    Only where a server has installed a handler of its own (uvicorn, gunicorn's uvicorn
+    worker, daphne's Twisted reactor), never over Python's defaults: a process that merely
+    imports the app (tests, scripts) keeps its signals as they are."""
+    global _signals_chained
+    if _signals_chained or threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
+    _signals_chained = True
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue  # the server does not handle this signal: nothing to end gracefully
+        if not callable(previous) or previous is signal.default_int_handler:
+            continue
 
         def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-            # Only schedule: a signal handler interrupts the loop between any two
-            # bytecodes, so the streams are ended from the loop itself.
-            loop.call_soon_threadsafe(end_all_streams)
-            previous(signum, frame)
+            global _stopping
+            loop = runtime.bound_loop()
+            if loop is None or _stopping:
+                previous(signum, frame)  # a second signal forces the exit, as before
+                return
+            _stopping = True
+            # Only schedule: a signal handler runs between any two bytecodes of the loop.
+            loop.call_soon_threadsafe(_end_streams_then, previous, signum, frame)
 
         signal.signal(sig, handler)
+
+
+def _end_streams_then(previous: Any, signum: int, frame: Any) -> None:
+    async def run() -> None:
+        end_all_streams()
+        # The server's own handler only once the streams have ended (briefly bounded):
+        # daphne's reactor would otherwise stop before a WebSocket's close frame leaves.
+        await wait_for_streams(timeout=1.0)
+        previous(signum, frame)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _housekeeping.add(task)
+    task.add_done_callback(_housekeeping.discard)
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import token_for
 from tests.streamutil import bind_runtime, create_shared_session
@@ -62,3 +66,34 @@ async def test_a_websocket_is_told_to_reconnect_when_its_server_stops(
     while message["type"] != "websocket.close":
         message = await asyncio.wait_for(client.comm.output_queue.get(), 5)
     assert message["code"] == 4012
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asgi_server", ["daphne", "uvicorn"])
+def test_sigterm_ends_every_stream_at_once_and_logs_no_error(
+    asgi_server: str, servers: Any, shared_session: Any, alice: Any, bob: Any, sse_streams: Any
+) -> None:
+    """uvicorn waits for open connections before it exits; the streams must end as soon
+    as the signal comes, not when its --timeout-graceful-shutdown (5 s here) runs out
+    and it cancels them with tracebacks."""
+    (server,) = servers(1, ASGI_SERVER=asgi_server)
+    session_stream = sse_streams(server.url, f"/api/sessions/{shared_session.id}/stream/", token=token_for(alice))
+    user_stream = sse_streams(server.url, "/api/stream/", token=token_for(bob))
+    for stream in (session_stream, user_stream):
+        stream.wait_for_type("server.connected")
+    socket = ws_connect(f"ws://127.0.0.1:{server.port}/ws/sessions/{shared_session.id}/?token={token_for(bob)}")
+    assert orjson.loads(socket.recv(timeout=5))["type"] == "server.connected"
+
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4012  # reconnect elsewhere
+    for stream in (session_stream, user_stream):
+        stream.wait_for(lambda _: stream.ended, timeout=10)
+        assert stream.error is None  # the body ended cleanly: EventSource reconnects
+    server.proc.wait(timeout=10)
+    assert time.monotonic() - started < 3, "the server waited for its streams instead of ending them"
+    log = server.log()
+    assert not [line for line in log.splitlines() if "ERROR" in line or "Traceback" in line or "Cancel" in line], log
