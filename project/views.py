@@ -42,7 +42,8 @@ async def _check_database() -> None:
     params = connection.get_connection_params()
     for name in ("cursor_factory", "context", "prepare_threshold"):
         params.pop(name, None)
-    conn = await psycopg.AsyncConnection.connect(**params, connect_timeout=2)
+    params.setdefault("connect_timeout", 2)  # libpq's own floor; the check's bound is ours
+    conn = await psycopg.AsyncConnection.connect(**params)
     try:
         await conn.execute("SELECT 1")
     finally:

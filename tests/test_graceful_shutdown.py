@@ -81,14 +81,14 @@ def test_sigterm_ends_every_stream_at_once_and_logs_no_error(
     user_stream = sse_streams(server.url, "/api/stream/", token=token_for(bob))
     for stream in (session_stream, user_stream):
         stream.wait_for_type("server.connected")
-    socket = ws_connect(f"ws://127.0.0.1:{server.port}/ws/sessions/{shared_session.id}/?token={token_for(bob)}")
-    assert orjson.loads(socket.recv(timeout=5))["type"] == "server.connected"
+    with ws_connect(f"ws://127.0.0.1:{server.port}/ws/sessions/{shared_session.id}/?token={token_for(bob)}") as socket:
+        assert orjson.loads(socket.recv(timeout=5))["type"] == "server.connected"
 
-    started = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:
-            socket.recv(timeout=10)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                socket.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4012  # reconnect elsewhere
     for stream in (session_stream, user_stream):
         stream.wait_for(lambda _: stream.ended, timeout=10)
