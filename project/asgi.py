@@ -110,8 +110,8 @@ class Tandem:
                 _start_housekeeping(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # Normally every stream ended when the signal came (above); this covers
-                # a server that stops without one.
+                # Normally every stream ended when the signal came
+                # (_end_streams_on_exit_signals); this covers a server stopped without one.
                 end_all_streams()
                 await wait_for_streams(timeout=3.0)
                 await send({"type": "lifespan.shutdown.complete"})
