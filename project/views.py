@@ -32,4 +32,8 @@ def readyz(request: HttpRequest) -> HttpResponse:
     if failing:
         err = Unavailable(f"Not ready: {', '.join(failing)} unreachable.", details={"failing": failing})
         return error_response(err)
-    return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok"})
+    # Reported, never failing: without workers replies wait in the queue, but taking
+    # every web process out of the load balancer would not bring a worker back.
+    from sessions_app.agents.pool import agents_report
+
+    return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok", "agents": agents_report()})
