@@ -299,8 +299,10 @@ def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server"
     raise AssertionError(f"server did not start:\n{server.log()}")
 
 
-def start_worker(env_extra: dict[str, str], tmp_path: Path, name: str = "worker") -> ServerProcess:
-    """A ``manage.py run_agents`` process; ready once it prints ``ready``."""
+def start_worker(
+    env_extra: dict[str, str], tmp_path: Path, name: str = "worker", args: tuple[str, ...] = ()
+) -> ServerProcess:
+    """A ``manage.py run_agents`` process (with extra ``args``); ready once it prints ``ready``."""
     env = {
         **os.environ,
         "DATABASE_URL": test_database_url(),
@@ -311,7 +313,7 @@ def start_worker(env_extra: dict[str, str], tmp_path: Path, name: str = "worker"
     }
     log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
-        [sys.executable, "manage.py", "run_agents", "--drain-seconds", "2"],
+        [sys.executable, "manage.py", "run_agents", "--drain-seconds", "2", *args],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
     )
     worker = ServerProcess(0, proc, log_path)

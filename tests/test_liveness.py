@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import token_for
+from tests.conftest import free_port, start_worker, token_for
 from tests.test_sse_real_socket import api_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -138,3 +138,21 @@ def test_inline_mode_logs_one_line_when_a_reply_starts_and_one_when_it_ends(
     lines = wait_for(lambda: reply_lines(server, reply_id), timeout=5)
     assert "reply started" in lines[0] and f"session={sid}" in lines[0]
     assert "reply ended" in lines[1] and "status=completed" in lines[1]
+
+
+def test_a_worker_serves_its_own_metrics(servers: Any, shared_session: Any, bob: Any, tmp_path: Any) -> None:
+    (server,) = servers(1, redis=True, workers=0, TANDEM_AGENT_MODE="worker")
+    port = free_port()
+    env = {**servers.env(), "TANDEM_AGENT_MODE": "worker"}
+    worker = start_worker(env, tmp_path, args=("--metrics-port", str(port)))
+    try:
+        with api_client(server, bob) as client:
+            sid = shared_session.id
+            client.post(f"/api/sessions/{sid}/messages/", json={"parts": [{"type": "text", "text": "counted"}]})
+            wait_for(lambda: client.get(f"/api/sessions/{sid}/health/").json()["run"] is None, timeout=15)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert re.search(r"^tandem_active_replies 0\.0$", text, re.M)
+        published = re.search(r"^tandem_events_published_total (\S+)$", text, re.M)
+        assert published and float(published.group(1)) >= 3  # the reply's parts, completion, idle
+    finally:
+        worker.stop()
