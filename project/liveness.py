@@ -29,8 +29,21 @@ from project import redisconn
 
 log = logging.getLogger(__name__)
 
+def _new_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 # This process, as the other processes see it (its stream slots are named after it).
-PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+PROCESS_ID = _new_id()
+
+
+def _after_fork() -> None:
+    # A server forked after import (a pre-loading process manager) is a process of its own.
+    global PROCESS_ID
+    PROCESS_ID = _new_id()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 _client: redis.Redis | None = None
 _client_for: str | None = None
@@ -53,18 +66,18 @@ def ttl() -> float:
     return float(settings.TANDEM_LIVENESS_SECONDS)
 
 
-def beat(kind: str, member: str = PROCESS_ID) -> None:
+def beat(kind: str, member: str | None = None) -> None:
     now = time.time()
     pipe = _redis().pipeline(transaction=False)
-    pipe.zadd(key(kind), {member: now + ttl()})
+    pipe.zadd(key(kind), {member or PROCESS_ID: now + ttl()})
     # Members that stopped beating a while ago: nobody asks about them any more.
     pipe.zremrangebyscore(key(kind), "-inf", now - 10 * ttl())
     pipe.execute()
 
 
-def forget(kind: str, member: str = PROCESS_ID) -> None:
+def forget(kind: str, member: str | None = None) -> None:
     """A process stopping cleanly says so rather than waiting to lapse."""
-    _redis().zrem(key(kind), member)
+    _redis().zrem(key(kind), member or PROCESS_ID)
 
 
 def alive(kind: str) -> list[str]:
@@ -73,7 +86,7 @@ def alive(kind: str) -> list[str]:
     return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
-async def beat_forever(kind: str = "servers", member: str = PROCESS_ID) -> None:
+async def beat_forever(kind: str = "servers", member: str | None = None) -> None:
     if not settings.REDIS_URL:
         return
     interval = ttl() / 5
@@ -83,10 +96,10 @@ async def beat_forever(kind: str = "servers", member: str = PROCESS_ID) -> None:
         try:
             await beating(kind, member)
             if down:
-                log.info("Liveness beats to Redis resumed (%s %s)", kind, member)
+                log.info("Liveness beats to Redis resumed (%s)", kind)
             down = False
         except Exception:  # Redis down: try again; others treat us as gone meanwhile
             if not down:
-                log.warning("Cannot reach Redis to beat (%s %s); retrying", kind, member)
+                log.warning("Cannot reach Redis to beat (%s); retrying", kind)
             down = True
         await asyncio.sleep(interval)
