@@ -2,8 +2,9 @@
 
     python -m bench.chaos --seconds 600 [--postgres]
 
-It kills server processes and restarts the local Redis, so run it on a machine of its
-own. The figures are printed as one JSON line starting with ``chaos:``.
+It kills server processes, and stops and hangs (SIGSTOP) a redis-server of its own on a
+free port (never the machine's Redis). The figures are printed as one JSON line starting
+with ``chaos:``.
 """
 from __future__ import annotations
 

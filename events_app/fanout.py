@@ -324,6 +324,24 @@ class Hub:
         return len(self.groups)
 
 
+async def subscribe_eventually(hub: Hub, group: str, listener: Listener) -> None:
+    """Subscribe ``listener`` to ``group``, retrying with a bounded backoff while the
+    channel layer (Redis) is unreachable. For listeners that can do without it for a
+    while (replies and agent pools, which also read the database); cancel to give up."""
+    delay = 0.1
+    while True:
+        try:
+            await hub.subscribe(group, listener)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if delay == 0.1:
+                log.warning("Cannot subscribe to %s (channel layer unreachable); retrying", group)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 def local_subscriptions() -> tuple[int, int]:
     """(channel-layer groups held, listeners in them) by every hub of this process."""
     hubs = list(_hubs.values())

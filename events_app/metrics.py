@@ -31,6 +31,16 @@ HTTP_LATENCY = Histogram(
 )
 
 
+# Cluster-wide, the same on every server process: aggregate with max(), not sum().
+REPLIES_QUEUED = Gauge(
+    "tandem_replies_queued", "Replies waiting for a runner, across the deployment."
+)
+REPLIES_RUNNING = Gauge("tandem_replies_running", "Replies being run, across the deployment.")
+AGENT_WORKERS = Gauge(
+    "tandem_agent_workers", "Agents workers alive (heartbeats in Redis); worker mode only."
+)
+
+
 HUB_GROUPS = Gauge(
     "tandem_hub_groups", "Channel-layer groups this process subscribes to (one per followed session)."
 )
@@ -43,6 +53,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     from sessions_app.agents.pool import active_runs
 
     ACTIVE_REPLIES.set(active_runs())
+    _agent_gauges()
     # Read at scrape time: with open streams and hub gauges, a leak shows as a level
     # that does not come back down after clients leave.
     groups, listeners = fanout.local_subscriptions()
@@ -52,6 +63,20 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     if loop is not None:
         ASYNCIO_TASKS.set(len(asyncio.all_tasks(loop)))
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
+def _agent_gauges() -> None:
+    from sessions_app.agents.pool import agents_report
+
+    nan = float("nan")  # unknown, rather than a stale or invented number
+    try:
+        report = agents_report()
+    except Exception:
+        report = {}
+    REPLIES_QUEUED.set(report.get("queued", nan))
+    REPLIES_RUNNING.set(report.get("running", nan))
+    workers = report.get("workers")
+    AGENT_WORKERS.set(nan if workers is None else workers)
 
 
 class RequestTimingMiddleware:

@@ -16,7 +16,10 @@ import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from project.limits import renew_stream_slots
+from redis.exceptions import RedisError
+
+from project.errors import Unavailable
+from project.limits import STREAM_RETRY_AFTER, renew_stream_slots
 
 Entry = dict[str, Any]  # {"user": {...}, "transport": "sse"|"ws", "state": {...}}
 
@@ -50,7 +53,8 @@ class RedisPresence:
     def __init__(self, url: str) -> None:
         from project import redisconn
 
-        self._redis = redisconn.client(url)
+        # Short timeouts: a hung Redis must not hold a request (or its thread) for long.
+        self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
         self._ttl = settings.TANDEM_PRESENCE_TTL_SECONDS
 
     @staticmethod
@@ -101,10 +105,22 @@ def store() -> LocalPresence | RedisPresence:
         return _store
 
 
+def _entries(session_id: str) -> list[Entry]:
+    try:
+        return store().entries(session_id)
+    except RedisError:
+        # Presence lives only in Redis: with Redis away there is no honest answer.
+        raise Unavailable(
+            "Presence is unavailable for a moment; retry shortly.",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER)},
+        ) from None
+
+
 def summary(session_id: str) -> list[dict[str, Any]]:
-    """One row per user: how many connections, over which transports, latest state."""
+    """One row per user: how many connections, over which transports, latest state.
+    Unavailable (503) while Redis is unreachable."""
     by_user: dict[int, dict[str, Any]] = {}
-    for entry in store().entries(session_id):
+    for entry in _entries(session_id):
         user = entry["user"]
         row = by_user.setdefault(
             user["id"], {"user": user, "connections": 0, "transports": [], "state": {}}
@@ -117,8 +133,12 @@ def summary(session_id: str) -> list[dict[str, Any]]:
     return sorted(by_user.values(), key=lambda r: r["user"]["username"])
 
 
-def connection_count(session_id: str) -> int:
-    return len(store().entries(session_id))
+def connection_count(session_id: str) -> int | None:
+    """None while Redis is unreachable: unknown, rather than a wrong zero."""
+    try:
+        return len(_entries(session_id))
+    except Unavailable:
+        return None
 
 
 def _put(session_id: str, connection_id: str, entry: Entry) -> None:

@@ -51,7 +51,9 @@ def _start_housekeeping(loop: asyncio.AbstractEventLoop) -> None:
 
     from sessions_app.agents import pool
 
-    jobs: list[Any] = [prune_forever, presence.refresh_forever, pool.reap_forever]
+    from project import liveness
+
+    jobs: list[Any] = [prune_forever, presence.refresh_forever, pool.reap_forever, liveness.beat_forever]
     if settings.TANDEM_AGENT_MODE == "inline":
         jobs.append(pool.start_inline)
     for job in jobs:

@@ -11,8 +11,8 @@ import threading
 import time
 
 from django.conf import settings
-from project import redisconn
-from project.errors import RateLimited, TooManyConnections
+from project import liveness, redisconn
+from project.errors import RateLimited, TooManyConnections, Unavailable
 from project.rates import parse_rate
 
 # ---------------------------------------------------------------- the write rate
@@ -133,8 +133,21 @@ class _LocalSlots:
 
 
 _TAKE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+local now = tonumber(ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[6])  -- the process taking a slot is alive
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  -- At the limit: drop the slots of server processes that stopped beating (killed), so
+  -- their users can reconnect elsewhere now rather than when the slots lapse.
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local process = string.match(member, '^(.*)/[^/]*$')
+    if process then
+      local until_ = redis.call('ZSCORE', KEYS[2], process)
+      if not until_ or tonumber(until_) < now then redis.call('ZREM', KEYS[1], member) end
+    end
+  end
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
@@ -142,7 +155,8 @@ return 1
 
 
 class _RedisSlots:
-    """A sorted set per user: member = connection, score = when it lapses."""
+    """A sorted set per user: member = ``process/connection``, score = when it lapses.
+    The process part ties a slot to its server process's liveness (project.liveness)."""
 
     def __init__(self, url: str) -> None:
         self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
@@ -152,13 +166,21 @@ class _RedisSlots:
     def _key(user_id: int) -> str:
         return f"{_prefix()}:streams:{user_id}"
 
+    @staticmethod
+    def _member(slot: str) -> str:
+        return f"{liveness.PROCESS_ID}/{slot}"
+
     def take(self, user_id: int, slot: str, limit: int, ttl: float) -> bool:
         now = time.time()
         # One script: pruning, counting and adding cannot interleave with another process.
-        return bool(self._take(keys=[self._key(user_id)], args=[now, now + ttl, limit, slot, math.ceil(ttl)]))
+        return bool(self._take(
+            keys=[self._key(user_id), liveness.key("servers")],
+            args=[now, now + ttl, limit, self._member(slot), math.ceil(ttl),
+                  liveness.PROCESS_ID, now + liveness.ttl()],
+        ))
 
     def release(self, user_id: int, slot: str) -> None:
-        self._redis.zrem(self._key(user_id), slot)
+        self._redis.zrem(self._key(user_id), self._member(slot))
 
     def renew(self, held: list[tuple[int, str]], ttl: float) -> None:
         if not held:
@@ -166,7 +188,7 @@ class _RedisSlots:
         expires = time.time() + ttl
         pipe = self._redis.pipeline(transaction=False)
         for user_id, slot in held:
-            pipe.zadd(self._key(user_id), {slot: expires}, xx=True)
+            pipe.zadd(self._key(user_id), {self._member(slot): expires}, xx=True)
             pipe.expire(self._key(user_id), math.ceil(ttl))
         pipe.execute()
 
@@ -184,6 +206,10 @@ def _slot_store() -> _LocalSlots | _RedisSlots:
     return _slots
 
 
+# Seconds a client is told to wait before reopening a stream refused while Redis is down.
+STREAM_RETRY_AFTER = 5
+
+
 def slot_ttl() -> float:
     return float(settings.TANDEM_PRESENCE_TTL_SECONDS)
 
@@ -193,8 +219,13 @@ def take_stream_slot(user_id: int, slot: str) -> None:
     limit = settings.TANDEM_MAX_CONNECTIONS_PER_USER
     try:
         taken = _slot_store().take(user_id, slot, limit, slot_ttl())
-    except Exception:  # Redis down: the stream itself will fail or recover; do not block it here
-        taken = True
+    except Exception:
+        # Redis is down or hung, and a stream's live events come through it: refuse
+        # before the stream starts rather than answer 200 and fall silent.
+        raise Unavailable(
+            "Live events are unavailable for a moment; reconnect shortly.",
+            headers={"Retry-After": str(STREAM_RETRY_AFTER)},
+        ) from None
     if not taken:
         raise TooManyConnections(
             f"At most {limit} open streams per user; close one first.",

@@ -159,6 +159,8 @@ class TandemAutoSchema(AutoSchema):
             response["content"] = {"application/json": {"schema": ERROR}}
             if int(code) in RESPONSE_HEADERS:
                 response.setdefault("headers", dict(RESPONSE_HEADERS[int(code)]))
+            elif int(code) == 503 and "Retry-After" in response.get("description", ""):
+                response.setdefault("headers", dict(RESPONSE_HEADERS[429]))
         operation["responses"] = dict(sorted(responses.items()))
         return operation
 
@@ -496,8 +498,20 @@ def components() -> dict[str, dict[str, Any]]:
             {
                 "status": ref("SessionStatus"),
                 "last_seq": {"type": "integer", "minimum": 0},
-                "connections": {"type": "integer", "minimum": 0},
-                "run": nullable(_object({"message_id": ID, "started_at": TIME})),
+                "connections": nullable({
+                    "type": "integer", "minimum": 0,
+                    "description": "`null` while Redis is unreachable: unknown.",
+                }),
+                "run": nullable(_object({
+                    "message_id": ID,
+                    "state": {
+                        "type": "string", "enum": ["queued", "running"],
+                        "description": "`queued` until a runner (an agents worker, or the "
+                        "server in inline mode) takes the reply.",
+                    },
+                    "queued_at": TIME,
+                    "started_at": nullable({**TIME, "description": "`null` while queued."}),
+                })),
             }
         ),
         "ToolState": _object(
@@ -804,6 +818,11 @@ def _stream_operation(*, session: bool) -> dict[str, Any]:
                              "`TANDEM_MAX_CONNECTIONS_PER_USER` open streams."),
         },
         500: error_response(500),
+        503: {
+            **error_response(503, "`unavailable`: Redis, which carries live events, is "
+                             "unreachable; reconnect after `Retry-After`."),
+            "headers": dict(RESPONSE_HEADERS[429]),
+        },
     }
     return {
         "operationId": "sessions_stream" if session else "stream",

@@ -311,6 +311,9 @@ TANDEM_REQUEST_BODY_TIMEOUT = env_float("TANDEM_REQUEST_BODY_TIMEOUT", 30.0, min
 TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
 TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
 TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)
+# A server process or agents worker that has not beaten for this long counts as dead
+# (project/liveness.py): its stream slots stop counting, and /readyz no longer counts it.
+TANDEM_LIVENESS_SECONDS = env_float("TANDEM_LIVENESS_SECONDS", 5.0, minimum=1.0)
 TANDEM_ALLOWED_ORIGINS = env_list("TANDEM_ALLOWED_ORIGINS", [])
 # PROTOCOL §8. The rate is checked here so a typo stops the process at start.
 TANDEM_RATE_WRITE = env_str("TANDEM_RATE_WRITE", "120/min")

@@ -113,4 +113,8 @@ def readyz(request: HttpRequest) -> HttpResponse:
         # Django logs every 5xx at ERROR: once a probe, every second. _note_state logged it.
         response._has_been_logged = True  # type: ignore[attr-defined]
         return response
-    return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok"})
+    # Reported, never failing: without workers replies wait in the queue, but taking
+    # every web process out of the load balancer would not bring a worker back.
+    from sessions_app.agents.pool import agents_report
+
+    return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok", "agents": agents_report()})

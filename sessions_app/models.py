@@ -191,6 +191,7 @@ class ReplyRun(models.Model):
     agent = models.CharField(max_length=32)
     runner = models.CharField(max_length=128, blank=True, default="")  # "" = not claimed yet
     lease_until = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)  # when a runner claimed it
     # Read by the runner right after it starts listening for abort, so an abort that
     # arrives before that moment is not lost.
     abort_requested = models.BooleanField(default=False)

@@ -206,13 +206,22 @@ def _set_status(session_id: str, status: dict[str, Any]) -> None:
 def claim_runs(runner: str, limit: int) -> list[ReplyRun]:
     """Take up to ``limit`` queued replies for ``runner``. The conditional UPDATE is the
     claim: of several runners racing for a row, exactly one changes it."""
-    lease = timezone.now() + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
+    now = timezone.now()
+    lease = now + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
     claimed = []
     for run in ReplyRun.objects.filter(runner="").order_by("created_at")[:limit]:
-        if ReplyRun.objects.filter(pk=run.pk, runner="").update(runner=runner, lease_until=lease):
-            run.runner, run.lease_until = runner, lease
+        if ReplyRun.objects.filter(pk=run.pk, runner="").update(
+            runner=runner, lease_until=lease, started_at=now
+        ):
+            run.runner, run.lease_until, run.started_at = runner, lease, now
             claimed.append(run)
     return claimed
+
+
+def reply_counts() -> dict[str, int]:
+    """Replies waiting for a runner and replies being run, across every process."""
+    queued = ReplyRun.objects.filter(runner="").count()
+    return {"queued": queued, "running": ReplyRun.objects.count() - queued}
 
 
 def renew_leases(runner: str, message_ids: list[str]) -> tuple[set[str], set[str]]:
@@ -381,17 +390,18 @@ def finish_reply(
     return True
 
 
-def current_run(session_id: str) -> dict[str, str] | None:
-    reply = (
-        Message.objects.filter(
-            session_id=session_id, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING
-        )
-        .order_by("-created_at")
-        .first()
-    )
-    if reply is None:
+def current_run(session_id: str) -> dict[str, Any] | None:
+    """The session's reply in progress: ``queued`` until a runner claims it (then
+    ``started_at`` is set), ``running`` after."""
+    run = ReplyRun.objects.filter(session_id=session_id).order_by("-created_at").first()
+    if run is None:
         return None
-    return {"message_id": reply.id, "started_at": iso(reply.created_at)}
+    return {
+        "message_id": run.message_id,
+        "state": "running" if run.runner else "queued",
+        "queued_at": iso(run.created_at),
+        "started_at": iso(run.started_at) if run.runner and run.started_at else None,
+    }
 
 
 # ---------------------------------------------------------------- permissions

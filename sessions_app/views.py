@@ -285,7 +285,10 @@ class PresenceView(APIView):
         tags=["sessions"],
         parameters=[SESSION_ID],
         responses={200: OpenApiResponse({"type": "array", "items": ref("Presence")}, description="Who is here.")},
-        errors={404: "`not_found`: no such session, or you are not a member of it."},
+        errors={
+            404: "`not_found`: no such session, or you are not a member of it.",
+            503: "`unavailable`: Redis, which holds presence, is unreachable; retry after `Retry-After`.",
+        },
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)

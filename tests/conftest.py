@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -161,6 +163,59 @@ def redis_layer(settings: Any) -> Iterator[str]:
     presence._store = None
 
 
+class PrivateRedis:
+    """A redis-server of this test's own on a free port, to stop, start, pause (SIGSTOP)
+    and resume (SIGCONT) without touching the Redis other tests and processes share."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = tmp_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self._dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise AssertionError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is required for tests that stop and pause Redis")
+    server = PrivateRedis(tmp_path)
+    yield server
+    server.stop()
+
+
 # ---------------------------------------------------------------- real server processes
 
 
@@ -244,8 +299,10 @@ def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server"
     raise AssertionError(f"server did not start:\n{server.log()}")
 
 
-def start_worker(env_extra: dict[str, str], tmp_path: Path, name: str = "worker") -> ServerProcess:
-    """A ``manage.py run_agents`` process; ready once it prints ``ready``."""
+def start_worker(
+    env_extra: dict[str, str], tmp_path: Path, name: str = "worker", args: tuple[str, ...] = ()
+) -> ServerProcess:
+    """A ``manage.py run_agents`` process (with extra ``args``); ready once it prints ``ready``."""
     env = {
         **os.environ,
         "DATABASE_URL": test_database_url(),
@@ -256,7 +313,7 @@ def start_worker(env_extra: dict[str, str], tmp_path: Path, name: str = "worker"
     }
     log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
-        [sys.executable, "manage.py", "run_agents", "--drain-seconds", "2"],
+        [sys.executable, "manage.py", "run_agents", "--drain-seconds", "2", *args],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
     )
     worker = ServerProcess(0, proc, log_path)
@@ -282,7 +339,8 @@ def servers(transactional_db: None, tmp_path: Path) -> Iterator[Any]:
     def start(n: int = 1, *, redis: bool = False, workers: int = 0, **env: str) -> list[ServerProcess]:
         extra = {"TANDEM_AGENT_MODE": "worker" if workers else "inline", **env}
         if redis:
-            _require_redis()
+            if "REDIS_URL" not in extra:  # a test's private Redis needs no check here
+                _require_redis()
             extra.setdefault("REDIS_URL", REDIS_URL)
             extra["TANDEM_CHANNEL_PREFIX"] = prefix
         for i in range(workers):

@@ -11,6 +11,7 @@ dead runner from a slow one (``reap_forever`` ends the replies of dead ones).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -23,8 +24,9 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from events_app import fanout, runtime
-from events_app.fanout import get_hub
+from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
+from project import liveness
 from sessions_app import services
 from sessions_app.agents.runner import Run
 
@@ -65,8 +67,11 @@ class Pool:
         where no server runs: management commands, tests) stops once it has nothing to
         do, rather than polling the database for the life of the process."""
         hub = get_hub()
-        if listen:
-            await hub.subscribe(WORKERS_GROUP, self)
+        # Wake-ups come through Redis; until it answers, polling finds the replies.
+        listening = (
+            asyncio.get_running_loop().create_task(subscribe_eventually(hub, WORKERS_GROUP, self))
+            if listen else None
+        )
         renew_every = settings.TANDEM_RUN_LEASE_SECONDS / 4
         next_renew = time.monotonic() + renew_every
         try:
@@ -88,8 +93,11 @@ class Pool:
                 except TimeoutError:
                     pass
         finally:
-            if listen:
-                await hub.unsubscribe(WORKERS_GROUP, self)
+            if listening is not None:
+                listening.cancel()
+                await asyncio.wait([listening])
+                with contextlib.suppress(Exception):
+                    await hub.unsubscribe(WORKERS_GROUP, self)
 
     async def _claim(self) -> None:
         free = settings.TANDEM_AGENT_CONCURRENCY - len(self.runs)
@@ -193,6 +201,26 @@ def request_abort(session_id: str) -> None:
 
 def active_runs() -> int:
     return sum(len(pool.runs) for pool in list(_pools.values()))
+
+
+def agents_report() -> dict[str, Any]:
+    """Where replies run and how they fare, across every process: replies queued and
+    running (the database), and in worker mode the agents workers alive (their
+    heartbeats in Redis; ``null`` when Redis cannot tell). ``status`` is ``no_workers``
+    when replies can only wait. Synchronous: it queries the database."""
+    report: dict[str, Any] = {"mode": settings.TANDEM_AGENT_MODE, **services.reply_counts()}
+    if settings.TANDEM_AGENT_MODE == "inline":
+        report["status"] = "ok"  # every server process runs replies
+        return report
+    workers: int | None = None
+    if settings.REDIS_URL:
+        try:
+            workers = len(liveness.alive("workers"))
+        except Exception:
+            log.warning("Cannot count agents workers: Redis unreachable")
+    report["workers"] = workers
+    report["status"] = "unknown" if workers is None else "ok" if workers else "no_workers"
+    return report
 
 
 async def reap_forever() -> None:

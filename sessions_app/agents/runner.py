@@ -17,7 +17,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from events_app.fanout import get_hub
+from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame, iso
 from sessions_app import services
 from sessions_app.agents import registry, tools
@@ -34,6 +34,8 @@ from sessions_app.agents.base import (
 from sessions_app.models import Message, Part, PermissionRequest, new_id
 
 log = logging.getLogger(__name__)
+# One line when a reply starts and one when it ends, in whichever process runs it.
+replies_log = logging.getLogger("tandem.replies")
 
 _DONE = object()
 # While waiting for an answer, the database is read this often in case the control
@@ -132,7 +134,16 @@ class Run:
     async def run(self) -> None:
         group = services.run_group(self.session_id)
         hub = get_hub()
-        await hub.subscribe(group, self)
+        started = time.monotonic()
+        replies_log.info(
+            "reply started session=%s message=%s agent=%s runner=%s",
+            self.session_id, self.message_id, self.agent_name, self.runner,
+        )
+        # Listening for abort and permission answers needs Redis; the reply does not (its
+        # events go to the database, and readers catch up from there). So a reply starts
+        # at once, and listens as soon as Redis lets it; meanwhile abort arrives through
+        # the lease renewal and permission answers through polling.
+        listening = asyncio.get_running_loop().create_task(subscribe_eventually(hub, group, self))
         status, error = Message.Status.COMPLETED, None
         try:
             if await database_sync_to_async(services.abort_requested)(self.message_id):
@@ -181,7 +192,19 @@ class Run:
                 if not self.lost:
                     await self._finish(status, error)
             finally:
-                await hub.unsubscribe(group, self)
+                listening.cancel()
+                await asyncio.wait([listening])  # so it cannot subscribe after we leave
+                try:
+                    await hub.unsubscribe(group, self)
+                except Exception:  # Redis away: the hub has dropped us all the same
+                    log.warning("Reply %s could not leave %s", self.message_id, group)
+                replies_log.info(
+                    "reply ended session=%s message=%s agent=%s runner=%s status=%s%s duration=%.2fs",
+                    self.session_id, self.message_id, self.agent_name, self.runner,
+                    "interrupted" if self.lost else status,
+                    f" error={error['code']}" if error and not self.lost else "",
+                    time.monotonic() - started,
+                )
 
     def _has_pending(self) -> bool:
         return any(p.pending for p in self.parts)

@@ -12,7 +12,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from events_app import runtime
-from sessions_app.agents.pool import get_pool, reap_forever
+from project import liveness
+from sessions_app.agents.pool import active_runs, get_pool, reap_forever
 
 log = logging.getLogger("tandem.worker")
 
@@ -21,6 +22,14 @@ class Command(BaseCommand):
     help = "Run agent replies queued by the server processes (worker mode)."
 
     def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--metrics-port", type=int, default=None,
+            help="Serve this worker's Prometheus metrics at http://<--metrics-addr>:PORT/metrics.",
+        )
+        parser.add_argument(
+            "--metrics-addr", default="127.0.0.1",
+            help="The address the metrics port listens on (default 127.0.0.1).",
+        )
         parser.add_argument(
             "--drain-seconds", type=float, default=30.0,
             help="On SIGTERM, how long running replies may take to finish before they "
@@ -33,6 +42,14 @@ class Command(BaseCommand):
                 "REDIS_URL is not set: this worker cannot be woken by server processes and "
                 "will find replies by polling the database only."
             )
+        if options["metrics_port"] is not None:
+            from prometheus_client import start_http_server
+
+            from events_app.metrics import ACTIVE_REPLIES
+
+            ACTIVE_REPLIES.set_function(active_runs)  # read at scrape time
+            start_http_server(options["metrics_port"], addr=options["metrics_addr"])
+            log.info("Worker metrics on %s:%d", options["metrics_addr"], options["metrics_port"])
         asyncio.run(self._main(options["drain_seconds"]))
 
     async def _main(self, drain_seconds: float) -> None:
@@ -44,12 +61,18 @@ class Command(BaseCommand):
         pool = get_pool()
         pool.start(listen=True)
         reaper = loop.create_task(reap_forever())
+        # /readyz and /metrics of the server processes count the workers that beat.
+        beats = loop.create_task(liveness.beat_forever("workers", pool.name))
         log.info("Agent worker %s ready (concurrency %d)", pool.name, settings.TANDEM_AGENT_CONCURRENCY)
         self.stdout.write(f"ready {pool.name}", ending="\n")
         self.stdout.flush()
         await stop.wait()
         log.info("Agent worker %s stopping; draining %d repl(ies)", pool.name, len(pool.runs))
         reaper.cancel()
+        beats.cancel()
         await pool.drain(drain_seconds)
         with contextlib.suppress(BaseException):
             await reaper
+        if settings.REDIS_URL:
+            with contextlib.suppress(Exception):
+                liveness.forget("workers", pool.name)
