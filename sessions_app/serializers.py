@@ -44,8 +44,8 @@ class StrictCharField(serializers.CharField):
 
 class CredentialsSerializer(StrictSerializer):
     # Django's own username rules: a name with '/' or spaces could never be used in a
-    # members/{username}/ URL.
-    username = StrictCharField(max_length=150, validators=[UnicodeUsernameValidator()])
+    # members/{username}/ URL. Not trimmed: "dora\n" is refused, not silently renamed.
+    username = StrictCharField(max_length=150, trim_whitespace=False, validators=[UnicodeUsernameValidator()])
     password = StrictCharField(max_length=4096, trim_whitespace=False)
 
 
