@@ -72,7 +72,14 @@ class MemberAddSerializer(StrictSerializer):
 
 class TextPartSerializer(StrictSerializer):
     type = serializers.ChoiceField(choices=["text"])
+    # Kept exactly as sent (leading spaces and newlines can matter), but a text of only
+    # whitespace is as blank as "".
     text = StrictCharField(allow_blank=False, trim_whitespace=False)
+
+    def validate_text(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError(self.fields["text"].error_messages["blank"], code="blank")
+        return value
 
 
 class MessagePostSerializer(StrictSerializer):
