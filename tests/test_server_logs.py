@@ -25,6 +25,7 @@ SERVERS = {
     "uvicorn-info-access-log": ("uvicorn", "--log-level info"),
     "uvicorn-debug-no-access-log": ("uvicorn", "--no-access-log --log-level debug"),
     "uvicorn-debug-access-log": ("uvicorn", "--log-level debug"),
+    "uvicorn-trace": ("uvicorn", "--log-level trace"),  # dumps every ASGI scope and message
     "daphne-verbosity-1": ("daphne", "--verbosity 1"),
     "daphne-verbosity-2": ("daphne", "--verbosity 2"),
 }
