@@ -48,6 +48,13 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class PlainFormatter(logging.Formatter):
+    """The plain format, redacted as a whole: a traceback can quote a URL too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 class JsonFormatter(OrjsonFormatter):
     """One JSON object per line (``TANDEM_LOG_FORMAT=json``), for log shippers: ``time``,
     ``level``, ``logger``, ``message``, ``process``, any ``extra`` fields (the access log's

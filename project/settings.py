@@ -354,7 +354,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"redact": {"()": "project.logfilters.RedactSecrets"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "()": "project.logfilters.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
         "json": {"()": "project.logfilters.JsonFormatter"},
     },
     "handlers": {
