@@ -71,6 +71,14 @@ async def test_sse_types_filter_with_a_line_break_is_400(session: Any, alice: An
     assert (await client.json())["error"]["code"] == "bad_request"
 
 
+async def test_websocket_types_filter_with_a_line_break_is_refused_with_4400(session: Any, alice: Any) -> None:
+    client = WSClient(f"/ws/sessions/{session.id}/", params={"token": token_for(alice), "types": "task\n.*"})
+    accepted, code = await client.connect()
+    if accepted:  # refused handshakes are accepted, then closed with 4000 + status
+        code = await client.closed()
+    assert code == 4400
+
+
 async def test_rest_history_types_filter_with_a_line_break_is_400(session: Any, alice: Any) -> None:
     def get() -> Any:
         client = APIClient()
