@@ -92,6 +92,8 @@ def adopt_server_loggers() -> None:
     their meaning. daphne writes its access log (whole URLs, tokens included) straight to
     stdout: its entries become records of the ``daphne.access`` logger."""
     root_handlers = list(logging.getLogger().handlers)
+    if not root_handlers:  # a LOGGING without root handlers: leave the servers' own
+        return
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
         logger = logging.getLogger(name)
         if logger.handlers:
