@@ -2,16 +2,25 @@
 calls, and return the reply frame. Every failure becomes an ``error`` reply."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 from channels.db import database_sync_to_async
 from django.conf import settings
+from rest_framework.utils.json import strict_constant
 
 from events_app.services import publish_custom
 from events_app.streams import Connection
 from project.limits import check_write_rate
-from project.errors import ApiError, BadRequest, InternalError, ValidationFailed, to_api_error
+from project.errors import (
+    ApiError,
+    BadRequest,
+    InternalError,
+    ValidationFailed,
+    accept_json_object,
+    to_api_error,
+)
 from sessions_app import services
 from sessions_app.access import session_for
 from sessions_app.models import Role
@@ -108,9 +117,12 @@ async def handle(conn: Connection, text: str) -> dict[str, Any] | None:
     """The reply to one client frame, or None for a command without ``id``."""
     command_id: Any = None
     try:
+        # Parsed as REST parses a body (DRF's JSONParser, then accept_json_object), not
+        # with orjson, which reads an integer beyond 64 bits as a float (1e+300) where
+        # REST answers 400.
         try:
-            command = orjson.loads(text)
-        except orjson.JSONDecodeError:
+            command = json.loads(text, parse_constant=strict_constant)
+        except (ValueError, RecursionError):
             raise BadRequest("The frame is not valid JSON.") from None
         if not isinstance(command, dict):
             raise BadRequest("A command must be a JSON object.")
@@ -118,6 +130,9 @@ async def handle(conn: Connection, text: str) -> dict[str, Any] | None:
         if command_id is not None and not isinstance(command_id, (str, int)):
             command_id = None
             raise ValidationFailed(details={"id": ["Must be a string or an integer."]})
+        if isinstance(command_id, int) and not -(2**63) <= command_id < 2**64:
+            command_id = None  # the error reply could not carry it
+        accept_json_object(command, "A command")
         kind = command.get("type")
         if kind not in COMMANDS:
             raise BadRequest(f"Unknown command; use one of {', '.join(COMMANDS)}.")

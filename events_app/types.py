@@ -54,7 +54,9 @@ EVENT_TYPES: dict[str, EventType] = {
 RESERVED_PREFIXES = (
     "server.", "stream.", "session.", "message.", "permission.", "presence.", "auth.", "member.",
 )
-CUSTOM_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+# Matched with fullmatch: "$" also matches before a trailing newline, and a type ending
+# in "\n" would break the "event:" line of every named SSE stream.
+CUSTOM_TYPE_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 CUSTOM_TYPE_MAX = 64
 # Control events pass every ?types= filter: a client must always learn about its stream.
 ALWAYS_DELIVERED_PREFIXES = ("server.", "stream.")
@@ -71,7 +73,7 @@ def custom_type_problem(type_name: Any) -> str | None:
         return "Must be a string."
     if len(type_name) > CUSTOM_TYPE_MAX:
         return f"At most {CUSTOM_TYPE_MAX} characters."
-    if not CUSTOM_TYPE_RE.match(type_name):
+    if not CUSTOM_TYPE_RE.fullmatch(type_name):
         return "Must look like 'task.progress': lowercase words joined by dots."
     if type_name.startswith(RESERVED_PREFIXES):
         return f"The prefix '{type_name.split('.')[0]}.' is reserved."
@@ -154,7 +156,9 @@ class Frame:
 
 def sse_bytes(envelope: str, event_id: int | str | None, event_name: str | None) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
-    if event_name is not None:
+    # A line break would end the "event:" line and inject fields into the stream; an
+    # event stored before types were checked strictly goes out unnamed instead.
+    if event_name is not None and "\n" not in event_name and "\r" not in event_name:
         head += f"event: {event_name}\n"
     return f"{head}data: {envelope}\n\n".encode()
 
@@ -192,8 +196,8 @@ class TypeFilter:
         )
 
 
-_TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+_TYPE_NAME_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 
 
 def _is_type_name(value: str) -> bool:
-    return len(value) <= CUSTOM_TYPE_MAX and bool(_TYPE_NAME_RE.match(value))
+    return len(value) <= CUSTOM_TYPE_MAX and bool(_TYPE_NAME_RE.fullmatch(value))

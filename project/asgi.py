@@ -20,6 +20,10 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 django_app = get_asgi_application()
 
+from project.logfilters import adopt_server_loggers  # noqa: E402
+
+adopt_server_loggers()  # the server's own lines: redacted, and JSON like ours
+
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
@@ -99,9 +103,14 @@ class Tandem:
             target = scope.get("path", "") + (f"?{redact(query)}" if query else "")
             method = scope.get("method", "WEBSOCKET")
             client = (scope.get("client") or ("-",))[0]
+            code = status[0] if status else None
+            elapsed = time.monotonic() - started
             _access_log.info(
-                '%s "%s %s" %s %.3fs', client, method, target, status[0] if status else "-",
-                time.monotonic() - started,
+                '%s "%s %s" %s %.3fs', client, method, target, code or "-", elapsed,
+                extra={  # separate fields in the JSON log
+                    "client": client, "method": method, "path": target, "status": code,
+                    "duration_ms": round(elapsed * 1000, 1),
+                },
             )
 
     @staticmethod

@@ -263,15 +263,15 @@ class StrictJSONParser(JSONParser):
         return accept_json_object(data)
 
 
-def accept_json_object(data: Any) -> dict[str, Any]:
+def accept_json_object(data: Any, what: str = "The request body") -> dict[str, Any]:
     """``data`` (parsed JSON) if it is an object we can store and send on; BadRequest
     otherwise. Valid JSON can still hold lone surrogates ("\\ud800"), integers beyond 64
     bits or absurd nesting: refused here (400) rather than deep inside a database
-    driver or encoder (500)."""
+    driver or encoder (500). WebSocket commands pass through here too (``what``)."""
     if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.")
+        raise BadRequest(f"{what} must be a JSON object.")
     try:
         orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
-        raise BadRequest(f"The request body cannot be accepted: {exc}.") from None
+        raise BadRequest(f"{what} cannot be accepted: {exc}.") from None
     return data

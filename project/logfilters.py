@@ -1,40 +1,118 @@
 """Log hygiene: stream URLs carry ``?token=`` and ``?ticket=`` (browsers cannot send
-headers), and proxies and servers log URLs. Every record passes through this filter."""
+headers), and proxies and servers log URLs. Every record passes through this filter, and
+every line the JSON formatter writes is redacted once more as a whole (extra fields,
+tracebacks)."""
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from datetime import datetime, timezone
+from typing import Any
 
-import orjson
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.orjson import OrjsonFormatter
 
-_SECRET_PARAM = re.compile(r"((?:^|[?&\s])(?:token|ticket|access|refresh)=)[^&\s\"']+", re.IGNORECASE)
+# A credential in a query string or a header as servers print them: `?token=…`,
+# `&ticket=…`, uvicorn's trace scope (`b'token=…`), a cookie (`sessionid=…`), a bearer
+# header, or a JWT wherever it stands.
+_SECRET_PARAM = re.compile(
+    r"((?:^|[?&\s'\";(,])(?:token|ticket|access|refresh|sessionid)=)[^&\s\"';,)\\]+", re.IGNORECASE
+)
+_BEARER = re.compile(r"(\bBearer\s+)[^\s\"',)\\]+", re.IGNORECASE)
+_JWT = re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]+")
 
 
 def redact(text: str) -> str:
-    return _SECRET_PARAM.sub(r"\1[redacted]", text)
+    text = _SECRET_PARAM.sub(r"\1[redacted]", text)
+    text = _BEARER.sub(r"\1[redacted]", text)
+    return _JWT.sub("[redacted]", text)
 
 
 class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
+        if redact(message) == message:
+            return True
+        # Redact the arguments one by one, so the JSON formatter can still take structured
+        # fields from them (uvicorn's access log); flatten if that is not enough.
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            record.msg = redact(str(record.msg))
+            try:
+                if redact(record.getMessage()) == record.getMessage():
+                    return True
+            except (TypeError, ValueError):
+                pass
+        record.msg, record.args = redact(message), ()
         return True
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line (``TANDEM_LOG_FORMAT=json``), for log shippers."""
+class PlainFormatter(logging.Formatter):
+    """The plain format, redacted as a whole: a traceback can quote a URL too."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "process": record.process,
-        }
-        if record.exc_info:
-            entry["exception"] = redact(self.formatException(record.exc_info))
-        return orjson.dumps(entry).decode()
+        return redact(super().format(record))
+
+
+class JsonFormatter(OrjsonFormatter):
+    """One JSON object per line (``TANDEM_LOG_FORMAT=json``), for log shippers: ``time``,
+    ``level``, ``logger``, ``message``, ``process``, any ``extra`` fields (the access log's
+    ``method``, ``path``, ``status``, ``duration_ms``, ``client``), and ``exception``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s %(process)d",
+            rename_fields={"levelname": "level", "name": "logger", "exc_info": "exception"},
+            # uvicorn's colour template, and Django's request object (its repr is a URL).
+            reserved_attrs=[*RESERVED_ATTRS, "taskName", "color_message", "request", "scope"],
+        )
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["time"] = (
+            datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z")
+        )
+        super().add_fields(log_data, record, message_dict)
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            # uvicorn's access line: client, method, path with query, HTTP version, status.
+            client, method, path, _, status = record.args
+            log_data.update(client=client, method=method, path=path, status=status)
+
+    def serialize_log_record(self, log_data: dict[str, Any]) -> str:
+        return redact(super().serialize_log_record(log_data))
+
+
+def adopt_server_loggers() -> None:
+    """Route the ASGI server's own log lines through the handlers Django's ``LOGGING``
+    gave the root logger (redaction, and JSON with ``TANDEM_LOG_FORMAT=json``). Called
+    when the app is imported, which both servers do after setting up their logging.
+
+    uvicorn gives its loggers handlers of its own (``propagate`` off): they get the root's
+    handlers instead, keeping their levels, so ``--log-level`` and ``--no-access-log`` keep
+    their meaning. daphne writes its access log (whole URLs, tokens included) straight to
+    stdout: its entries become records of the ``daphne.access`` logger."""
+    root_handlers = list(logging.getLogger().handlers)
+    if not root_handlers:  # a LOGGING without root handlers: leave the servers' own
+        return
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        if logger.handlers:
+            logger.handlers = list(root_handlers)
+    access = sys.modules.get("daphne.access")
+    if access is not None and not getattr(access.AccessLogGenerator, "_tandem_adopted", False):
+        access.AccessLogGenerator.write_entry = _daphne_entry
+        access.AccessLogGenerator._tandem_adopted = True
+
+
+_daphne_access = logging.getLogger("daphne.access")
+
+
+def _daphne_entry(
+    self: Any, host: str, date: Any, request: str, status: Any = None, length: Any = None,
+    ident: Any = None, user: Any = None,
+) -> None:
+    method, _, path = request.partition(" ")
+    _daphne_access.info(
+        '%s "%s" %s %s', host, request, status or "-", length or "-",
+        extra={"client": host, "method": method, "path": path, "status": status},
+    )

@@ -218,7 +218,7 @@ if TANDEM_HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
     # Health checks and scrapes come over plain HTTP from inside the network.
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz\Z", r"^readyz\Z", r"^metrics\Z"]  # \Z: "$" allows a final "\n"
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("TANDEM_HSTS_SECONDS", 31_536_000, minimum=0)
@@ -349,7 +349,7 @@ CSRF_TRUSTED_ORIGINS = [o for o in TANDEM_ALLOWED_ORIGINS if o.startswith(("http
 # Cross-origin REST for those origins only; the SSE consumer applies the same list itself
 # (it answers outside Django's middleware).
 CORS_ALLOWED_ORIGINS = CSRF_TRUSTED_ORIGINS
-CORS_URLS_REGEX = r"^/api/.*$"
+CORS_URLS_REGEX = r"^/api/.*\Z"
 CORS_ALLOW_HEADERS = ["authorization", "content-type", "last-event-id", "x-csrftoken"]
 CORS_EXPOSE_HEADERS = ["retry-after"]
 CORS_PREFLIGHT_MAX_AGE = 600
@@ -362,7 +362,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"redact": {"()": "project.logfilters.RedactSecrets"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "()": "project.logfilters.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
         "json": {"()": "project.logfilters.JsonFormatter"},
     },
     "handlers": {

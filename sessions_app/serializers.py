@@ -44,8 +44,8 @@ class StrictCharField(serializers.CharField):
 
 class CredentialsSerializer(StrictSerializer):
     # Django's own username rules: a name with '/' or spaces could never be used in a
-    # members/{username}/ URL.
-    username = StrictCharField(max_length=150, validators=[UnicodeUsernameValidator()])
+    # members/{username}/ URL. Not trimmed: "dora\n" is refused, not silently renamed.
+    username = StrictCharField(max_length=150, trim_whitespace=False, validators=[UnicodeUsernameValidator()])
     password = StrictCharField(max_length=4096, trim_whitespace=False)
 
 
@@ -72,7 +72,14 @@ class MemberAddSerializer(StrictSerializer):
 
 class TextPartSerializer(StrictSerializer):
     type = serializers.ChoiceField(choices=["text"])
+    # Kept exactly as sent (leading spaces and newlines can matter), but a text of only
+    # whitespace is as blank as "".
     text = StrictCharField(allow_blank=False, trim_whitespace=False)
+
+    def validate_text(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError(self.fields["text"].error_messages["blank"], code="blank")
+        return value
 
 
 class MessagePostSerializer(StrictSerializer):

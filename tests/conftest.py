@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -256,16 +257,20 @@ class ServerProcess:
 ASGI_SERVER = os.environ.get("TANDEM_TEST_ASGI_SERVER", "daphne")
 
 
-def _server_command(server: str, port: int) -> list[str]:
+def _server_command(server: str, port: int, log_args: str | None = None) -> list[str]:
+    """``log_args`` (``ASGI_SERVER_ARGS`` in a test's env) replaces the server's logging
+    flags, e.g. ``"--log-level debug"`` for uvicorn or ``"--verbosity 2"`` for daphne."""
     if server == "uvicorn":
+        flags = shlex.split(log_args) if log_args is not None else ["--no-access-log", "--log-level", "warning"]
         return [
-            sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning",
+            sys.executable, "-m", "uvicorn", *flags,
             "--timeout-graceful-shutdown", "5", "--host", "127.0.0.1", "--port", str(port),
             "project.asgi:application",
         ]
-    # --verbosity 0: daphne's own access log writes raw URLs, tokens included; the app
-    # writes one with secrets redacted instead (project/asgi.py).
-    return [sys.executable, "-m", "daphne", "--verbosity", "0", "-b", "127.0.0.1", "-p", str(port), "project.asgi:application"]
+    # --verbosity 0: quiet; daphne's own access log is routed into the `daphne.access`
+    # logger (project/logfilters.py), off unless asked for.
+    flags = shlex.split(log_args) if log_args is not None else ["--verbosity", "0"]
+    return [sys.executable, "-m", "daphne", *flags, "-b", "127.0.0.1", "-p", str(port), "project.asgi:application"]
 
 
 def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server") -> ServerProcess:
@@ -282,7 +287,7 @@ def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server"
     }
     log_path = tmp_path / f"{name}-{port}.log"
     proc = subprocess.Popen(
-        _server_command(env_extra.get("ASGI_SERVER", ASGI_SERVER), port),
+        _server_command(env_extra.get("ASGI_SERVER", ASGI_SERVER), port, env_extra.get("ASGI_SERVER_ARGS")),
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
     )
     server = ServerProcess(port, proc, log_path)

@@ -64,8 +64,9 @@ class Command(BaseCommand):
         # /readyz and /metrics of the server processes count the workers that beat.
         beats = loop.create_task(liveness.beat_forever("workers", pool.name))
         log.info("Agent worker %s ready (concurrency %d)", pool.name, settings.TANDEM_AGENT_CONCURRENCY)
-        self.stdout.write(f"ready {pool.name}", ending="\n")
-        self.stdout.flush()
+        if settings.TANDEM_LOG_FORMAT != "json":  # every JSON line is a log record
+            self.stdout.write(f"ready {pool.name}", ending="\n")
+            self.stdout.flush()
         await stop.wait()
         log.info("Agent worker %s stopping; draining %d repl(ies)", pool.name, len(pool.runs))
         reaper.cancel()
