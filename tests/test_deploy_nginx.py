@@ -138,10 +138,13 @@ class Installation:
             text = text.replace(documented, str(self.prefix) + documented)
         return text
 
-    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """DEPLOY.md's ``tandem-manage``: a manage.py command as the tandem user."""
-        python = self.path("/opt/tandem/venv/bin/python")
-        return _run("runuser", "-u", "tandem", "--", python, "manage.py", *args, cwd=self.app, env=self.env)
+    def manage(self, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        """A manage.py command through DEPLOY.md's ``tandem-manage`` shell function, taken
+        from the page: as the tandem user, with the environment file."""
+        doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+        function = next(line for line in doc.splitlines() if line.startswith("tandem-manage() {"))
+        script = f'{self.path(function)}\ntandem-manage "$@"'
+        return _run("bash", "-c", script, "tandem-manage", *args, env={"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", **extra_env})
 
     def service(self, unit_name: str, instance: str = "") -> Process:
         settings = unit(unit_name)
@@ -363,13 +366,13 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
 
     # migrate, collectstatic and the first user, as the user (DEPLOY.md's tandem-manage).
     inst.manage("migrate", "--noinput")
+    inst.manage("check", "--deploy", "--fail-level", "WARNING")  # DEPLOY.md: it passes with this file
     inst.manage("collectstatic", "--noinput")
     static_root = Path(inst.env["TANDEM_STATIC_ROOT"])
     assert (static_root / "js" / "tandem.js").is_file()
     assert static_root.stat().st_uid == app_uid
-    inst.env["DJANGO_SUPERUSER_PASSWORD"] = "deploy-test-password-9"
-    inst.manage("createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com")
-    del inst.env["DJANGO_SUPERUSER_PASSWORD"]
+    inst.manage("createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com",
+                DJANGO_SUPERUSER_PASSWORD="deploy-test-password-9")
 
     # The units: two web instances on their ports, and the agents worker.
     ports = [free_port(), free_port()]
@@ -486,7 +489,7 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
     for web in webs:
         access = [json.loads(line) for line in web.log().splitlines() if line.startswith("{") and '"tandem.access"' in line]
         assert access, web.log()[-2000:]
-        assert all(entry["level"] and entry["time"] for entry in access)
+        assert all(entry["level"] == "INFO" and entry["time"] and entry["process"] for entry in access)
         assert any(f"/api/sessions/{sid}/" in entry["message"] for entry in access)
 
     # Last, because they need changes of issue 10 made on other branches: no credential in
@@ -581,3 +584,19 @@ def test_readme_several_processes_snippet_serves_plain_http(installation: Instal
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------ the renderer
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--upstream", "http://127.0.0.1:8001"), ("--upstream", "127.0.0.1:8001; evil"),
+     ("--server-name", "https://tandem.example.com"), ("--auth-rate", "lots")],
+)
+def test_render_nginx_refuses_what_it_cannot_place(option: str, value: str) -> None:
+    args = {"--server-name": "tandem.example.com", "--upstream": "127.0.0.1:8001",
+            "--certificate": "/c.pem", "--certificate-key": "/k.pem", option: value}
+    result = _run("python3", str(DEPLOY / "render_nginx.py"), *[x for kv in args.items() for x in kv], check=False)
+    assert result.returncode == 2 and value in result.stderr, result.stderr
+    assert result.stdout == ""
