@@ -102,8 +102,10 @@ class Process:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    offset: int = 0  # where this start's output begins in the log
 
     def start(self) -> None:
+        self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         # What systemd does with User=/Group=: the command itself runs as the user (setpriv
         # execs it, so signals reach the server process directly).
         self.proc = subprocess.Popen(
@@ -180,7 +182,7 @@ def _wait_worker(process: Process) -> None:
         assert process.proc is not None
         if process.proc.poll() is not None:
             raise AssertionError(f"{process.name} exited:\n{process.log()}")
-        if "ready" in process.log():
+        if b"ready" in process.log_path.read_bytes()[process.offset:]:
             return
         time.sleep(0.1)
     raise AssertionError(f"{process.name} did not start:\n{process.log()}")
@@ -217,7 +219,10 @@ def installation() -> Iterator[Installation]:
         venv = prefix / "opt/tandem/venv"
         _run("python3", "-m", "venv", "--without-pip", str(venv), env={"PATH": SYSTEMD_PATH})
         site = next((venv / "lib").glob("python3*/site-packages"))
-        (site / "tandem-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        deps = sysconfig.get_paths()["purelib"]
+        if _run("runuser", "-u", "tandem", "--", "test", "-r", f"{deps}/django/__init__.py", check=False).returncode:
+            pytest.fail(f"the project's virtualenv ({deps}) must be readable by the tandem user for this test")
+        (site / "tandem-test-deps.pth").write_text(deps + "\n")
         _run("chmod", "-R", "u=rwX,go=rX", str(prefix))
         _run("install", "-d", "-o", "tandem", "-g", "tandem", "-m", "0750", str(prefix / "var/lib/tandem"))
         _run("install", "-d", "-o", "root", "-g", "tandem", "-m", "0750", str(prefix / "etc/tandem"))
@@ -460,6 +465,7 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         # An upgrade: migrate on the migrated database, then restart the web processes one
         # by one while a stream is open; it resumes exactly through nginx.
         assert "No migrations to apply" in inst.manage("migrate", "--noinput").stdout
+        inst.manage("collectstatic", "--noinput")
         last = stream.seqs()[-1]
         for web, port in zip(webs, ports):
             web.stop()
@@ -468,10 +474,16 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
                 assert posted.status_code == 201, posted.text
             web.start()
             _wait_web(web, port)
+        worker.stop()
+        worker.start()
+        _wait_worker(worker)
         head = client.get(f"/api/sessions/{sid}/", headers=auth).json()["last_seq"]
         resumed = _sse(proxy, path, token, **{"Last-Event-ID": str(last)})
         resumed.wait_for_seq(head)
         assert resumed.seqs() == list(range(last + 1, head + 1))
+        # The restarted worker answers.
+        posted = client.post(f"/api/sessions/{sid}/messages/", json={"parts": [{"type": "text", "text": "after the upgrade"}]}, headers=auth)
+        resumed.wait_for_type("message.completed", message_id=posted.json()["reply_id"], timeout=15)
         resumed.close()
         stream.close()
 
