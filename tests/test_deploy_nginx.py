@@ -72,6 +72,14 @@ def _block_after(markdown: str, marker: str) -> str:
     return match.group(1)
 
 
+def doc_block(heading: str, index: int = 0) -> str:
+    """The index-th ``sh`` block of DEPLOY.md's section ``heading``."""
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    section = doc[doc.index(heading):]
+    section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)[index]
+
+
 def test_deploy_md_shows_the_shipped_files_verbatim() -> None:
     """DEPLOY.md includes the unit files and the environment file word for word, so what
     a reader copies is what the deployment test runs."""
@@ -140,6 +148,10 @@ class Installation:
             text = text.replace(documented, str(self.prefix) + documented)
         return text
 
+    def shell(self, script: str) -> subprocess.CompletedProcess[str]:
+        """A block of DEPLOY.md, run by bash as root with its paths under the prefix."""
+        return _run("bash", "-euc", self.path(script), env={"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"})
+
     def manage(self, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
         """A manage.py command through DEPLOY.md's ``tandem-manage`` shell function, taken
         from the page: as the tandem user, with the environment file."""
@@ -197,16 +209,16 @@ def installation() -> Iterator[Installation]:
     if not Path("/var/run/postgresql").is_dir():
         pytest.fail("the deployment test needs the local PostgreSQL's Unix socket (/var/run/postgresql)")
     _require_redis()
-    # The dedicated user (DEPLOY.md: "The user and the directories").
-    try:
-        pwd.getpwnam("tandem")
-    except KeyError:
-        _run("useradd", "--system", "--user-group", "--home-dir", "/var/lib/tandem", "--shell", "/usr/sbin/nologin", "tandem")
     prefix = Path(tempfile.mkdtemp(prefix="tandem-deploy-"))
     prefix.chmod(0o755)  # mkdtemp's 0700 would hide everything from the user
     db = f"{os.environ.get('TANDEM_TEST_DB_NAME', 'test')}_deploy".replace("-", "_")
     inst = Installation(prefix, {}, prefix / "opt/tandem/app", db)
     try:
+        # "The user and the directories", as written (the user may exist from an earlier run).
+        users = doc_block("## 2. The user")
+        if _run("id", "tandem", check=False).returncode == 0:
+            users = "\n".join(line for line in users.splitlines() if not line.startswith("useradd"))
+        inst.shell(users)
         # The checkout, owned by root: read-only to the user.
         files = _run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout
         inst.app.mkdir(parents=True)
@@ -223,9 +235,7 @@ def installation() -> Iterator[Installation]:
         if _run("runuser", "-u", "tandem", "--", "test", "-r", f"{deps}/django/__init__.py", check=False).returncode:
             pytest.fail(f"the project's virtualenv ({deps}) must be readable by the tandem user for this test")
         (site / "tandem-test-deps.pth").write_text(deps + "\n")
-        _run("chmod", "-R", "u=rwX,go=rX", str(prefix))
-        _run("install", "-d", "-o", "tandem", "-g", "tandem", "-m", "0750", str(prefix / "var/lib/tandem"))
-        _run("install", "-d", "-o", "root", "-g", "tandem", "-m", "0750", str(prefix / "etc/tandem"))
+        _run("chmod", "-R", "u=rwX,go=rX", str(prefix / "opt/tandem"))
 
         # PostgreSQL: the tandem role and its database (the shared server is never stopped).
         if _psql("SELECT 1 FROM pg_roles WHERE rolname = 'tandem'") != "1":
@@ -233,23 +243,26 @@ def installation() -> Iterator[Installation]:
         _run("runuser", "-u", "postgres", "--", "dropdb", "--if-exists", db)
         _run("runuser", "-u", "postgres", "--", "createdb", "-O", "tandem", db)
 
-        # The environment file: the shipped example with this machine's values. Every key
-        # the test sets must be one the example has, so the two cannot drift apart.
+        # "The environment file", as written, for this test's host name; then what differs
+        # on a test machine (the database's name, Redis, a private channel prefix, the
+        # static root under the prefix). Every key the test sets is one the example has.
+        inst.shell(doc_block("## 5. The environment file").replace("HOST=tandem.example.com", f"HOST={SERVER_NAME}"))
+        env_path = prefix / "etc/tandem/tandem.env"
+        installed = env_file(env_path.read_text())
         example = env_file((DEPLOY / "tandem.env.example").read_text())
-        secret = _run("python3", "-c", _secret_one_liner()).stdout.strip()
+        assert installed["ALLOWED_HOSTS"] == SERVER_NAME
+        assert installed["TANDEM_ALLOWED_ORIGINS"] == f"https://{SERVER_NAME}"
+        assert len(installed["SECRET_KEY"]) >= 50 and installed["SECRET_KEY"] != example["SECRET_KEY"]
+        assert (env_path.stat().st_uid, env_path.stat().st_gid, env_path.stat().st_mode & 0o777) == (0, pwd.getpwnam("tandem").pw_gid, 0o640)
         overrides = {
-            "SECRET_KEY": secret,
-            "ALLOWED_HOSTS": SERVER_NAME,
             "DATABASE_URL": example["DATABASE_URL"].rsplit("/", 1)[0] + f"/{db}",
             "REDIS_URL": REDIS_URL,
             "TANDEM_CHANNEL_PREFIX": f"deploytest{os.getpid()}x{time.monotonic_ns()}",
+            "TANDEM_STATIC_ROOT": inst.path(example["TANDEM_STATIC_ROOT"]),
         }
         assert set(overrides) <= set(example), set(overrides) - set(example)
-        assert len(secret) >= 50
-        env_path = prefix / "etc/tandem/tandem.env"
-        env_path.write_text("".join(f"{k}={inst.path(v)}\n" for k, v in {**example, **overrides}.items()))
-        _run("chown", "root:tandem", str(env_path))
-        env_path.chmod(0o640)
+        with env_path.open("a") as out:
+            out.write("".join(f"{k}={v}\n" for k, v in overrides.items()))
         # systemd gives a unit only its EnvironmentFile and a minimal environment.
         inst.env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                     **env_file(env_path.read_text())}
@@ -260,14 +273,6 @@ def installation() -> Iterator[Installation]:
         _run("runuser", "-u", "postgres", "--", "dropdb", "--if-exists", "--force", db, check=False)
         _run("runuser", "-u", "postgres", "--", "dropdb", "--if-exists", "--force", f"{db}_restored", check=False)
         shutil.rmtree(prefix, ignore_errors=True)
-
-
-def _secret_one_liner() -> str:
-    """The SECRET_KEY one-liner DEPLOY.md gives, run as it is written there."""
-    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
-    match = re.search(r"python3 -c '([^']*secrets[^']*)'", doc)
-    assert match, "DEPLOY.md gives no python3 one-liner for SECRET_KEY"
-    return match.group(1)
 
 
 # ------------------------------------------------------------------ nginx
