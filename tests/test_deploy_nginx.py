@@ -1,12 +1,6 @@
-"""docs/DEPLOY.md, followed on this machine: a dedicated non-root user, the unit files'
-ExecStart lines run as that user against a checkout it cannot write to, the environment
-file, migrate and collectstatic as the user, nginx with the conf.d template rendered by
-deploy/render_nginx.py and a self-signed certificate, two uvicorn processes and an agents
-worker on PostgreSQL and Redis; then through nginx over HTTPS: login, a reply streamed
-over SSE and WSS, the redirect, probes, /metrics hidden, the rate limit on /api/auth/,
-JSON logs; a pg_dump/pg_restore round trip; an upgrade (migrate again, restart one web
-process) while streams resume. systemd itself is not running here: the test runs what
-the units say, as the units say it (deploy/*.service)."""
+"""docs/DEPLOY.md, followed on this machine (the page says which steps, and which it
+cannot run here). systemd is not running: the test runs what the unit files under deploy/
+say, as the user they name, so the page, the units and the test cannot drift apart."""
 from __future__ import annotations
 
 import json
@@ -452,8 +446,12 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         # process directly, by IP.
         assert client.get("/metrics").status_code == 404
         assert httpx.get(f"{proxy.http}/metrics", headers={"Host": SERVER_NAME}, timeout=5).status_code == 301
+        # certbot's renewals are served over plain HTTP, not redirected.
+        assert httpx.get(f"{proxy.http}/.well-known/acme-challenge/none", headers={"Host": SERVER_NAME}, timeout=5).status_code == 404
 
-        # PostgreSQL backup and restore: pg_dump -Fc, then pg_restore into a fresh database.
+        # PostgreSQL backup and restore: pg_dump -Fc, then pg_restore into a fresh database,
+        # which a web process then serves.
+        before = client.get(f"/api/sessions/{sid}/", headers=auth).json()
         dump = inst.prefix / "tandem.dump"
         with dump.open("wb") as out:
             subprocess.run(["runuser", "-u", "postgres", "--", "pg_dump", "-Fc", inst.db], stdout=out, check=True, timeout=60)
@@ -466,6 +464,16 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         assert _psql(query, restored) == "deployed"
         events = f"SELECT count(*) FROM events_app_event WHERE session_id = '{sid}'"
         assert int(_psql(events, restored)) == int(_psql(events, inst.db)) > 0
+        restored_port = free_port()
+        on_restored = inst.service("tandem-web@.service", str(restored_port))
+        on_restored.env = {**inst.env, "DATABASE_URL": inst.env["DATABASE_URL"].rsplit("/", 1)[0] + f"/{restored}"}
+        on_restored.start()
+        _wait_web(on_restored, restored_port)
+        served = httpx.get(f"http://127.0.0.1:{restored_port}/api/sessions/{sid}/", timeout=5,
+                           headers={**auth, "Host": SERVER_NAME, "X-Forwarded-Proto": "https"})
+        assert served.status_code == 200, served.text
+        assert (served.json()["title"], served.json()["last_seq"]) == ("deployed", before["last_seq"])
+        on_restored.stop()
 
         # An upgrade: migrate on the migrated database, then restart the web processes one
         # by one while a stream is open; it resumes exactly through nginx.
