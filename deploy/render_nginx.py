@@ -37,8 +37,10 @@ def render(
     https_port = https_listen.rsplit(":", 1)[-1]
     values = {
         "SERVER_NAME": server_name,
-        # One failed attempt takes a process out of rotation for 5 s; the request goes to another.
-        "UPSTREAMS": "\n".join(f"    server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
+        # One failed attempt takes a process out of rotation for 2 s; the request goes to
+        # another. Short, because while every process is out nginx answers 502 (a rolling
+        # restart waits this long after each process is back: docs/DEPLOY.md).
+        "UPSTREAMS": "\n".join(f"    server {u} max_fails=1 fail_timeout=2s;" for u in upstreams),
         "CERTIFICATE": certificate,
         "CERTIFICATE_KEY": certificate_key,
         "HTTP_LISTEN": http_listen,

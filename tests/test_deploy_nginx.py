@@ -409,6 +409,9 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
     with proxy.client() as client:
         # Static files, from the directory collectstatic filled.
         assert client.get("/static/js/tandem.js").status_code == 200
+        # uvicorn takes the client's address from nginx's X-Forwarded-For (nginx appends the
+        # address it saw, 127.0.0.1 here, which uvicorn trusts; the one before it is the client's).
+        assert client.get("/static/js/tandem.js?xff", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 200
 
         # Login, a session, and a reply streamed over SSE through nginx.
         login = client.post("/api/auth/token/", json={"username": "admin", "password": "deploy-test-password-9"})
@@ -487,6 +490,7 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
                 assert posted.status_code == 201, posted.text
             web.start()
             _wait_web(web, port)
+            time.sleep(3)  # DEPLOY.md's rolling restart: nginx takes it back 2 s after its failure
         worker.stop()
         worker.start()
         _wait_worker(worker)
@@ -516,6 +520,8 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         assert access, web.log()[-2000:]
         assert all(entry["level"] == "INFO" and entry["time"] and entry["process"] for entry in access)
         assert any(f"/api/sessions/{sid}/" in entry["message"] for entry in access)
+    forwarded = [e for web in webs for e in map(json.loads, filter(lambda l: "?xff" in l and l.startswith("{"), web.log().splitlines()))]
+    assert forwarded and all(e["message"].startswith("203.0.113.9 ") for e in forwarded), forwarded
 
     # Last, because they need changes of issue 10 made on other branches: no credential in
     # any process's log (item 6, uvicorn's WebSocket lines) and Prometheus scraping each
