@@ -151,8 +151,8 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
-    # A file, not :memory:, so real server processes started by tests share it.
-    (BASE_DIR / "var").mkdir(exist_ok=True)
+    # A file, not :memory:, so real server processes started by tests share it. The
+    # directory is made by the test run (tests/conftest.py): nothing is written at import.
     _db["TEST"] = {
         "NAME": str(BASE_DIR / "var" / f"{env_str('TANDEM_TEST_DB_NAME', 'test-db')}.sqlite3")
     }
@@ -233,9 +233,11 @@ X_FRAME_OPTIONS = "DENY"
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "var" / "static"
-WHITENOISE_USE_FINDERS = True
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns on every start otherwise
+# Where `manage.py collectstatic` puts the files WhiteNoise serves: a directory of the
+# installation (docs/DEPLOY.md), never the checkout, which may be read-only to the user the
+# processes run as. Unset (the quick start), WhiteNoise serves the app directories directly.
+STATIC_ROOT = env_str("TANDEM_STATIC_ROOT", "") or None
+WHITENOISE_USE_FINDERS = STATIC_ROOT is None
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

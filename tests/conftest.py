@@ -33,6 +33,8 @@ pytest_plugins = ["tests.browser"]
 def pytest_configure(config: Any) -> None:
     from django.conf import settings
 
+    (ROOT / "var").mkdir(exist_ok=True)  # SQLite test databases (project/settings.py)
+
     # The server processes the tests start use PostgreSQL's connection pool, as in
     # production. This process opens and closes its own: a pool would still hold
     # connections when the test database is dropped at the end.

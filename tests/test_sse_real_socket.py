@@ -9,6 +9,7 @@ The other real-process test modules use it too.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +33,17 @@ class SSEClient:
     def __init__(
         self, base_url: str, path: str, *, token: str | None = None,
         headers: dict[str, str] | None = None, connect_timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(base_url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        https = parts.scheme == "https"
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or (443 if https else 80)
         self.sock = socket.create_connection((self.host, self.port), timeout=connect_timeout)
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Accept: text/event-stream"]
+        if https:  # through a TLS proxy (tests/test_deploy_nginx.py)
+            self.sock = (tls or ssl.create_default_context()).wrap_socket(self.sock, server_hostname=self.host)
+        lines = [f"GET {path} HTTP/1.1", "Accept: text/event-stream"]
+        if not any(key.lower() == "host" for key in (headers or {})):
+            lines.append(f"Host: {self.host}:{self.port}")
         if token is not None:
             lines.append(f"Authorization: Bearer {token}")
         for key, value in (headers or {}).items():
