@@ -5,6 +5,7 @@ tracebacks)."""
 from __future__ import annotations
 
 import logging
+import logging.config
 import re
 import sys
 from datetime import datetime, timezone
@@ -80,6 +81,14 @@ class JsonFormatter(OrjsonFormatter):
 
     def serialize_log_record(self, log_data: dict[str, Any]) -> str:
         return redact(super().serialize_log_record(log_data))
+
+
+def configure(config: dict[str, Any]) -> None:
+    """``LOGGING_CONFIG`` of every process (servers, ``run_agents``, ``manage.py``):
+    Django's ``dictConfig``, and Python's warnings as records of ``py.warnings``, so they
+    are redacted and JSON like every other line instead of raw text on stderr."""
+    logging.config.dictConfig(config)
+    logging.captureWarnings(True)
 
 
 def adopt_server_loggers() -> None:

@@ -359,6 +359,7 @@ CORS_PREFLIGHT_MAX_AGE = 600
 TANDEM_LOG_FORMAT = env_str("TANDEM_LOG_FORMAT", "plain")
 if TANDEM_LOG_FORMAT not in ("plain", "json"):
     raise ImproperlyConfigured("TANDEM_LOG_FORMAT must be 'plain' or 'json'.")
+LOGGING_CONFIG = "project.logfilters.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -70,3 +70,23 @@ def test_json_access_records_keep_separate_fields() -> None:
     assert (record["client"], record["method"], record["status"]) == ("10.0.0.1:4", "GET", 200)
     assert record["path"] == "/api/stream/?token=[redacted]"
     assert record["time"].endswith("Z")
+
+
+def test_python_warnings_are_json_lines_with_secrets_redacted() -> None:
+    # Django does not route warnings into logging; they were raw text on stderr in the
+    # middle of a JSON log (seen: StreamingHttpResponse's warning under uvicorn).
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import django, warnings; django.setup(); "
+        f"warnings.warn('fetched /ws/stream/?ticket={TICKET}')"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "TANDEM_LOG_FORMAT": "json"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, proc.stderr
+    records = [json.loads(line) for line in lines]
+    assert records[-1]["logger"] == "py.warnings"
+    assert TICKET not in proc.stderr
