@@ -43,7 +43,8 @@ def _cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
 
 
-# Why a WebSocket stream closed -> its close code.
+# Why a WebSocket stream closed -> its close code. The reason (the key) is also the close
+# frame's reason text, for clients that log or switch on it.
 WS_CLOSE_CODES = {
     "auth_expired": 4401,
     "member_removed": 4403,
@@ -53,6 +54,8 @@ WS_CLOSE_CODES = {
     # sends 1000 or 3000-4999.
     "shutdown": 4012,
     "gap": 4000,
+    "payload_too_large": 4009,
+    "internal_error": 1011,
 }
 
 
@@ -148,7 +151,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             # The server is shutting down (daphne cancels every application on SIGTERM):
             # tell the client to reconnect, elsewhere, with its last seq; then clean up.
             with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": WS_CLOSE_CODES["shutdown"]})
+                await send({"type": "websocket.close", "code": WS_CLOSE_CODES["shutdown"], "reason": "shutdown"})
             with contextlib.suppress(Exception):
                 await self.disconnect(WS_CLOSE_CODES["shutdown"])
             raise
@@ -168,7 +171,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             request = await off_loop(prepare)(self.scope, session_id, "ws")
         except ApiError as err:
             await self.accept()
-            await self.close(code=4000 + err.status if err.status < 1000 else 4500)
+            await self.close(code=4000 + err.status if err.status < 1000 else 4500, reason=err.code)
             return
         self.conn = Connection(request, self._write)  # from here, disconnect() releases its slot
         await self.accept()
@@ -178,7 +181,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
     def _too_slow(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        asyncio.ensure_future(self.close(code=WS_CLOSE_CODES["slow_client"]))
+        asyncio.ensure_future(self.close(code=WS_CLOSE_CODES["slow_client"], reason="slow_client"))
 
     async def _stream(self, conn: Connection) -> None:
         try:
@@ -190,8 +193,10 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             return  # the client went away mid-write (uvicorn's ClientDisconnected): nothing to tell it
         except Exception:
             log.exception("WebSocket stream failed")
-            reason = "error"
-        await self.close(code=WS_CLOSE_CODES.get(reason, 1011))
+            reason = "internal_error"
+        if reason not in WS_CLOSE_CODES:
+            reason = "internal_error"
+        await self.close(code=WS_CLOSE_CODES[reason], reason=reason)
 
     async def _write(self, chunks: list[Any]) -> None:
         for text in chunks:
@@ -204,7 +209,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         if size > settings.TANDEM_MAX_WS_FRAME:
             # 1009 is "message too big", but daphne's WebSocket library only sends 1000
             # or 3000-4999, so it is 4009 here.
-            await self.close(code=4009)
+            await self.close(code=WS_CLOSE_CODES["payload_too_large"], reason="payload_too_large")
             return
         if text_data is None:
             reply: dict[str, Any] | None = {

@@ -39,7 +39,9 @@ from sessions_app.serializers import user_data
 
 log = logging.getLogger(__name__)
 
-SSE_PREAMBLE = b"retry: 3000\n\n"
+# A field of the first event's block, not a block of its own: clients such as httpx-sse
+# yield every block as an event, and an empty one breaks the usual json.loads(data).
+SSE_RETRY = b"retry: 3000\n"
 REPLAY_BATCH = 500
 
 
@@ -254,7 +256,7 @@ class Connection:
             self.positions[sid] = heads.get(sid, 0) if reason is not None else position
         if req.session_id is None:
             connected["cursor"] = encode_cursor(self.positions)
-        first: list[Any] = [SSE_PREAMBLE] if self.sse else []
+        first: list[Any] = [SSE_RETRY] if self.sse else []
         first.append(self._render_control(req.session_id, "server.connected", connected))
         for sid, reason in resets:
             first.append(

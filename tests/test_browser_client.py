@@ -241,8 +241,7 @@ def test_a_gap_is_filled_from_the_events_endpoint_before_later_events(
         "properties": {"connection_id": "con_fake", "last_seq": published[-1], "resumed": True},
     }
     body = (
-        b"retry: 3000\n\n"
-        + b"data: " + orjson.dumps(connected) + b"\n\n"
+        b"retry: 3000\ndata: " + orjson.dumps(connected) + b"\n\n"
         + b"id: %d\ndata: " % fourth["seq"] + orjson.dumps(fourth) + b"\n\n"
     )
     page.route(
