@@ -180,8 +180,11 @@ def parse_position(raw: str | None, name: str) -> int | None:
 
 
 def prune_expired() -> int:
+    from events_app import cursors
+
     cutoff = timezone.now() - timedelta(seconds=settings.TANDEM_EVENT_RETENTION_SECONDS)
     deleted, _ = Event.objects.filter(created_at__lt=cutoff).delete()
+    cursors.prune()  # the user-level cursors' snapshots live as long as events
     return deleted
 
 
