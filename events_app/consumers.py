@@ -34,13 +34,45 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
-def _cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-    """CORS for the SSE endpoints, which Django's CORS middleware never sees: only for
-    the configured origins, the same list the REST API allows."""
+def _allowed_origin(scope: dict[str, Any]) -> bytes | None:
     origin = next((v for k, v in scope.get("headers", []) if k == b"origin"), None)
     if origin is None or origin.decode("latin-1") not in settings.CORS_ALLOWED_ORIGINS:
-        return []
-    return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
+        return None
+    return origin
+
+
+def _cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """CORS for the SSE endpoints, which Django's CORS middleware never sees: only for
+    the configured origins, the same list the REST API allows. Credentialed, so that
+    ``new EventSource(url, {withCredentials: true})`` on an allowed origin authenticates
+    by the session cookie on every one of its own reconnects (a ticket in the URL
+    expires; the cookie lasts as long as the sign-in)."""
+    origin = _allowed_origin(scope)
+    if origin is None:
+        return [(b"vary", b"origin")]
+    return [
+        (b"access-control-allow-origin", origin),
+        (b"access-control-allow-credentials", b"true"),
+        (b"access-control-expose-headers", ", ".join(settings.CORS_EXPOSE_HEADERS).encode()),
+        (b"vary", b"origin"),
+    ]
+
+
+# What a fetch-based SSE client may send cross-origin: the REST API's list, plus
+# Cache-Control, which some such clients set on stream requests.
+def _preflight_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The answer to a CORS preflight, as django-cors-headers answers REST ones: 200 with
+    an empty body, and the CORS headers only for an allowed origin (the browser then
+    refuses the request itself for any other)."""
+    headers = [(b"content-length", b"0"), *_cors_headers(scope)]
+    if _allowed_origin(scope) is not None:
+        allow = [*settings.CORS_ALLOW_HEADERS, "cache-control"]
+        headers += [
+            (b"access-control-allow-methods", b"GET, HEAD, OPTIONS"),
+            (b"access-control-allow-headers", ", ".join(allow).encode()),
+            (b"access-control-max-age", str(settings.CORS_PREFLIGHT_MAX_AGE).encode()),
+        ]
+    return headers
 
 
 # Why a WebSocket stream closed -> its close code. The reason (the key) is also the close
@@ -73,6 +105,9 @@ class SSEConsumer(AsyncHttpConsumer):
         serving(asyncio.current_task())
         self.scope = scope
         self.base_send = send
+        if scope["method"] == "OPTIONS" and any(k == b"access-control-request-method" for k, _ in scope["headers"]):
+            await self.send_response(200, b"", headers=_preflight_headers(scope))
+            return
         if scope["method"] not in ("GET", "HEAD"):
             err = BadRequest("Streams are read with GET.")
             err.code = "method_not_allowed"
