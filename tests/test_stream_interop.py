@@ -74,9 +74,20 @@ def test_websocket_refusals_and_ends_carry_the_error_code_as_close_reason(
                 socket.recv(timeout=5)
         received = closed.value.rcvd
         assert received is not None and received.code == code, (path, received)
-        # daphne 4 drops the reason of every close it sends (its handle_reply passes on
-        # only the code); uvicorn sends it.
-        assert received.reason == (reason if asgi_server == "uvicorn" else ""), (path, received)
+        assert received.reason == reason, (path, received)
+    # An open stream that ends says why too.
+    url = ws_url(server, f"/ws/sessions/{shared_session.id}/?token={token_for(alice)}")
+    with ws_connect(url, open_timeout=5) as socket:
+        assert json.loads(socket.recv(timeout=5))["type"] == "server.connected"
+        deleted = httpx.delete(
+            f"{server.url}/api/sessions/{shared_session.id}/", headers={"Authorization": f"Bearer {token_for(alice)}"}
+        )
+        assert deleted.status_code == 204
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                socket.recv(timeout=5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4404, "session_deleted")
     assert_clean_log(server)
 
 
