@@ -27,6 +27,15 @@ from project.errors import ApiError, BadRequest, InternalError
 
 log = logging.getLogger(__name__)
 
+try:  # what daphne's WebSocket library raises on a send after the client left
+    from autobahn.exception import Disconnected as _Disconnected
+except ImportError:  # pragma: no cover - daphne not installed
+    class _Disconnected(Exception):  # type: ignore[no-redef]
+        pass
+
+# A client that went away mid-write: uvicorn raises ClientDisconnected (an OSError).
+CLIENT_GONE: tuple[type[BaseException], ...] = (OSError, _Disconnected)
+
 NO_LAYER = "tandem-no-layer"  # an alias that names no layer: no per-consumer channel
 
 SSE_HEADERS = [
@@ -253,8 +262,8 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             reason = await conn.run()
         except asyncio.CancelledError:
             raise
-        except OSError:
-            return  # the client went away mid-write (uvicorn's ClientDisconnected): nothing to tell it
+        except CLIENT_GONE:
+            return  # the client went away mid-write: nothing to tell it
         except Exception:
             log.exception("WebSocket stream failed")
             reason = "internal_error"
