@@ -245,3 +245,19 @@ def test_a_cursor_whose_snapshot_is_gone_or_another_users_resets_every_session(
     for bad in ["s" + "A" * 15, "sAAAAAAAAAAAAAAAA.zz-1", "x" * 300, "sAAAAAAAAAAAAAAAA" + ".1-1" * 70]:
         response = httpx.get(f"{server.url}/api/stream/", headers={"Authorization": f"Bearer {token_for(alice)}", "Last-Event-ID": bad})
         assert response.status_code == 400, (bad, response.text)
+
+
+@pytest.mark.django_db
+def test_cursor_snapshots_are_pruned_with_the_events(alice: Any, settings: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from events_app.services import prune_expired
+
+    settings.TANDEM_EVENT_RETENTION_SECONDS = 3600
+    now = timezone.now()
+    CursorSnapshot.objects.create(id="o" * 16, user_id=alice.pk, positions="[]", created_at=now - timedelta(hours=2))
+    CursorSnapshot.objects.create(id="n" * 16, user_id=alice.pk, positions="[]", created_at=now)
+    prune_expired()
+    assert list(CursorSnapshot.objects.values_list("id", flat=True)) == ["n" * 16]
