@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from typing import Any
 
 import orjson
@@ -26,6 +27,15 @@ from project.errors import ApiError, BadRequest, InternalError
 
 log = logging.getLogger(__name__)
 
+try:  # what daphne's WebSocket library raises on a send after the client left
+    from autobahn.exception import Disconnected as _Disconnected
+except ImportError:  # pragma: no cover - daphne not installed
+    class _Disconnected(Exception):  # type: ignore[no-redef]
+        pass
+
+# A client that went away mid-write: uvicorn raises ClientDisconnected (an OSError).
+CLIENT_GONE: tuple[type[BaseException], ...] = (OSError, _Disconnected)
+
 NO_LAYER = "tandem-no-layer"  # an alias that names no layer: no per-consumer channel
 
 SSE_HEADERS = [
@@ -34,16 +44,49 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
-def _cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-    """CORS for the SSE endpoints, which Django's CORS middleware never sees: only for
-    the configured origins, the same list the REST API allows."""
+def _allowed_origin(scope: dict[str, Any]) -> bytes | None:
     origin = next((v for k, v in scope.get("headers", []) if k == b"origin"), None)
     if origin is None or origin.decode("latin-1") not in settings.CORS_ALLOWED_ORIGINS:
-        return []
-    return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
+        return None
+    return origin
 
 
-# Why a WebSocket stream closed -> its close code.
+def _cors_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """CORS for the SSE endpoints, which Django's CORS middleware never sees: only for
+    the configured origins, the same list the REST API allows. Credentialed, so that
+    ``new EventSource(url, {withCredentials: true})`` on an allowed origin authenticates
+    by the session cookie on every one of its own reconnects (a ticket in the URL
+    expires; the cookie lasts as long as the sign-in)."""
+    origin = _allowed_origin(scope)
+    if origin is None:
+        return [(b"vary", b"origin")]
+    return [
+        (b"access-control-allow-origin", origin),
+        (b"access-control-allow-credentials", b"true"),
+        (b"access-control-expose-headers", ", ".join(settings.CORS_EXPOSE_HEADERS).encode()),
+        (b"vary", b"origin"),
+    ]
+
+
+# What a fetch-based SSE client may send cross-origin: the REST API's list, plus
+# Cache-Control, which some such clients set on stream requests.
+def _preflight_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The answer to a CORS preflight, as django-cors-headers answers REST ones: 200 with
+    an empty body, and the CORS headers only for an allowed origin (the browser then
+    refuses the request itself for any other)."""
+    headers = [(b"content-length", b"0"), *_cors_headers(scope)]
+    if _allowed_origin(scope) is not None:
+        allow = [*settings.CORS_ALLOW_HEADERS, "cache-control"]
+        headers += [
+            (b"access-control-allow-methods", b"GET, HEAD, OPTIONS"),
+            (b"access-control-allow-headers", ", ".join(allow).encode()),
+            (b"access-control-max-age", str(settings.CORS_PREFLIGHT_MAX_AGE).encode()),
+        ]
+    return headers
+
+
+# Why a WebSocket stream closed -> its close code. The reason (the key) is also the close
+# frame's reason text, for clients that log or switch on it.
 WS_CLOSE_CODES = {
     "auth_expired": 4401,
     "member_removed": 4403,
@@ -53,7 +96,37 @@ WS_CLOSE_CODES = {
     # sends 1000 or 3000-4999.
     "shutdown": 4012,
     "gap": 4000,
+    "payload_too_large": 4009,
+    "internal_error": 1011,
 }
+
+
+def _daphne_sends_close_reasons() -> None:
+    """daphne 4 drops the reason of a ``websocket.close`` (its ``handle_reply`` passes on
+    the code only), so under daphne every close frame's reason was empty. Where daphne
+    runs this process, pass the reason on too. A no-op under any other server, and if
+    daphne's protocol class no longer looks as expected."""
+    module = sys.modules.get("daphne.ws_protocol")
+    protocol = getattr(module, "WebSocketProtocol", None)
+    original = getattr(protocol, "handle_reply", None)
+    if protocol is None or original is None or getattr(original, "tandem_reasons", False):
+        return
+
+    def handle_reply(self: Any, message: dict[str, Any]) -> None:
+        code, reason = message.get("code"), message.get("reason")
+        if (
+            message.get("type") == "websocket.close" and reason and isinstance(code, int)
+            and 3000 <= code <= 4999 and self.state == self.STATE_OPEN
+        ):
+            self.sendClose(code=code, reason=str(reason)[:120])
+            return
+        original(self, message)
+
+    handle_reply.tandem_reasons = True  # type: ignore[attr-defined]
+    protocol.handle_reply = handle_reply
+
+
+_daphne_sends_close_reasons()
 
 
 class SSEConsumer(AsyncHttpConsumer):
@@ -70,6 +143,9 @@ class SSEConsumer(AsyncHttpConsumer):
         serving(asyncio.current_task())
         self.scope = scope
         self.base_send = send
+        if scope["method"] == "OPTIONS" and any(k == b"access-control-request-method" for k, _ in scope["headers"]):
+            await self.send_response(200, b"", headers=_preflight_headers(scope))
+            return
         if scope["method"] not in ("GET", "HEAD"):
             err = BadRequest("Streams are read with GET.")
             err.code = "method_not_allowed"
@@ -150,7 +226,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             # The server is shutting down (daphne cancels every application on SIGTERM):
             # tell the client to reconnect, elsewhere, with its last seq; then clean up.
             with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": WS_CLOSE_CODES["shutdown"]})
+                await send({"type": "websocket.close", "code": WS_CLOSE_CODES["shutdown"], "reason": "shutdown"})
             with contextlib.suppress(Exception):
                 await self.disconnect(WS_CLOSE_CODES["shutdown"])
             raise
@@ -170,7 +246,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             request = await off_loop(prepare)(self.scope, session_id, "ws")
         except ApiError as err:
             await self.accept()
-            await self.close(code=4000 + err.status if err.status < 1000 else 4500)
+            await self.close(code=4000 + err.status if err.status < 1000 else 4500, reason=err.code)
             return
         self.conn = Connection(request, self._write)  # from here, disconnect() releases its slot
         await self.accept()
@@ -179,15 +255,16 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         self.conn.when_server_stops(self._server_stops)
 
     def _too_slow(self) -> None:
-        self._end(WS_CLOSE_CODES["slow_client"])
+        self._end("slow_client")
 
     def _server_stops(self) -> None:
-        self._end(WS_CLOSE_CODES["shutdown"])
+        self._end("shutdown")
 
-    def _end(self, code: int) -> None:
+    def _end(self, reason: str) -> None:
+        code = WS_CLOSE_CODES[reason]
         if self.task is not None:
             self.task.cancel()
-        asyncio.ensure_future(self.close(code=code))
+        asyncio.ensure_future(self.close(code=code, reason=reason))
 
     async def _stream(self, conn: Connection) -> None:
         try:
@@ -195,12 +272,14 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             reason = await conn.run()
         except asyncio.CancelledError:
             raise
-        except OSError:
-            return  # the client went away mid-write (uvicorn's ClientDisconnected): nothing to tell it
+        except CLIENT_GONE:
+            return  # the client went away mid-write: nothing to tell it
         except Exception:
             log.exception("WebSocket stream failed")
-            reason = "error"
-        await self.close(code=WS_CLOSE_CODES.get(reason, 1011))
+            reason = "internal_error"
+        if reason not in WS_CLOSE_CODES:
+            reason = "internal_error"
+        await self.close(code=WS_CLOSE_CODES[reason], reason=reason)
 
     async def _write(self, chunks: list[Any]) -> None:
         for text in chunks:
@@ -213,7 +292,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         if size > settings.TANDEM_MAX_WS_FRAME:
             # 1009 is "message too big", but daphne's WebSocket library only sends 1000
             # or 3000-4999, so it is 4009 here.
-            await self.close(code=4009)
+            await self.close(code=WS_CLOSE_CODES["payload_too_large"], reason="payload_too_large")
             return
         if text_data is None:
             reply: dict[str, Any] | None = {

@@ -22,3 +22,19 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}#{self.seq} {self.type}"
+
+
+class CursorSnapshot(models.Model):
+    """The positions of a user-level stream at one moment, so its cursor can name them in
+    a few bytes whatever the number of sessions (docs/API.md, "The user-level stream").
+    ``positions`` is the JSON list ``[[session_id, seq], ...]``; a cursor refers to a
+    session by its index in that list. Written before any cursor naming it is sent;
+    deleted after ``TANDEM_EVENT_RETENTION_SECONDS``."""
+
+    id = models.CharField(primary_key=True, max_length=16)
+    user_id = models.BigIntegerField()
+    positions = models.TextField()
+    created_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.id} (user {self.user_id})"

@@ -4,14 +4,15 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
+import orjson
 from channels.security.websocket import OriginValidator
 from django.conf import settings
-from django.urls import path
+from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
 from events_app.runtime import off_loop
 from project.auth import authenticate_stream
-from project.errors import ApiError
+from project.errors import ApiError, NotFound
 
 def _has_origin(scope: dict[str, Any]) -> bool:
     return any(key == b"origin" for key, _ in scope.get("headers", []))
@@ -60,7 +61,28 @@ sse_urlpatterns = [
     path("api/stream/", SSEConsumer.as_asgi()),
 ]
 
+async def no_such_socket(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A WebSocket handshake on a path with no stream (``/ws/stream`` without its slash,
+    an upgrade to ``/api/stream/``): refused before it is accepted, never an exception
+    (Channels' router raises one, which servers turn into a 500 and a traceback). Where
+    the server implements the ASGI WebSocket Denial Response extension (uvicorn) the
+    answer is a ``404`` with the error shape; otherwise (daphne) it is a close before
+    accept, which the server answers with ``403``."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return  # the client left first
+    err = NotFound("No stream at this path.")
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send({
+            "type": "websocket.http.response.start", "status": err.status,
+            "headers": [(b"content-type", b"application/json")],
+        })
+        await send({"type": "websocket.http.response.body", "body": orjson.dumps(err.body())})
+    else:
+        await send({"type": "websocket.close", "code": 4000 + err.status, "reason": err.code})
+
 websocket_urlpatterns = [
     path("ws/sessions/<str:session_id>/", StreamSocketConsumer.as_asgi()),
     path("ws/stream/", StreamSocketConsumer.as_asgi()),
+    re_path(r"", no_such_socket),
 ]

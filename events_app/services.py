@@ -158,11 +158,21 @@ def events_between(session_id: str, after: int, upto: int, limit: int = 500) -> 
     return [Frame(seq, session_id, t, env) for seq, t, env in rows]
 
 
+# No seq reaches this (seqs are 64-bit signed integers in the database).
+BEYOND_EVERY_HEAD = 2**63 - 1
+
+
 def parse_position(raw: str | None, name: str) -> int | None:
+    """A position is ASCII digits and nothing else (no sign, space, or ``_``). Any number
+    of them is well-formed: one too large for a seq is beyond every head, like any
+    position past the head (``stream.reset``/``reset``), never a 400."""
     if raw is None or raw == "":
         return None
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+    if not raw.isascii() or not raw.isdigit():
         raise BadRequest(f"{name} must be a non-negative integer.", details={name: raw[:40]})
+    # Compare by length before converting: int() of thousands of digits is slow, and refused.
+    if len(raw.lstrip("0")) > 18:
+        return BEYOND_EVERY_HEAD
     return int(raw)
 
 
@@ -170,8 +180,11 @@ def parse_position(raw: str | None, name: str) -> int | None:
 
 
 def prune_expired() -> int:
+    from events_app import cursors
+
     cutoff = timezone.now() - timedelta(seconds=settings.TANDEM_EVENT_RETENTION_SECONDS)
     deleted, _ = Event.objects.filter(created_at__lt=cutoff).delete()
+    cursors.prune()  # the user-level cursors' snapshots live as long as events
     return deleted
 
 

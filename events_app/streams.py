@@ -10,8 +10,6 @@ it, then drains the queue, skipping what the replay already sent.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import secrets
 import weakref
@@ -21,12 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from events_app import fanout, presence
+from events_app import cursors, fanout, presence
 from events_app.runtime import off_loop
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
 from project.limits import release_stream_slot, take_stream_slot
@@ -39,7 +36,9 @@ from sessions_app.serializers import user_data
 
 log = logging.getLogger(__name__)
 
-SSE_PREAMBLE = b"retry: 3000\n\n"
+# A field of the first event's block, not a block of its own: clients such as httpx-sse
+# yield every block as an event, and an empty one breaks the usual json.loads(data).
+SSE_RETRY = b"retry: 3000\n"
 REPLAY_BATCH = 500
 
 
@@ -53,6 +52,7 @@ class StreamRequest:
     named: bool
     resume: int | dict[str, int] | None
     connection_id: str = ""  # also the stream's slot in the per-user limit
+    cursor: cursors.Resume | None = None  # the user-level stream's, when resuming
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -60,24 +60,6 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
-
-
-def decode_cursor(raw: str) -> dict[str, int]:
-    try:
-        padded = raw + "=" * (-len(raw) % 4)
-        data = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, binascii.Error, UnicodeEncodeError, orjson.JSONDecodeError):
-        raise BadRequest("The cursor is not valid.") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in data.items()
-    ):
-        raise BadRequest("The cursor is not valid.")
-    return data
-
-
-def encode_cursor(positions: dict[str, int]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(positions)).rstrip(b"=").decode("ascii")
 
 
 def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
@@ -100,15 +82,20 @@ def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> St
     if raw_resume is None or raw_resume == "":
         raw_resume = params.get("last_event_id")
     resume: int | dict[str, int] | None
+    cursor: cursors.Resume | None = None
     if session_id is not None:
         resume = parse_position(raw_resume, "last_event_id")
+    elif raw_resume:
+        cursor = cursors.decode(raw_resume, creds.user.pk)
+        resume = cursor.positions
     else:
-        resume = decode_cursor(raw_resume) if raw_resume else None
+        resume = None
     connection_id = f"con_{secrets.token_hex(8)}"
     # Last, so a refused request never holds a slot; Connection.close gives it back.
     take_stream_slot(creds.user.pk, connection_id)
     return StreamRequest(
-        creds.user, creds.expires_at, session_id, transport, types, named, resume, connection_id
+        creds.user, creds.expires_at, session_id, transport, types, named, resume, connection_id,
+        cursor,
     )
 
 
@@ -205,6 +192,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._expires_at: float | None = None  # loop time
         self._on_server_stop: Callable[[], object] | None = None
+        self.cursors = cursors.CursorTracker(self.user_id) if request.session_id is None else None
 
     # ------------------------------------------------------------ hub callbacks
 
@@ -283,9 +271,10 @@ class Connection:
             connected["last_seq"] = None
         for sid, (position, reason) in plans.items():
             self.positions[sid] = heads.get(sid, 0) if reason is not None else position
-        if req.session_id is None:
-            connected["cursor"] = encode_cursor(self.positions)
-        first: list[Any] = [SSE_PREAMBLE] if self.sse else []
+        if self.cursors is not None:
+            self.cursors.start(self.positions, req.cursor.snapshot if req.cursor else None)
+            connected["cursor"] = self.cursors.cursor(self.positions)
+        first: list[Any] = [SSE_RETRY] if self.sse else []
         first.append(self._render_control(req.session_id, "server.connected", connected))
         for sid, reason in resets:
             first.append(
@@ -311,6 +300,9 @@ class Connection:
         for sid, head in heads.items():
             if req.session_id is not None:
                 after = req.resume if isinstance(req.resume, int) else None
+            elif req.cursor is not None and not req.cursor.known:
+                plans[sid] = (head, "unknown_position")  # its snapshot is gone
+                continue
             elif isinstance(req.resume, dict):
                 after = req.resume.get(sid, 0)  # joined since the cursor: from the start
             else:
@@ -331,6 +323,9 @@ class Connection:
             after = frames[-1].seq or upto
 
     async def send(self, chunks: list[Any]) -> None:
+        if self.cursors is not None and self.cursors.pending:
+            # Stored before any frame naming them leaves: every cursor a client holds resumes.
+            await off_loop(cursors.save)(self.cursors.take_pending())
         self._last_write = self._loop.time()
         await self.write(chunks)
 
@@ -347,6 +342,8 @@ class Connection:
             self._expired = True
             self._wake()
             return
+        if self.cursors is not None and self.cursors.too_old():
+            self.cursors.stale = True  # the next cursor names a new snapshot
         if now - self._last_write >= self._heartbeat - 0.001:
             self._beat_due = True
             self._last_write = now  # the next heartbeat is a period after this one
@@ -467,11 +464,13 @@ class Connection:
                 # resume from what it has rather than read a hole.
                 raise StreamClosed("gap")
             self.positions[frame.session_id or ""] = frame.seq
+            if self.cursors is not None:
+                self.cursors.advance(frame.session_id or "", frame.seq)
         types = self.request.types
         if types is not None and not types(frame.type):
             return None
-        if self.request.session_id is None and frame.seq is not None:
-            cursor = encode_cursor(self.positions)
+        if self.cursors is not None and frame.seq is not None:
+            cursor = self.cursors.cursor(self.positions)
             envelope = frame.with_cursor(cursor)
             if self.sse:
                 return sse_bytes(envelope, cursor, frame.type if self.request.named else None)
@@ -505,6 +504,8 @@ class Connection:
                 return
             after = min(int(fields["after"]), head)
             self.positions[session_id] = after
+            if self.cursors is not None:
+                self.cursors.advance(session_id, after)
             await self._replay(session_id, after, head)
 
     async def _on_session_deleted(self, frame: Frame, batch: list[Any]) -> None:

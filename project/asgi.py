@@ -92,6 +92,8 @@ class Tandem:
                 status.append(message["status"])
             elif kind == "websocket.accept":
                 status.append(101)
+            elif kind == "websocket.http.response.start":  # a handshake denied with a response
+                status.append(message["status"])
             elif kind == "websocket.close" and not status:
                 status.append(403)
             await send(message)

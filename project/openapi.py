@@ -388,9 +388,10 @@ TYPES_PARAMETER = OpenApiParameter(
 )
 EVENTS_PARAMETERS = [
     OpenApiParameter(
-        "after", {"type": "integer", "minimum": 0, "maximum": 999_999_999_999_999_999},
+        "after", {"type": "integer", "minimum": 0},
         OpenApiParameter.QUERY,
-        description="Return the persisted events after this seq (default 0: from the start).",
+        description="Return the persisted events after this seq (default 0: from the start). "
+        "Any number of digits: beyond the head is `reset: true`.",
     ),
     OpenApiParameter(
         "limit", {"type": "integer", "minimum": 1, "maximum": 1000}, OpenApiParameter.QUERY,
@@ -790,7 +791,8 @@ def _stream_operation(*, session: bool) -> dict[str, Any]:
             "name": "last_event_id", "in": "query", "required": False, "schema": resume,
             "description": "Resume after this "
             + ("seq (`0`: from the start)" if session else "cursor")
-            + "; the `Last-Event-ID` header wins when both are sent. Malformed: 400.",
+            + "; the `Last-Event-ID` header wins when both are sent. Malformed: 400"
+            + ("; beyond the head (any number of digits): `stream.reset`." if session else "."),
         },
         {
             "name": "Last-Event-ID", "in": "header", "required": False, "schema": resume,

@@ -275,8 +275,11 @@ def _server_command(server: str, port: int, log_args: str | None = None) -> list
     return [sys.executable, "-m", "daphne", *flags, "-b", "127.0.0.1", "-p", str(port), "project.asgi:application"]
 
 
-def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server") -> ServerProcess:
-    port = free_port()
+def start_server(
+    env_extra: dict[str, str], tmp_path: Path, name: str = "server", port: int | None = None
+) -> ServerProcess:
+    """A server process; ``port`` restarts one where a stopped one listened."""
+    port = port or free_port()
     env = {
         **os.environ,
         "DATABASE_URL": test_database_url(),

@@ -210,13 +210,11 @@ class SSEClient:
                     return seen
 
     async def connected(self, timeout: float = WAIT) -> SSEFrame:
-        """Open and read the preamble and ``server.connected``."""
+        """Open and read ``server.connected`` (whose block also carries ``retry: 3000``)."""
         status = await self.open(timeout)
         assert status == 200, (status, await self.json())
-        retry = await self.next_frame(timeout)
-        assert retry.retry == 3000 and retry.data is None, retry.raw
-        hello = await self.next_event(timeout)
-        assert hello.type == "server.connected", hello.raw
+        hello = await self.next_frame(timeout)
+        assert hello.type == "server.connected" and hello.retry == 3000, hello.raw
         return hello
 
     def types(self) -> list[str | None]:

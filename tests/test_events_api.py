@@ -94,11 +94,22 @@ def test_history_types_and_limit_combine(shared_session: Any, bob: Any, api: Any
 @pytest.mark.parametrize("query, param", [
     ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=abc", "limit"), ("limit=-1", "limit"),
     ("limit=1.5", "limit"), ("after=abc", "after"), ("after=-1", "after"), ("after=1e3", "after"),
-    ("after=%EF%BC%91", "after"), ("after=99999999999999999999999", "after"),
+    ("after=%EF%BC%91", "after"), ("after=+1", "after"), ("after=%201", "after"),
+    ("limit=99999999999999999999999", "limit"),
 ])
 def test_history_bad_numbers_are_400(shared_session: Any, carol: Any, api: Any, query: str, param: str) -> None:
     error = assert_error(api(carol).get(events_url(shared_session, query)), 400, "bad_request")
     assert param in error["message"] or param in error["details"]
+
+
+@pytest.mark.parametrize("after", ["9223372036854775808", "99999999999999999999999", "9" * 5000])
+def test_history_after_any_position_beyond_the_head_is_a_reset(
+    shared_session: Any, carol: Any, api: Any, after: str
+) -> None:
+    # Well-formed however large: beyond the head, like after=head+1, never a 400.
+    response = api(carol).get(events_url(shared_session, f"after={after}"))
+    assert response.status_code == 200, response.content[:300]
+    assert response.json() == {"events": [], "last_seq": shared_session.last_seq, "reset": True}
 
 
 @pytest.mark.parametrize("types", ["*", "Task.progress", "task..x", "task.*.x", "a" * 70, "task progress", "%00"])

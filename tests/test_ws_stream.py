@@ -99,7 +99,7 @@ async def test_outsider_is_closed_4404(session: Any, charlie: Any) -> None:
     assert await client.closed() == 4404
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "9" * 30])
+@pytest.mark.parametrize("bad", ["abc", "-1", "+1", "1e3", " 1"])
 async def test_malformed_last_event_id_is_closed_4400(session: Any, alice: Any, bad: str) -> None:
     client = ws(session.id, alice, last_event_id=bad)
     accepted, _ = await client.connect()

@@ -187,6 +187,12 @@ export class Tandem {
     return data.ticket;
   }
 
+  /** Whether `base` is the page's own origin, where the session cookie goes along. */
+  sameOrigin() {
+    if (typeof location === "undefined") return false;
+    return this.base === "" || new URL(this.base, location.href).origin === location.origin;
+  }
+
   /**
    * Follow a session's events, or (sessionId null) the user-level stream of every
    * session the user belongs to. Connects at once; reconnects and resumes by itself.
@@ -426,21 +432,26 @@ class Subscription {
     const conn = { kind: transport, closed: false, connected: false, timers: {} };
     this._conn = conn;
 
-    let ticket;
-    try {
-      ticket = await this._client.ticket();
-    } catch (err) {
-      if (conn.closed || this._final) return;
-      if (err.status === 401) {
-        this._terminate("auth_lost", { error: err });
+    // On the page's own origin EventSource sends the session cookie by itself: no ticket
+    // (a credential in the URL, valid for a minute) and one request less per attempt.
+    const byCookie = transport === "sse" && this._client.sameOrigin();
+    let ticket = null;
+    if (!byCookie) {
+      try {
+        ticket = await this._client.ticket();
+      } catch (err) {
+        if (conn.closed || this._final) return;
+        if (err.status === 401) {
+          this._terminate("auth_lost", { error: err });
+          return;
+        }
+        this._failed(conn, "ticket", err);
         return;
       }
-      this._failed(conn, "ticket", err);
-      return;
+      if (conn.closed || this._final) return;
     }
-    if (conn.closed || this._final) return;
 
-    const params = new URLSearchParams({ ticket });
+    const params = new URLSearchParams(ticket ? { ticket } : {});
     const position = this._sessionId !== null ? this._lastSeq : this._cursor;
     if (position != null) params.set("last_event_id", String(position));
     if (this._types) params.set("types", this._types.join(","));
@@ -579,9 +590,12 @@ class Subscription {
 
     // EventSource cannot read the HTTP status of a refusal. Ask REST whether the
     // session is still ours, so a removed member stops instead of retrying forever.
-    if (!wasConnected && this._sessionId !== null && conn.kind === "sse" && reason === "error") {
+    // The user-level stream asks for a ticket instead, which only says whether the user
+    // is still signed in (its SSE attempts send the cookie, not a ticket).
+    if (!wasConnected && conn.kind === "sse" && reason === "error") {
       try {
-        await this._client.get(`/api/sessions/${encodeURIComponent(this._sessionId)}/`);
+        if (this._sessionId !== null) await this._client.get(`/api/sessions/${encodeURIComponent(this._sessionId)}/`);
+        else await this._client.ticket();
       } catch (err) {
         if (this._final) return;
         if (err.status === 401) return this._terminate("auth_lost", { error: err });
