@@ -3,6 +3,7 @@ helpers below, which raise ImproperlyConfigured on a value they cannot read inst
 guessing: a typo in production must stop the process, not change its behaviour."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from datetime import timedelta
@@ -356,12 +357,28 @@ TANDEM_COALESCE_MS = env_int("TANDEM_COALESCE_MS", 40, minimum=0)
 TANDEM_COALESCE_BYTES = env_int("TANDEM_COALESCE_BYTES", 1024, minimum=1)
 TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum=2)
 TANDEM_ALLOWED_ORIGINS = env_origins("TANDEM_ALLOWED_ORIGINS")
-# PROTOCOL §8. The rate is checked here so a typo stops the process at start.
+# PROTOCOL §8. The rates are checked here so a typo stops the process at start.
 TANDEM_RATE_WRITE = env_str("TANDEM_RATE_WRITE", "120/min")
-try:
-    parse_rate(TANDEM_RATE_WRITE)
-except ValueError as exc:
-    raise ImproperlyConfigured(f"TANDEM_RATE_WRITE: {exc}") from None
+# The sign-in endpoints (token, refresh, register, ticket), per client address and per
+# account (project/limits.py AuthThrottle): password guessing is slow from one address
+# and slow against one account from many.
+TANDEM_RATE_AUTH_IP = env_str("TANDEM_RATE_AUTH_IP", "60/min")
+TANDEM_RATE_AUTH_USER = env_str("TANDEM_RATE_AUTH_USER", "10/min")
+for _name in ("TANDEM_RATE_WRITE", "TANDEM_RATE_AUTH_IP", "TANDEM_RATE_AUTH_USER"):
+    try:
+        parse_rate(globals()[_name])
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{_name}: {exc}") from None
+# Proxies whose X-Forwarded-For names the client (addresses or networks): the nginx in
+# front, on this machine by default.
+TANDEM_TRUSTED_PROXIES = env_list("TANDEM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
+for _proxy in TANDEM_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TANDEM_TRUSTED_PROXIES: {_proxy!r} is not an IP address or network"
+        ) from None
 TANDEM_MAX_CONNECTIONS_PER_USER = env_int("TANDEM_MAX_CONNECTIONS_PER_USER", 20, minimum=1)
 
 # Agents (PROTOCOL §7). Replies run in the server process ("inline") unless a Redis

@@ -7,13 +7,14 @@ from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 from events_app.metrics import metrics_view
 from events_app.views import EventListView
 from project import views
+from project.limits import AuthThrottle
 from project.openapi import SchemaView, SwaggerView
 from sessions_app import pages
 from sessions_app.views import RegisterView, TicketView
 
 api = [
-    path("auth/token/", TokenObtainPairView.as_view()),
-    path("auth/token/refresh/", TokenRefreshView.as_view()),
+    path("auth/token/", TokenObtainPairView.as_view(throttle_classes=[AuthThrottle])),
+    path("auth/token/refresh/", TokenRefreshView.as_view(throttle_classes=[AuthThrottle])),
     path("auth/register/", RegisterView.as_view()),
     path("auth/ticket/", TicketView.as_view()),
     path("sessions/<str:session_id>/events/", EventListView.as_view()),

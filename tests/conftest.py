@@ -61,6 +61,7 @@ def _fast_settings(settings: Any) -> None:
     settings.TANDEM_ECHO_DELAY_MS = 1
     # Tests publish in bursts; the limits have tests of their own that set them.
     settings.TANDEM_RATE_WRITE = "none"
+    settings.TANDEM_RATE_AUTH_IP = settings.TANDEM_RATE_AUTH_USER = "none"
     from project.limits import forget_local_state
 
     forget_local_state()
@@ -222,6 +223,8 @@ def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server"
         "TANDEM_ECHO_DELAY_MS": "2",
         "TANDEM_FAST_PASSWORD_HASHER": "1",
         "TANDEM_RATE_WRITE": "none",
+        "TANDEM_RATE_AUTH_IP": "none",
+        "TANDEM_RATE_AUTH_USER": "none",
         "PYTHONUNBUFFERED": "1",
         **env_extra,
     }
