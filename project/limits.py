@@ -12,6 +12,7 @@ import ipaddress
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -150,20 +151,30 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+def check_sign_in_rate(bucket: str, meta: dict[str, Any], account: str | None) -> None:
+    """Count one sign-in request in ``bucket`` per client address (TANDEM_RATE_AUTH_IP)
+    and, when known, per account (TANDEM_RATE_AUTH_USER); RateLimited past either."""
+    base = f"{_prefix()}:auth:{bucket}"
+    _count(f"{base}:ip:{_digest(client_ip(meta))}", settings.TANDEM_RATE_AUTH_IP, "sign-in requests")
+    if account is not None:
+        _count(f"{base}:user:{_digest(account)}", settings.TANDEM_RATE_AUTH_USER, "sign-in requests")
+
+
+# Every form that checks a password shares one bucket, so the pages add no guesses to
+# the API's.
+_BUCKETS = {"token": "password", "refresh": "refresh", "register": "register", "ticket": "ticket"}
+
+
 class AuthThrottle:
     """The sign-in endpoints (token, refresh, register, ticket): per client address at
-    TANDEM_RATE_AUTH_IP and per account at TANDEM_RATE_AUTH_USER, counted per endpoint
-    so that, say, failed logins never use up the tickets of a signed-in user. The account
-    is the username sent (whether or not it exists, so the limit leaks nothing), the user
-    of a valid refresh token, or the caller."""
+    TANDEM_RATE_AUTH_IP and per account at TANDEM_RATE_AUTH_USER, counted per kind of
+    request so that, say, failed logins never use up the tickets of a signed-in user. The
+    account is the username sent (whether or not it exists, so the limit leaks nothing),
+    the user of a valid refresh token, or the caller."""
 
     def allow_request(self, request: Any, view: Any) -> bool:
         endpoint = request.path.rstrip("/").rsplit("/", 1)[-1]
-        base = f"{_prefix()}:auth:{endpoint}"
-        _count(f"{base}:ip:{_digest(client_ip(request.META))}", settings.TANDEM_RATE_AUTH_IP, "sign-in requests")
-        account = self._account(request)
-        if account is not None:
-            _count(f"{base}:user:{_digest(account)}", settings.TANDEM_RATE_AUTH_USER, "sign-in requests")
+        check_sign_in_rate(_BUCKETS.get(endpoint, endpoint), request.META, self._account(request))
         return True
 
     @staticmethod
@@ -188,6 +199,30 @@ class AuthThrottle:
 
     def wait(self) -> float | None:
         return None
+
+
+def sign_in_throttled(bucket: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The same limits for the HTML forms that take a password (the login pages, the
+    sign-up page): a POST past them gets a plain 429 page with Retry-After."""
+
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def throttled(request: Any, *args: Any, **kwargs: Any) -> Any:
+            if request.method == "POST":
+                username = request.POST.get("username")
+                try:
+                    check_sign_in_rate(bucket, request.META, f"name:{username}" if username else None)
+                except RateLimited as err:
+                    from django.http import HttpResponse
+
+                    response = HttpResponse(f"{err.message}\n", status=429, content_type="text/plain; charset=utf-8")
+                    response["Retry-After"] = err.headers["Retry-After"]
+                    return response
+            return view(request, *args, **kwargs)
+
+        return throttled
+
+    return decorate
 
 
 # ---------------------------------------------------------------- open streams

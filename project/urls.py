@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.urls import include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from events_app.metrics import metrics_view
 from events_app.views import EventListView
 from project import views
-from project.limits import AuthThrottle
+from project.limits import AuthThrottle, sign_in_throttled
 from project.openapi import SchemaView, SwaggerView
 from sessions_app import pages
 from sessions_app.views import RegisterView, TicketView
@@ -26,8 +27,11 @@ api = [
 ]
 
 urlpatterns = [
+    # Every form that takes a password is throttled like /api/auth/ (project/limits.py).
+    path("admin/login/", sign_in_throttled("password")(admin.site.login)),
     path("admin/", admin.site.urls),
-    path("accounts/signup/", pages.signup_page, name="signup"),
+    path("accounts/login/", sign_in_throttled("password")(LoginView.as_view()), name="login"),
+    path("accounts/signup/", sign_in_throttled("register")(pages.signup_page), name="signup"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include(api)),
     path("healthz", views.healthz),

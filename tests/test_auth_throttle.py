@@ -145,3 +145,30 @@ def test_the_limit_holds_across_processes(servers: Any, alice: Any) -> None:
         refused = httpx.post(f"{server.url}/api/auth/token/", json={"username": "alice", "password": PASSWORD}, timeout=10)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
         assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_the_login_pages_share_the_apis_password_limit(alice: Any, settings: Any) -> None:
+    from django.test import Client
+
+    settings.TANDEM_RATE_AUTH_USER = "3/hour"
+    fresh_window()
+    browser = Client(REMOTE_ADDR="203.0.113.70")
+    assert browser.post("/accounts/login/", {"username": "alice", "password": "guess1"}).status_code == 200
+    assert browser.post("/admin/login/", {"username": "alice", "password": "guess2"}).status_code == 200
+    assert login("alice").status_code == 401
+    for path in ("/accounts/login/", "/admin/login/"):
+        refused = browser.post(path, {"username": "alice", "password": PASSWORD})
+        assert refused.status_code == 429 and int(refused["Retry-After"]) >= 1
+    assert_throttled(login("alice", PASSWORD))
+    assert browser.get("/accounts/login/").status_code == 200  # the form itself still shows
+
+
+def test_the_signup_page_is_throttled_per_address(settings: Any) -> None:
+    from django.test import Client
+
+    settings.TANDEM_RATE_AUTH_IP = "1/hour"
+    fresh_window()
+    browser = Client(REMOTE_ADDR="203.0.113.80")
+    form = {"username": "newbie", "password1": "plum-orbit-lantern-72", "password2": "plum-orbit-lantern-72"}
+    assert browser.post("/accounts/signup/", form).status_code == 302
+    assert browser.post("/accounts/signup/", {**form, "username": "newbie2"}).status_code == 429
