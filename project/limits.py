@@ -153,11 +153,18 @@ def _digest(value: str) -> str:
 
 def check_sign_in_rate(bucket: str, meta: dict[str, Any], account: str | None) -> None:
     """Count one sign-in request in ``bucket`` per client address (TANDEM_RATE_AUTH_IP)
-    and, when known, per account (TANDEM_RATE_AUTH_USER); RateLimited past either."""
+    and, when known, per account (TANDEM_RATE_AUTH_USER); RateLimited past either.
+    Tickets count at TANDEM_RATE_TICKET instead: their caller is already signed in, and
+    every stream a page opens or reopens takes one."""
+    if bucket == "ticket":
+        ip_rate = user_rate = settings.TANDEM_RATE_TICKET
+    else:
+        ip_rate, user_rate = settings.TANDEM_RATE_AUTH_IP, settings.TANDEM_RATE_AUTH_USER
+    what = "ticket requests" if bucket == "ticket" else "sign-in requests"
     base = f"{_prefix()}:auth:{bucket}"
-    _count(f"{base}:ip:{_digest(client_ip(meta))}", settings.TANDEM_RATE_AUTH_IP, "sign-in requests")
+    _count(f"{base}:ip:{_digest(client_ip(meta))}", ip_rate, what)
     if account is not None:
-        _count(f"{base}:user:{_digest(account)}", settings.TANDEM_RATE_AUTH_USER, "sign-in requests")
+        _count(f"{base}:user:{_digest(account)}", user_rate, what)
 
 
 # Every form that checks a password shares one bucket, so the pages add no guesses to

@@ -99,7 +99,8 @@ RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 AUTH_THROTTLED = (
     "`rate_limited`: too many sign-in requests from your address (`TANDEM_RATE_AUTH_IP`) "
-    "or for this account (`TANDEM_RATE_AUTH_USER`); retry after `Retry-After` seconds."
+    "or for this account (`TANDEM_RATE_AUTH_USER`; tickets: `TANDEM_RATE_TICKET`); retry "
+    "after `Retry-After` seconds."
 )
 
 

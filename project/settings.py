@@ -364,7 +364,10 @@ TANDEM_RATE_WRITE = env_str("TANDEM_RATE_WRITE", "120/min")
 # and slow against one account from many.
 TANDEM_RATE_AUTH_IP = env_str("TANDEM_RATE_AUTH_IP", "60/min")
 TANDEM_RATE_AUTH_USER = env_str("TANDEM_RATE_AUTH_USER", "10/min")
-for _name in ("TANDEM_RATE_WRITE", "TANDEM_RATE_AUTH_IP", "TANDEM_RATE_AUTH_USER"):
+# Stream tickets, per address and per user: generous, since every stream a page opens or
+# reopens takes one and the caller has already signed in.
+TANDEM_RATE_TICKET = env_str("TANDEM_RATE_TICKET", "120/min")
+for _name in ("TANDEM_RATE_WRITE", "TANDEM_RATE_AUTH_IP", "TANDEM_RATE_AUTH_USER", "TANDEM_RATE_TICKET"):
     try:
         parse_rate(globals()[_name])
     except ValueError as exc:

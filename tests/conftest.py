@@ -61,7 +61,7 @@ def _fast_settings(settings: Any) -> None:
     settings.TANDEM_ECHO_DELAY_MS = 1
     # Tests publish in bursts; the limits have tests of their own that set them.
     settings.TANDEM_RATE_WRITE = "none"
-    settings.TANDEM_RATE_AUTH_IP = settings.TANDEM_RATE_AUTH_USER = "none"
+    settings.TANDEM_RATE_AUTH_IP = settings.TANDEM_RATE_AUTH_USER = settings.TANDEM_RATE_TICKET = "none"
     from project.limits import forget_local_state
 
     forget_local_state()
@@ -225,6 +225,7 @@ def start_server(env_extra: dict[str, str], tmp_path: Path, name: str = "server"
         "TANDEM_RATE_WRITE": "none",
         "TANDEM_RATE_AUTH_IP": "none",
         "TANDEM_RATE_AUTH_USER": "none",
+        "TANDEM_RATE_TICKET": "none",
         "PYTHONUNBUFFERED": "1",
         **env_extra,
     }

@@ -64,7 +64,8 @@ def test_bad_environment_stops_the_process_with_a_clear_message() -> None:
     "name, value",
     [("TANDEM_RATE_WRITE", "lots"), ("TANDEM_RATE_WRITE", "0/min"), ("TANDEM_AGENT_MODE", "both"),
      ("TANDEM_MAX_CONNECTIONS_PER_USER", "0"), ("TANDEM_RATE_AUTH_IP", "fast"),
-     ("TANDEM_RATE_AUTH_USER", "10/day"), ("TANDEM_TRUSTED_PROXIES", "nginx.local")],
+     ("TANDEM_RATE_AUTH_USER", "10/day"), ("TANDEM_TRUSTED_PROXIES", "nginx.local"),
+     ("TANDEM_RATE_TICKET", "many")],
 )
 def test_bad_limits_and_modes_stop_the_process(name: str, value: str) -> None:
     result = _load_settings({name: value})
@@ -217,5 +218,5 @@ def test_allowed_origins_accept_scheme_host_and_port() -> None:
 
 
 def test_sign_in_is_throttled_by_default() -> None:
-    result = _load_settings({}, "settings.TANDEM_RATE_AUTH_IP, settings.TANDEM_RATE_AUTH_USER")
-    assert result.stdout.split() == ["60/min", "10/min"], result.stderr
+    result = _load_settings({}, "settings.TANDEM_RATE_AUTH_IP, settings.TANDEM_RATE_AUTH_USER, settings.TANDEM_RATE_TICKET")
+    assert result.stdout.split() == ["60/min", "10/min", "120/min"], result.stderr
