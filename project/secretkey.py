@@ -30,14 +30,13 @@ def quickstart_key() -> str:
     """The key at ``quickstart_key_path()``, created (mode 0600) if there is none yet."""
     path = quickstart_key_path()
     try:
-        return _read(path)
-    except FileNotFoundError:
-        pass
-    try:
-        return _create(path)
+        try:
+            return _read(path)
+        except FileNotFoundError:
+            return _create(path)
     except OSError as exc:
         raise ImproperlyConfigured(
-            f"Cannot create the quick start's secret key at {path} ({exc.strerror}): "
+            f"Cannot read or create the quick start's secret key at {path} ({exc.strerror}): "
             f"set SECRET_KEY, SECRET_KEY_FILE or {PATH_VARIABLE}"
         ) from None
 

@@ -109,3 +109,20 @@ def test_quick_start_key_lives_under_xdg_state_home_by_default(tmp_path: Path) -
     assert first.stdout.strip() == second.stdout.strip() == key
     other = _settings_process({"XDG_STATE_HOME": str(tmp_path / "elsewhere")})
     assert other.stdout.strip() != key  # per installation, not per release
+
+
+def test_a_fresh_checkout_in_ci_gets_a_key_under_home(tmp_path: Path) -> None:
+    # CI: a fresh clone, no XDG variables, only HOME (and CI=true).
+    result = _settings_process({"HOME": str(tmp_path), "CI": "true"})
+    assert result.returncode == 0, result.stderr
+    key_path = tmp_path / ".local" / "state" / "tandem" / "secret_key"
+    assert result.stdout.strip() == key_path.read_text().strip()
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+
+
+def test_an_unwritable_state_directory_stops_the_quick_start_with_a_clear_message(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    result = _settings_process({"TANDEM_SECRET_KEY_PATH": str(blocked / "secret_key")})
+    assert result.returncode != 0
+    assert "Cannot read or create the quick start's secret key" in result.stderr and "SECRET_KEY" in result.stderr
