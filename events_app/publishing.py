@@ -55,7 +55,7 @@ def publish_event(
     event = {"type": type, "properties": {} if properties is None else properties}
     session, _ = session_for(user, session_id, Role.EDITOR)
     frame = _publish_checked(user, session.id, event, body_bytes=None)
-    _arrange_exit_flush()
+    arrange_exit_flush()
     return orjson.loads(frame.envelope)  # type: ignore[no-any-return]
 
 
@@ -80,7 +80,7 @@ def publish_json(
     if require_properties and "properties" not in event:
         raise ValidationFailed(details={"properties": ["This field is required."]})
     frame = _publish_checked(user, session.id, event, body_bytes=len(raw))
-    _arrange_exit_flush()
+    arrange_exit_flush()
     return orjson.loads(frame.envelope)  # type: ignore[no-any-return]
 
 
@@ -167,7 +167,7 @@ _exit_flush_lock = threading.Lock()
 _exit_flush_registered = False
 
 
-def _arrange_exit_flush() -> None:
+def arrange_exit_flush() -> None:
     """A script's process may end right after publishing, before the runtime thread has
     sent the event on: let the interpreter wait for it at exit."""
     global _exit_flush_registered

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlparse
 
 import orjson
-from channels.security.websocket import OriginValidator
+from channels.security.websocket import WebsocketDenier
 from django.conf import settings
+from django.http.request import split_domain_port, validate_host
 from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
@@ -16,6 +16,13 @@ from project.errors import ApiError, NotFound
 
 def _has_origin(scope: dict[str, Any]) -> bool:
     return any(key == b"origin" for key, _ in scope.get("headers", []))
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 class StreamAuthMiddleware:
@@ -38,20 +45,54 @@ class StreamAuthMiddleware:
         return await self.app({**scope, "stream_auth": auth}, receive, send)
 
 
-class StreamOriginValidator(OriginValidator):
-    """Browsers must come from an allowed origin; a handshake with no Origin at all is
-    a program, and is let through to authenticate by token or ticket."""
+def _same_origin(scope: dict[str, Any]) -> str | None:
+    """The handshake's own origin, ``scheme://host[:port]``, as Django's CSRF check
+    computes it for a request (``is_secure()`` and ``get_host()``); None when the Host
+    is not one of ALLOWED_HOSTS."""
+    host = _header(scope, b"host")
+    if not host:
+        return None
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _ = split_domain_port(host)
+    if not domain or not validate_host(domain, allowed):
+        return None
+    secure = scope.get("scheme") == "wss"
+    proxy = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
+    if proxy:  # behind a TLS-terminating proxy, as Django's request.is_secure() reads it
+        name, value = proxy
+        forwarded = _header(scope, name.removeprefix("HTTP_").replace("_", "-").lower().encode())
+        if forwarded is not None:
+            secure = forwarded.split(",", 1)[0].strip() == value
+    return f"{'https' if secure else 'http'}://{host.lower()}"
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """A handshake without ``Origin`` is not from a browser and goes on to authenticate
+    by token or ticket (cookies are ignored for it). One with an ``Origin`` must match,
+    scheme, host and port exactly, the handshake's own origin or one of
+    TANDEM_ALLOWED_ORIGINS, whatever credential it carries: the rule of Django's CSRF
+    check, so a page on another port or scheme can neither ride the user's cookie nor
+    use the API at all unless the operator allows its origin."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    return origin in settings.CSRF_TRUSTED_ORIGINS or origin == _same_origin(scope)
+
+
+class StreamOriginValidator:
+    """Refuses (HTTP 403, before any credential is read) a WebSocket handshake whose
+    Origin is not allowed; see ``origin_allowed``."""
 
     def __init__(self, app: Any) -> None:
-        allowed = list(settings.ALLOWED_HOSTS) + [
-            urlparse(o).netloc and o for o in settings.TANDEM_ALLOWED_ORIGINS
-        ]
-        super().__init__(app, [a for a in allowed if a])
+        self.app = app
 
-    def valid_origin(self, parsed_origin: Any) -> bool:
-        if parsed_origin is None:
-            return True
-        return bool(super().valid_origin(parsed_origin))
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if scope["type"] == "websocket" and not origin_allowed(scope):
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 # SSE streams authenticate inside ``streams.prepare``, in the same thread hop as the

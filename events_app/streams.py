@@ -21,6 +21,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from events_app import cursors, fanout, presence
@@ -255,7 +256,11 @@ class Connection:
             await self._join(fanout.user_group(self.user_id), None)
         for session_id in session_ids:
             await self._join(fanout.session_group(session_id), session_id)
-        heads, plans = await off_loop(self._heads_and_plans)(session_ids)
+        heads, plans, active = await off_loop(self._heads_and_plans)(session_ids)
+        if not active:
+            # Deactivated or deleted between authentication and joining the hub: the
+            # control message that ends their streams may have passed before we listened.
+            self.control({"action": "user_disabled", "user_id": self.user_id})
 
         connected: dict[str, Any] = {"connection_id": self.id, "resumed": req.resume is not None}
         resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
@@ -289,9 +294,10 @@ class Connection:
 
     def _heads_and_plans(
         self, session_ids: list[str]
-    ) -> tuple[dict[str, int], dict[str, tuple[int, str | None]]]:
+    ) -> tuple[dict[str, int], dict[str, tuple[int, str | None]], bool]:
         heads = fanout.heads(session_ids)
-        return heads, self._plan(heads)
+        active = get_user_model().objects.filter(pk=self.user_id, is_active=True).exists()
+        return heads, self._plan(heads), active
 
     def _plan(self, heads: dict[str, int]) -> dict[str, tuple[int, str | None]]:
         """Per session: (position to resume from, reset reason or None)."""
@@ -485,6 +491,8 @@ class Connection:
 
     async def _command(self, command: _Command) -> None:
         fields = command.fields
+        if command.action == "user_disabled" and fields.get("user_id") == self.user_id:
+            raise StreamClosed("user_disabled")
         if command.action == "revoke" and fields.get("user_id") == self.user_id:
             if self.request.session_id is not None:
                 raise StreamClosed("member_removed")

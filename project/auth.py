@@ -162,3 +162,11 @@ class StrictTokenRefreshSerializer(TokenRefreshSerializer):
     def to_internal_value(self, data: Any) -> Any:
         _refuse_unknown(self, data)
         return super().to_internal_value(data)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, str]:
+        # simplejwt looks the token's user up with .get(): a deleted user raised
+        # DoesNotExist (a 500). Deleted and deactivated users alike get 401.
+        try:
+            return super().validate(attrs)
+        except get_user_model().DoesNotExist:
+            raise AuthenticationFailed("No active account found for the given token.") from None

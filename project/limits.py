@@ -6,9 +6,14 @@ by the process holding them, so the slots of a killed process free themselves.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import ipaddress
 import math
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from django.conf import settings
 from project import liveness, redisconn
@@ -64,25 +69,30 @@ def _counters() -> _LocalCounter | _RedisCounter:
     return _counter
 
 
-def check_write_rate(user_id: int) -> None:
-    """Count one write by ``user_id``; RateLimited (with Retry-After) past the rate.
-    A fixed window per user: one atomic increment, the same on every process."""
-    rate = parse_rate(settings.TANDEM_RATE_WRITE)
+def _count(key: str, rate_setting: str, what: str) -> None:
+    """Count one hit on ``key`` against a rate such as ``120/min``; RateLimited (with
+    Retry-After) past it. A fixed window: one atomic increment, the same on every process."""
+    rate = parse_rate(rate_setting)
     if rate is None:
         return
     allowed, period = rate
     now = time.time()
     window = int(now // period)
     try:
-        count = _counters().hit(f"{_prefix()}:rate:{user_id}:{window}", period + 1)
-    except Exception:  # Redis down: serve rather than refuse every write
+        count = _counters().hit(f"{key}:{window}", period + 1)
+    except Exception:  # Redis down: serve rather than refuse every request
         return
     if count > allowed:
         wait = max(1, math.ceil((window + 1) * period - now))
         raise RateLimited(
-            f"Too many writes; retry in {wait} s.", headers={"Retry-After": str(wait)},
+            f"Too many {what}; retry in {wait} s.", headers={"Retry-After": str(wait)},
             details={"retry_after": wait},
         )
+
+
+def check_write_rate(user_id: int) -> None:
+    """Count one write by ``user_id``; RateLimited (with Retry-After) past the rate."""
+    _count(f"{_prefix()}:rate:{user_id}", settings.TANDEM_RATE_WRITE, "writes")
 
 
 class WriteThrottle:
@@ -102,6 +112,124 @@ class WriteThrottle:
 
     def wait(self) -> float | None:
         return None
+
+
+
+# ---------------------------------------------------------------- sign-in endpoints
+
+
+def client_ip(meta: dict[str, Any]) -> str:
+    """The client's address: ``REMOTE_ADDR``, unless that is one of
+    TANDEM_TRUSTED_PROXIES, then the right-most ``X-Forwarded-For`` entry that is not.
+    Only the right end of that header can be trusted: a proxy appends the address it saw
+    and keeps whatever the client sent before it."""
+    remote = str(meta.get("REMOTE_ADDR") or "")
+    if not _trusted(remote):
+        return remote
+    hops = [h.strip() for h in str(meta.get("HTTP_X_FORWARDED_FOR", "")).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop):
+            return hop[:64]
+    return hops[0][:64] if hops else remote
+
+
+def _trusted(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in _trusted_networks(tuple(settings.TANDEM_TRUSTED_PROXIES)))
+
+
+@functools.lru_cache(maxsize=4)
+def _trusted_networks(values: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+def _digest(value: str) -> str:
+    # Keys of bounded size whatever a client sends as a username.
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def check_sign_in_rate(bucket: str, meta: dict[str, Any], account: str | None) -> None:
+    """Count one sign-in request in ``bucket`` per client address (TANDEM_RATE_AUTH_IP)
+    and, when known, per account (TANDEM_RATE_AUTH_USER); RateLimited past either.
+    Tickets count at TANDEM_RATE_TICKET instead: their caller is already signed in, and
+    every stream a page opens or reopens takes one."""
+    if bucket == "ticket":
+        ip_rate = user_rate = settings.TANDEM_RATE_TICKET
+    else:
+        ip_rate, user_rate = settings.TANDEM_RATE_AUTH_IP, settings.TANDEM_RATE_AUTH_USER
+    what = "ticket requests" if bucket == "ticket" else "sign-in requests"
+    base = f"{_prefix()}:auth:{bucket}"
+    _count(f"{base}:ip:{_digest(client_ip(meta))}", ip_rate, what)
+    if account is not None:
+        _count(f"{base}:user:{_digest(account)}", user_rate, what)
+
+
+# Every form that checks a password shares one bucket, so the pages add no guesses to
+# the API's.
+_BUCKETS = {"token": "password", "refresh": "refresh", "register": "register", "ticket": "ticket"}
+
+
+class AuthThrottle:
+    """The sign-in endpoints (token, refresh, register, ticket): per client address at
+    TANDEM_RATE_AUTH_IP and per account at TANDEM_RATE_AUTH_USER, counted per kind of
+    request so that, say, failed logins never use up the tickets of a signed-in user. The
+    account is the username sent (whether or not it exists, so the limit leaks nothing),
+    the user of a valid refresh token, or the caller."""
+
+    def allow_request(self, request: Any, view: Any) -> bool:
+        endpoint = request.path.rstrip("/").rsplit("/", 1)[-1]
+        check_sign_in_rate(_BUCKETS.get(endpoint, endpoint), request.META, self._account(request))
+        return True
+
+    @staticmethod
+    def _account(request: Any) -> str | None:
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated:
+            return f"id:{user.pk}"
+        data = request.data
+        if not isinstance(data, dict):
+            return None
+        if isinstance(data.get("username"), str):
+            return f"name:{data['username']}"
+        if isinstance(data.get("refresh"), str):
+            from rest_framework_simplejwt.exceptions import TokenError
+            from rest_framework_simplejwt.tokens import RefreshToken
+
+            try:  # only a genuine token counts against its user, or anyone could lock them out
+                return f"id:{RefreshToken(data['refresh'])['user_id']}"  # type: ignore[arg-type]
+            except (TokenError, KeyError):
+                return None
+        return None
+
+    def wait(self) -> float | None:
+        return None
+
+
+def sign_in_throttled(bucket: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The same limits for the HTML forms that take a password (the login pages, the
+    sign-up page): a POST past them gets a plain 429 page with Retry-After."""
+
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def throttled(request: Any, *args: Any, **kwargs: Any) -> Any:
+            if request.method == "POST":
+                username = request.POST.get("username")
+                try:
+                    check_sign_in_rate(bucket, request.META, f"name:{username}" if username else None)
+                except RateLimited as err:
+                    from django.http import HttpResponse
+
+                    response = HttpResponse(f"{err.message}\n", status=429, content_type="text/plain; charset=utf-8")
+                    response["Retry-After"] = err.headers["Retry-After"]
+                    return response
+            return view(request, *args, **kwargs)
+
+        return throttled
+
+    return decorate
 
 
 # ---------------------------------------------------------------- open streams

@@ -97,6 +97,11 @@ RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
 }
 
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+AUTH_THROTTLED = (
+    "`rate_limited`: too many sign-in requests from your address (`TANDEM_RATE_AUTH_IP`) "
+    "or for this account (`TANDEM_RATE_AUTH_USER`; tickets: `TANDEM_RATE_TICKET`); retry "
+    "after `Retry-After` seconds."
+)
 
 
 def error_response(status: int, description: str | None = None) -> dict[str, Any]:
@@ -150,6 +155,8 @@ class TandemAutoSchema(AutoSchema):
             implied += [400, 413, 415]
         if method.upper() in WRITE_METHODS and authenticated and not path.startswith("/api/auth/"):
             implied.append(429)
+        if method.upper() == "POST" and path.startswith("/api/auth/"):
+            responses.setdefault("429", error_response(429, AUTH_THROTTLED))
         for status in implied:
             responses.setdefault(str(status), error_response(status))
         for code, response in responses.items():

@@ -3,7 +3,9 @@ helpers below, which raise ImproperlyConfigured on a value they cannot read inst
 guessing: a typo in production must stop the process, not change its behaviour."""
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -68,12 +70,56 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_secret(name: str) -> str:
+    """``NAME``, or the contents of the file named by ``NAME_FILE`` (systemd credentials,
+    Docker secrets); "" when neither is set."""
+    value = os.environ.get(name, "").strip()
+    path = os.environ.get(f"{name}_FILE", "").strip()
+    if value and path:
+        raise ImproperlyConfigured(f"Set {name} or {name}_FILE, not both")
+    if not path:
+        return value
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ImproperlyConfigured(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+    if not value:
+        raise ImproperlyConfigured(f"{name}_FILE={path!r} is empty")
+    return value
+
+
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
+
+def env_origins(name: str) -> list[str]:
+    """A comma-separated list of bare origins, ``scheme://host[:port]``, as browsers send
+    them in ``Origin``: anything else (a path, a space, a comment) could never match and
+    is refused rather than silently ignored."""
+    origins = []
+    for item in env_list(name, []):
+        origin = item.lower()
+        if not _ORIGIN.fullmatch(origin):
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not an origin; write scheme://host[:port] "
+                "(http or https, no path, no trailing slash), comma-separated"
+            )
+        origins.append(origin)
+    return origins
+
+
 DEBUG = env_bool("DEBUG", True)
-SECRET_KEY = env_str("SECRET_KEY", "")
+SECRET_KEY = env_secret("SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
-    SECRET_KEY = "dev-only-insecure-key-change-me-in-production-0123456789"
+        raise ImproperlyConfigured(
+            "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off. Generate one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    # The quick start: a random key per installation, kept outside the checkout and
+    # created on first run. Never reached with DEBUG off, so production never writes here.
+    from project.secretkey import quickstart_key
+
+    SECRET_KEY = quickstart_key()
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 
@@ -223,7 +269,10 @@ if TANDEM_HTTPS:
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env_int("TANDEM_HSTS_SECONDS", 31_536_000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("TANDEM_HSTS_INCLUDE_SUBDOMAINS", True)
-    SECURE_HSTS_PRELOAD = env_bool("TANDEM_HSTS_PRELOAD", True)
+    # Joining the browsers' preload list is hard to undo: an explicit opt-in.
+    SECURE_HSTS_PRELOAD = env_bool("TANDEM_HSTS_PRELOAD", False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]  # "preload is off": deliberately so
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
@@ -288,7 +337,8 @@ SIMPLE_JWT = {
     "TOKEN_REFRESH_SERIALIZER": "project.auth.StrictTokenRefreshSerializer",
 }
 
-TANDEM_ALLOW_SIGNUP = env_bool("TANDEM_ALLOW_SIGNUP", True)
+# Open on the laptop quick start, closed in production unless the operator opens it.
+TANDEM_ALLOW_SIGNUP = env_bool("TANDEM_ALLOW_SIGNUP", DEBUG)
 TANDEM_TICKET_SECONDS = env_int("TANDEM_TICKET_SECONDS", 60, minimum=1)
 TANDEM_MAX_MESSAGE_CHARS = env_int("TANDEM_MAX_MESSAGE_CHARS", 32_000, minimum=1)
 TANDEM_MAX_EVENT_BYTES = env_int("TANDEM_MAX_EVENT_BYTES", 65_536, minimum=256)
@@ -316,13 +366,32 @@ TANDEM_PRESENCE_TTL_SECONDS = env_int("TANDEM_PRESENCE_TTL_SECONDS", 60, minimum
 # A server process or agents worker that has not beaten for this long counts as dead
 # (project/liveness.py): its stream slots stop counting, and /readyz no longer counts it.
 TANDEM_LIVENESS_SECONDS = env_float("TANDEM_LIVENESS_SECONDS", 5.0, minimum=1.0)
-TANDEM_ALLOWED_ORIGINS = env_list("TANDEM_ALLOWED_ORIGINS", [])
-# PROTOCOL §8. The rate is checked here so a typo stops the process at start.
+TANDEM_ALLOWED_ORIGINS = env_origins("TANDEM_ALLOWED_ORIGINS")
+# PROTOCOL §8. The rates are checked here so a typo stops the process at start.
 TANDEM_RATE_WRITE = env_str("TANDEM_RATE_WRITE", "120/min")
-try:
-    parse_rate(TANDEM_RATE_WRITE)
-except ValueError as exc:
-    raise ImproperlyConfigured(f"TANDEM_RATE_WRITE: {exc}") from None
+# The sign-in endpoints (token, refresh, register, ticket), per client address and per
+# account (project/limits.py AuthThrottle): password guessing is slow from one address
+# and slow against one account from many.
+TANDEM_RATE_AUTH_IP = env_str("TANDEM_RATE_AUTH_IP", "60/min")
+TANDEM_RATE_AUTH_USER = env_str("TANDEM_RATE_AUTH_USER", "10/min")
+# Stream tickets, per address and per user: generous, since every stream a page opens or
+# reopens takes one and the caller has already signed in.
+TANDEM_RATE_TICKET = env_str("TANDEM_RATE_TICKET", "120/min")
+for _name in ("TANDEM_RATE_WRITE", "TANDEM_RATE_AUTH_IP", "TANDEM_RATE_AUTH_USER", "TANDEM_RATE_TICKET"):
+    try:
+        parse_rate(globals()[_name])
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{_name}: {exc}") from None
+# Proxies whose X-Forwarded-For names the client (addresses or networks): the nginx in
+# front, on this machine by default.
+TANDEM_TRUSTED_PROXIES = env_list("TANDEM_TRUSTED_PROXIES", ["127.0.0.1", "::1"])
+for _proxy in TANDEM_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TANDEM_TRUSTED_PROXIES: {_proxy!r} is not an IP address or network"
+        ) from None
 TANDEM_MAX_CONNECTIONS_PER_USER = env_int("TANDEM_MAX_CONNECTIONS_PER_USER", 20, minimum=1)
 
 # Agents (PROTOCOL §7). Replies run in the server process ("inline") unless a Redis

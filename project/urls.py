@@ -1,18 +1,20 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.urls import include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from events_app.views import EventListView
 from project import views
+from project.limits import AuthThrottle, sign_in_throttled
 from project.openapi import SchemaView, SwaggerView
 from sessions_app import pages
 from sessions_app.views import RegisterView, TicketView
 
 api = [
-    path("auth/token/", TokenObtainPairView.as_view()),
-    path("auth/token/refresh/", TokenRefreshView.as_view()),
+    path("auth/token/", TokenObtainPairView.as_view(throttle_classes=[AuthThrottle])),
+    path("auth/token/refresh/", TokenRefreshView.as_view(throttle_classes=[AuthThrottle])),
     path("auth/register/", RegisterView.as_view()),
     path("auth/ticket/", TicketView.as_view()),
     path("sessions/<str:session_id>/events/", EventListView.as_view()),
@@ -24,8 +26,11 @@ api = [
 ]
 
 urlpatterns = [
+    # Every form that takes a password is throttled like /api/auth/ (project/limits.py).
+    path("admin/login/", sign_in_throttled("password")(admin.site.login)),
     path("admin/", admin.site.urls),
-    path("accounts/signup/", pages.signup_page, name="signup"),
+    path("accounts/login/", sign_in_throttled("password")(LoginView.as_view()), name="login"),
+    path("accounts/signup/", sign_in_throttled("register")(pages.signup_page), name="signup"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include(api)),
     # /healthz, /readyz and /metrics are answered by project.probes, for any Host.

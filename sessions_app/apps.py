@@ -7,3 +7,8 @@ class SessionsAppConfig(AppConfig):
     name = "sessions_app"
     label = "sessions_app"
     verbose_name = "Sessions"
+
+    def ready(self) -> None:
+        from sessions_app import signals
+
+        signals.connect()

@@ -115,6 +115,35 @@ def remove_member(session: Session, *, username: str) -> None:
         transaction.on_commit(lambda: fanout.send_control(group, "revoke", user_id=user_id))
 
 
+# ---------------------------------------------------------------- users
+
+
+def end_streams_of_user(user_id: int, *, deleting: bool = False) -> None:
+    """The user was deactivated or is being deleted: after commit, every open stream of
+    theirs ends on every process, whatever admitted it (cookie, ticket, token). The same
+    control message as a member's removal, on every group their streams listen on: the
+    user's own group (user-level streams) and each of their sessions' (session streams).
+    Deleting them also deletes the sessions they own, so those sessions' other members
+    are told ``session.deleted``, as ``delete_session`` does. Call it before a delete:
+    afterwards the memberships are gone."""
+    memberships = Membership.objects.filter(user_id=user_id).values_list("session_id", "role")
+    groups = [fanout.user_group(user_id)]
+    for session_id, role in memberships:
+        groups.append(fanout.session_group(session_id))
+        if deleting and role == Role.OWNER:
+            broadcast(session_id, "session.deleted", {"session_id": session_id})
+
+    def send() -> None:
+        for group in groups:
+            fanout.send_control(group, "user_disabled", user_id=user_id)
+
+    transaction.on_commit(send)
+    # From a management command or script the process may exit right after the commit.
+    from events_app.publishing import arrange_exit_flush
+
+    arrange_exit_flush()
+
+
 def _join_on_commit(user_id: int, session_id: str, seq: int | None) -> None:
     """Tell the user's user-level streams to follow a session they just joined, from the
     event that says so."""

@@ -20,6 +20,7 @@ from rest_framework.views import APIView
 from events_app import presence
 from project.auth import issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
+from project.limits import AuthThrottle
 from project.openapi import (
     PAGE_PARAMETERS,
     PERMISSION_ID,
@@ -87,6 +88,7 @@ class MessagePage(Page):
 class RegisterView(APIView):
     permission_classes = [AllowAny]
     authentication_classes: list[type] = []
+    throttle_classes = [AuthThrottle]
 
     @doc(
         summary="Sign up",
@@ -120,6 +122,8 @@ class RegisterView(APIView):
 
 
 class TicketView(APIView):
+    throttle_classes = [AuthThrottle]
+
     @doc(
         summary="A short-lived stream ticket",
         description="A ticket for the caller, accepted as `?ticket=` on the stream endpoints "

@@ -66,6 +66,7 @@ def _fast_settings(settings: Any) -> None:
     settings.TANDEM_ECHO_DELAY_MS = 1
     # Tests publish in bursts; the limits have tests of their own that set them.
     settings.TANDEM_RATE_WRITE = "none"
+    settings.TANDEM_RATE_AUTH_IP = settings.TANDEM_RATE_AUTH_USER = settings.TANDEM_RATE_TICKET = "none"
     from project.limits import forget_local_state
 
     forget_local_state()
@@ -287,6 +288,9 @@ def start_server(
         "TANDEM_ECHO_DELAY_MS": "2",
         "TANDEM_FAST_PASSWORD_HASHER": "1",
         "TANDEM_RATE_WRITE": "none",
+        "TANDEM_RATE_AUTH_IP": "none",
+        "TANDEM_RATE_AUTH_USER": "none",
+        "TANDEM_RATE_TICKET": "none",
         "PYTHONUNBUFFERED": "1",
         **env_extra,
     }

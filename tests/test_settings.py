@@ -63,7 +63,9 @@ def test_bad_environment_stops_the_process_with_a_clear_message() -> None:
 @pytest.mark.parametrize(
     "name, value",
     [("TANDEM_RATE_WRITE", "lots"), ("TANDEM_RATE_WRITE", "0/min"), ("TANDEM_AGENT_MODE", "both"),
-     ("TANDEM_MAX_CONNECTIONS_PER_USER", "0")],
+     ("TANDEM_MAX_CONNECTIONS_PER_USER", "0"), ("TANDEM_RATE_AUTH_IP", "fast"),
+     ("TANDEM_RATE_AUTH_USER", "10/day"), ("TANDEM_TRUSTED_PROXIES", "nginx.local"),
+     ("TANDEM_RATE_TICKET", "many")],
 )
 def test_bad_limits_and_modes_stop_the_process(name: str, value: str) -> None:
     result = _load_settings({name: value})
@@ -168,3 +170,53 @@ def test_gc_threshold_refuses_values_that_would_switch_collection_off() -> None:
     result = _load_settings({"TANDEM_GC_THRESHOLD": "0"})
     assert result.returncode != 0
     assert "TANDEM_GC_THRESHOLD" in result.stderr
+
+
+def test_signup_is_open_on_the_quick_start_and_closed_in_production() -> None:
+    show = "settings.TANDEM_ALLOW_SIGNUP"
+    production = {"DEBUG": "0", "SECRET_KEY": "x" * 50}
+    assert _load_settings({}, show).stdout.split() == ["True"]
+    assert _load_settings(production, show).stdout.split() == ["False"]
+    opened = _load_settings({**production, "TANDEM_ALLOW_SIGNUP": "1"}, show)
+    assert opened.stdout.split() == ["True"], opened.stderr
+
+
+def test_hsts_preload_is_an_explicit_opt_in() -> None:
+    show = "settings.SECURE_HSTS_SECONDS, settings.SECURE_HSTS_PRELOAD"
+    production = {"DEBUG": "0", "SECRET_KEY": "x" * 50}
+    assert _load_settings(production, show).stdout.split() == ["31536000", "False"]
+    opted_in = _load_settings({**production, "TANDEM_HSTS_PRELOAD": "1"}, show)
+    assert opted_in.stdout.split() == ["31536000", "True"], opted_in.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://x   # comment",
+        "https://app.example.com/",
+        "https://app.example.com/path",
+        "app.example.com",
+        "ftp://app.example.com",
+        "https://user@app.example.com",
+        "https://app.example.com?x=1",
+        "*",
+        "https://ok.example.com, https://bad example.com",
+    ],
+)
+def test_allowed_origins_must_be_bare_origins(value: str) -> None:
+    result = _load_settings({"TANDEM_ALLOWED_ORIGINS": value})
+    assert result.returncode != 0
+    assert "TANDEM_ALLOWED_ORIGINS" in result.stderr and "is not an origin" in result.stderr
+
+
+def test_allowed_origins_accept_scheme_host_and_port() -> None:
+    value = "https://App.Example.com, http://127.0.0.1:8080,http://[::1]:3000"
+    result = _load_settings({"TANDEM_ALLOWED_ORIGINS": value}, "settings.TANDEM_ALLOWED_ORIGINS, settings.CSRF_TRUSTED_ORIGINS")
+    assert result.returncode == 0, result.stderr
+    expected = ["https://app.example.com", "http://127.0.0.1:8080", "http://[::1]:3000"]
+    assert result.stdout.strip() == f"{expected} {expected}"
+
+
+def test_sign_in_is_throttled_by_default() -> None:
+    result = _load_settings({}, "settings.TANDEM_RATE_AUTH_IP, settings.TANDEM_RATE_AUTH_USER, settings.TANDEM_RATE_TICKET")
+    assert result.stdout.split() == ["60/min", "10/min", "120/min"], result.stderr

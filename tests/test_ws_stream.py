@@ -66,7 +66,10 @@ async def test_ticket_without_origin_connects(session: Any, carol: Any) -> None:
 
 async def test_allowed_origin_with_cookie_connects(session: Any, alice: Any) -> None:
     cookie = await database_sync_to_async(_session_cookie)(alice)
-    client = ws(session.id, headers={"Origin": "http://localhost:8000", "Cookie": f"sessionid={cookie}"})
+    client = ws(
+        session.id,
+        headers={"Origin": "http://localhost:8000", "Host": "localhost:8000", "Cookie": f"sessionid={cookie}"},
+    )
     await opened(client)
     await client.disconnect()
 
