@@ -14,7 +14,7 @@ import redis
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
 
-from events_app import fanout, runtime
+from events_app import fanout, groups, runtime
 from events_app.services import publish
 from events_app.types import Frame
 from project.asgi import application
@@ -55,7 +55,7 @@ class Recorder:
         self.frames.append(frame)
         self.changed.set()
 
-    def control(self, message: dict[str, Any]) -> None:
+    def control(self, message: groups.Control) -> None:
         pass
 
     def seqs(self) -> list[int]:
@@ -69,7 +69,7 @@ class Recorder:
 
 
 def group_channel(prefix: str, session_id: str) -> str:
-    return f"{prefix}__group__{fanout.session_group(session_id)}"
+    return f"{prefix}__group__{groups.session_group(session_id)}"
 
 
 def numsub(channel: str) -> int:
@@ -151,7 +151,7 @@ async def test_many_local_streams_of_one_session_share_one_redis_subscription_th
     for stream in streams:
         await stream.open()
     hub = fanout._hubs[asyncio.get_running_loop()]
-    group = fanout.session_group(sid)
+    group = groups.session_group(sid)
     assert len(hub.groups[group]) == len(streams) == 12
     assert hub.subscription_count() == 1
     assert numsub(channel) == 1  # one Redis subscription for twelve local streams
@@ -176,7 +176,7 @@ async def test_hub_fills_a_lost_event_from_the_database_and_delivers_in_order(
     sid = shared_session.id
     hub = fanout.get_hub()
     recorder = Recorder()
-    await hub.subscribe(fanout.session_group(sid), recorder, sid)
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
     first = await apublish(sid, "task.progress", {"n": 1})
     await recorder.wait_for_seq(first.seq)
 
@@ -194,7 +194,7 @@ async def test_hub_fills_a_lost_event_from_the_database_and_delivers_in_order(
     assert recorder.seqs() == [first.seq, lost.seq, after.seq]
     assert [orjson.loads(f.envelope)["properties"]["n"] for f in recorder.frames] == [1, 2, 3]
     assert recorder.frames[1].envelope == lost.envelope  # the stored envelope, unchanged
-    await hub.unsubscribe(fanout.session_group(sid), recorder)
+    await hub.unsubscribe(groups.session_group(sid), recorder)
 
 
 async def test_head_check_delivers_a_lost_last_event(
@@ -204,13 +204,13 @@ async def test_head_check_delivers_a_lost_last_event(
     sid = shared_session.id
     hub = fanout.get_hub()
     recorder = Recorder()
-    await hub.subscribe(fanout.session_group(sid), recorder, sid)
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
     monkeypatch.setattr(fanout, "send_frame", lambda group, frame: None)
     lost = await apublish(sid, "task.progress", {"n": 1})
     # Nothing follows it, so no gap ever shows: only the periodic head check finds it.
     await recorder.wait_for_seq(lost.seq, timeout=5)
     assert recorder.seqs() == [lost.seq]
-    await hub.unsubscribe(fanout.session_group(sid), recorder)
+    await hub.unsubscribe(groups.session_group(sid), recorder)
 
 
 async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
@@ -222,7 +222,7 @@ async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
     head = connected["properties"]["last_seq"]
     hub = fanout._hubs[asyncio.get_running_loop()]
     recorder = Recorder()
-    await hub.subscribe(fanout.session_group(sid), recorder, sid)
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
 
     n_threads, per_thread = 4, 40
     barrier = threading.Barrier(n_threads)
@@ -255,7 +255,7 @@ async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
     for w in range(n_threads):
         mine = [e["properties"]["i"] for e in stream.events() if e["properties"].get("w") == w]
         assert mine == list(range(per_thread))
-    await hub.unsubscribe(fanout.session_group(sid), recorder)
+    await hub.unsubscribe(groups.session_group(sid), recorder)
     await stream.disconnect()
 
 
