@@ -49,6 +49,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
+        self.controls: list[groups.Control] = []
         self.changed = asyncio.Event()
 
     def deliver(self, frame: Frame) -> None:
@@ -56,7 +57,8 @@ class Recorder:
         self.changed.set()
 
     def control(self, message: groups.Control) -> None:
-        pass
+        self.controls.append(message)
+        self.changed.set()
 
     def seqs(self) -> list[int]:
         return [f.seq for f in self.frames if f.seq is not None]
@@ -284,3 +286,37 @@ async def test_a_burst_from_the_outbox_arrives_whole_and_in_order_per_group(live
     finally:
         for group in groups:
             await layer.group_discard(group, channel)
+
+
+async def test_every_control_reaches_the_listeners_of_its_group_as_the_same_typed_value(
+    live_loop: str, shared_session: Any
+) -> None:
+    # Through the outbox, Redis and the hub, as the services and the agents pool send
+    # them; one from a version this one does not know is skipped, and the hub goes on.
+    sid = shared_session.id
+    hub = fanout.get_hub()
+    run, user, other = Recorder(), Recorder(), Recorder()
+    await hub.subscribe(groups.run_group(sid), run)
+    await hub.subscribe(groups.user_group(4242), user)
+    await hub.subscribe(groups.run_group("ses_someoneelse"), other)
+    to_run: list[groups.Control] = [groups.Abort(sid), groups.PermissionAnswered("per_0123")]
+    to_user: list[groups.Control] = [
+        groups.Join(session_id=sid, after=3), groups.Revoke(user_id=4242, session_id=sid),
+        groups.UserDisabled(4242),
+    ]
+    fanout.send_to_group(
+        groups.run_group(sid), {"type": groups.CONTROL, "g": groups.run_group(sid), "action": "later"}
+    )
+    for control in to_run:
+        fanout.send_control(groups.run_group(sid), control)
+    for control in to_user:
+        fanout.send_control(groups.user_group(4242), control)
+    async with asyncio.timeout(5):
+        while len(run.controls) < len(to_run) or len(user.controls) < len(to_user):
+            await asyncio.sleep(0.02)
+    assert run.controls == to_run
+    assert user.controls == to_user
+    assert other.controls == []
+    await hub.unsubscribe(groups.run_group(sid), run)
+    await hub.unsubscribe(groups.user_group(4242), user)
+    await hub.unsubscribe(groups.run_group("ses_someoneelse"), other)

@@ -128,6 +128,27 @@ async def test_streams_ended_by_the_server_leave_nothing_behind(session: Any, al
     await assert_clean(session.id, baseline)
 
 
+async def test_a_removed_members_user_stream_leaves_that_session_and_follows_the_others(
+    session: Any, alice: Any, bob: Any
+) -> None:
+    from sessions_app import services
+
+    other = await create_shared_session(alice)
+    client = SSEClient(stream_path(None), params={"token": token_for(bob)})
+    await client.connected()
+    hub = fanout.get_hub()
+    assert groups.session_group(session.id) in hub.groups
+    await database_sync_to_async(services.remove_member)(session, username="bob")
+    await eventually(lambda: groups.session_group(session.id) not in hub.groups)
+    await publish_many(session.id, 1)
+    [seq] = await publish_many(other.id, 1)
+    frames = await client.until(lambda f: (f.data or {}).get("session_id") == other.id and f.seq == seq)
+    # The removal's own event is the last of that session this stream sees.
+    seen = [f.type for f in frames if (f.data or {}).get("session_id") == session.id]
+    assert seen[-1:] == ["member.removed"]
+    await client.close()
+
+
 async def test_one_layer_subscription_per_session_however_many_streams(session: Any, alice: Any, bob: Any, carol: Any) -> None:
     closers = [await open_sse(session.id, u) for u in (alice, bob, carol)]
     closers += [await open_ws(session.id, u) for u in (alice, bob)]
