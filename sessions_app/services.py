@@ -42,7 +42,6 @@ from sessions_app.serializers import (
     user_data,
 )
 
-
 # ---------------------------------------------------------------- sessions
 
 

@@ -85,7 +85,9 @@ def test_no_other_module_builds_or_parses_a_group_name() -> None:
                 continue
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 # f-string pieces are Constants too, so f"tandem.s.{sid}" is caught.
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    if any(node.value.startswith(m) for m in markers):
-                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+                if (
+                    isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and any(node.value.startswith(m) for m in markers)
+                ):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert found == []
