@@ -23,29 +23,18 @@ import time
 import logging
 import weakref
 from collections import defaultdict, deque
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
-from events_app import runtime
+from events_app import groups, runtime
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
 from events_app.types import Frame
 
 log = logging.getLogger(__name__)
-
-EVENT = "tandem.event"
-CONTROL = "tandem.control"
-
-
-def session_group(session_id: str) -> str:
-    return f"tandem.s.{session_id}"
-
-
-def user_group(user_id: int) -> str:
-    return f"tandem.u.{user_id}"
-
 
 # ---------------------------------------------------------------- sending side
 
@@ -59,13 +48,13 @@ class _Outbox:
     behind (docs/PERFORMANCE.md)."""
 
     def __init__(self) -> None:
-        self.queue: deque[tuple[str, dict[str, Any]]] = deque()
+        self.queue: deque[tuple[str, Mapping[str, Any]]] = deque()
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
         self.task = asyncio.get_running_loop().create_task(self._drain(), name="tandem-outbox")
 
-    def put(self, group: str, message: dict[str, Any]) -> None:
+    def put(self, group: str, message: Mapping[str, Any]) -> None:
         self.queue.append((group, message))
         self.idle.clear()
         self.wakeup.set()
@@ -97,7 +86,7 @@ class _Outbox:
         await self.idle.wait()
 
 
-async def _send_batch(batch: list[tuple[str, dict[str, Any]]]) -> None:
+async def _send_batch(batch: list[tuple[str, Mapping[str, Any]]]) -> None:
     layer = get_channel_layer()
     if isinstance(layer, RedisPubSubChannelLayer):
         # What RedisPubSubLoopLayer.group_send does for one message, for all of them:
@@ -123,7 +112,7 @@ _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
 )
 
 
-def _enqueue(group: str, message: dict[str, Any]) -> None:
+def _enqueue(group: str, message: Mapping[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     outbox = _outboxes.get(loop)
     if outbox is None:
@@ -131,21 +120,17 @@ def _enqueue(group: str, message: dict[str, Any]) -> None:
     outbox.put(group, message)
 
 
-def send_to_group(group: str, message: dict[str, Any]) -> None:
-    """Thread-safe, non-blocking, order-preserving."""
+def send_to_group(group: str, message: Mapping[str, Any]) -> None:
+    """Thread-safe, non-blocking, order-preserving. Messages are made by ``groups``."""
     runtime.call_soon(_enqueue, group, message)
 
 
 def send_frame(group: str, frame: Frame) -> None:
-    send_to_group(
-        group,
-        {"type": EVENT, "g": group, "s": frame.session_id, "q": frame.seq, "t": frame.type,
-         "e": frame.envelope, "p": time.time()},
-    )
+    send_to_group(group, groups.encode_event(group, frame, time.time()))
 
 
-def send_control(group: str, action: str, **fields: Any) -> None:
-    send_to_group(group, {"type": CONTROL, "g": group, "action": action, **fields})
+def send_control(group: str, control: groups.Control) -> None:
+    send_to_group(group, groups.encode_control(group, control))
 
 
 # ---------------------------------------------------------------- receiving side
@@ -156,7 +141,7 @@ class Listener(Protocol):
 
     def deliver(self, frame: Frame) -> None: ...
 
-    def control(self, message: dict[str, Any]) -> None: ...
+    def control(self, message: groups.Control) -> None: ...
 
 
 def heads(session_ids: list[str]) -> dict[str, int]:
@@ -184,7 +169,7 @@ class Hub:
         if self.channel is None:
             async with self._start_lock:
                 if self.channel is None:
-                    channel = await self.layer.new_channel("tandem.hub.")
+                    channel = await self.layer.new_channel(groups.HUB_CHANNEL_PREFIX)
                     loop = asyncio.get_running_loop()
                     self._tasks = [
                         loop.create_task(self._read(channel), name="tandem-hub-reader"),
@@ -251,18 +236,22 @@ class Hub:
         while True:
             try:
                 message = await self.layer.receive(channel)
-                if message.get("type") == EVENT:
+                if message.get("type") == groups.EVENT:
                     await self._on_event(message)
-                elif message.get("type") == CONTROL:
+                elif message.get("type") == groups.CONTROL:
+                    control = groups.decode_control(message)
+                    if control is None:
+                        log.warning("Ignored an unknown control message: %.200r", message)
+                        continue
                     for listener in tuple(self.groups.get(message["g"], ())):
-                        listener.control(message)
+                        listener.control(control)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("Hub failed to handle a channel-layer message")
                 await asyncio.sleep(0.05)
 
-    async def _on_event(self, message: dict[str, Any]) -> None:
+    async def _on_event(self, message: groups.EventMessage) -> None:
         group: str = message["g"]
         if group not in self.groups:
             return
@@ -279,7 +268,7 @@ class Hub:
             self.heads[group] = seq
         if "p" in message:  # sent after the commit: the lag is the fan-out's own
             DELIVERY_LAG.observe(max(0.0, time.time() - message["p"]))
-        self._deliver(group, Frame(seq, message["s"], message["t"], message["e"]))
+        self._deliver(group, groups.decode_event(message))
 
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
         from events_app.services import events_between

@@ -56,10 +56,11 @@ class RedisPresence:
         # Short timeouts: a hung Redis must not hold a request (or its thread) for long.
         self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
         self._ttl = settings.TANDEM_PRESENCE_TTL_SECONDS
+        # The channel layer's prefix: deployments sharing one Redis see only their own.
+        self._prefix = str(settings.TANDEM_CHANNEL_PREFIX)
 
-    @staticmethod
-    def _key(session_id: str) -> str:
-        return f"tandem:presence:{session_id}"
+    def _key(self, session_id: str) -> str:
+        return f"{self._prefix}:presence:{session_id}"
 
     def put(self, session_id: str, connection_id: str, entry: Entry) -> None:
         self.refresh([(session_id, connection_id, entry)])

@@ -14,7 +14,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from events_app import fanout
+from events_app import fanout, groups
 from events_app.metrics import EVENTS_PUBLISHED
 from events_app.models import Event
 from events_app.types import Frame, TypeFilter, custom_type_problem, encode, is_persisted, iso
@@ -48,7 +48,7 @@ def publish(session_id: str, type_name: str, properties: dict[str, Any]) -> Fram
         if seq > keep:
             Event.objects.filter(session_id=session_id, seq__lte=seq - keep).delete()
         frame = Frame(seq, session_id, type_name, envelope)
-        group = fanout.session_group(session_id)
+        group = groups.session_group(session_id)
         transaction.on_commit(lambda: fanout.send_frame(group, frame))
         EVENTS_PUBLISHED.inc()
     return frame
@@ -73,7 +73,7 @@ def broadcast(session_id: str, type_name: str, properties: dict[str, Any]) -> Fr
     if is_persisted(type_name):
         raise ValueError(f"{type_name} is persisted: use publish()")
     frame = Frame.make(session_id, type_name, iso(timezone.now()), properties)
-    group = fanout.session_group(session_id)
+    group = groups.session_group(session_id)
     transaction.on_commit(lambda: fanout.send_frame(group, frame))
     return frame
 

@@ -24,7 +24,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from events_app import cursors, fanout, presence
+from events_app import cursors, fanout, groups, presence
 from events_app.runtime import off_loop
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
 from project.limits import release_stream_slot, take_stream_slot
@@ -134,13 +134,6 @@ def end_all_streams() -> None:
         conn.server_stops()
 
 
-class _Command:
-    __slots__ = ("action", "fields")
-
-    def __init__(self, action: str, fields: dict[str, Any]) -> None:
-        self.action, self.fields = action, fields
-
-
 class StreamClosed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -164,7 +157,7 @@ class Connection:
         self._counted_open = False
         self.id = request.connection_id or f"con_{secrets.token_hex(8)}"
         self.positions: dict[str, int] = {}
-        self.queue: deque[Frame | _Command] = deque()
+        self.queue: deque[Frame | groups.Control] = deque()
         # Settings read once: they are on the path of every frame to every connection.
         self._queue_limit: int = settings.TANDEM_STREAM_QUEUE
         self._heartbeat: float = settings.TANDEM_HEARTBEAT_SECONDS
@@ -217,8 +210,8 @@ class Connection:
                 self.on_overflow()
         self._wake()
 
-    def control(self, message: dict[str, Any]) -> None:
-        self.queue.append(_Command(message["action"], message))
+    def control(self, message: groups.Control) -> None:
+        self.queue.append(message)
         self._wake()
 
     def _wake(self) -> None:
@@ -253,14 +246,14 @@ class Connection:
             session_ids = [req.session_id]
         else:
             session_ids = await off_loop(member_session_ids)(self.user_id)
-            await self._join(fanout.user_group(self.user_id), None)
+            await self._join(groups.user_group(self.user_id), None)
         for session_id in session_ids:
-            await self._join(fanout.session_group(session_id), session_id)
+            await self._join(groups.session_group(session_id), session_id)
         heads, plans, active = await off_loop(self._heads_and_plans)(session_ids)
         if not active:
             # Deactivated or deleted between authentication and joining the hub: the
             # control message that ends their streams may have passed before we listened.
-            self.control({"action": "user_disabled", "user_id": self.user_id})
+            self.control(groups.UserDisabled(self.user_id))
 
         connected: dict[str, Any] = {"connection_id": self.id, "resumed": req.resume is not None}
         resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
@@ -380,17 +373,17 @@ class Connection:
                 batch: list[Any] = []
                 while self.queue:
                     item = self.queue.popleft()
-                    if isinstance(item, _Command):
-                        if batch:
-                            await self.send(batch)
-                            batch = []
-                        await self._command(item)
-                    else:
+                    if isinstance(item, Frame):
                         out = self._render(item)
                         if out is not None:
                             batch.append(out)
                         if item.type == "session.deleted":
                             await self._on_session_deleted(item, batch)
+                    else:
+                        if batch:
+                            await self.send(batch)
+                            batch = []
+                        await self._command(item)
                 if batch:
                     self._beat_due = False
                     await self.send(batch)
@@ -447,7 +440,7 @@ class Connection:
         if self.presence_state:
             props["state"] = self.presence_state
         frame = Frame.make(session_id, type_name, iso(timezone.now()), props)
-        fanout.send_frame(fanout.session_group(session_id), frame)
+        fanout.send_frame(groups.session_group(session_id), frame)
 
     # ------------------------------------------------------------ internals
 
@@ -489,19 +482,17 @@ class Connection:
         frame = Frame.make(session_id, type_name, iso(timezone.now()), props)
         return frame.sse(self.request.named) if self.sse else frame.envelope
 
-    async def _command(self, command: _Command) -> None:
-        fields = command.fields
-        if command.action == "user_disabled" and fields.get("user_id") == self.user_id:
+    async def _command(self, command: groups.Control) -> None:
+        if isinstance(command, groups.UserDisabled) and command.user_id == self.user_id:
             raise StreamClosed("user_disabled")
-        if command.action == "revoke" and fields.get("user_id") == self.user_id:
+        if isinstance(command, groups.Revoke) and command.user_id == self.user_id:
             if self.request.session_id is not None:
                 raise StreamClosed("member_removed")
-            session_id = fields["g"].removeprefix("tandem.s.")
-            await self._leave(fields["g"])
-            self.positions.pop(session_id, None)
-        elif command.action == "join" and self.request.session_id is None:
-            session_id = fields["session_id"]
-            group = fanout.session_group(session_id)
+            await self._leave(groups.session_group(command.session_id))
+            self.positions.pop(command.session_id, None)
+        elif isinstance(command, groups.Join) and self.request.session_id is None:
+            session_id = command.session_id
+            group = groups.session_group(session_id)
             if group in self.groups:
                 return
             await self._join(group, session_id)
@@ -510,7 +501,7 @@ class Connection:
             if head is None:  # deleted meanwhile
                 await self._leave(group)
                 return
-            after = min(int(fields["after"]), head)
+            after = min(command.after, head)
             self.positions[session_id] = after
             if self.cursors is not None:
                 self.cursors.advance(session_id, after)
@@ -523,5 +514,5 @@ class Connection:
                 batch.clear()
             raise StreamClosed("session_deleted")
         if frame.session_id:
-            await self._leave(fanout.session_group(frame.session_id))
+            await self._leave(groups.session_group(frame.session_id))
             self.positions.pop(frame.session_id, None)

@@ -12,7 +12,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from events_app import fanout
+from events_app import fanout, groups
 from events_app.services import broadcast, publish
 from events_app.types import iso
 from project.errors import (
@@ -41,12 +41,6 @@ from sessions_app.serializers import (
     session_data,
     user_data,
 )
-
-
-def run_group(session_id: str) -> str:
-    """Where the process running a session's reply listens for abort."""
-    return f"tandem.r.{session_id}"
-
 
 # ---------------------------------------------------------------- sessions
 
@@ -110,9 +104,9 @@ def remove_member(session: Session, *, username: str) -> None:
         publish(
             session.id, "member.removed", {"user": user_data(membership.user), "role": membership.role}
         )
-        user_id = membership.user_id
-        group = fanout.session_group(session.id)
-        transaction.on_commit(lambda: fanout.send_control(group, "revoke", user_id=user_id))
+        group = groups.session_group(session.id)
+        revoke = groups.Revoke(user_id=membership.user_id, session_id=session.id)
+        transaction.on_commit(lambda: fanout.send_control(group, revoke))
 
 
 # ---------------------------------------------------------------- users
@@ -127,15 +121,15 @@ def end_streams_of_user(user_id: int, *, deleting: bool = False) -> None:
     are told ``session.deleted``, as ``delete_session`` does. Call it before a delete:
     afterwards the memberships are gone."""
     memberships = Membership.objects.filter(user_id=user_id).values_list("session_id", "role")
-    groups = [fanout.user_group(user_id)]
+    targets = [groups.user_group(user_id)]
     for session_id, role in memberships:
-        groups.append(fanout.session_group(session_id))
+        targets.append(groups.session_group(session_id))
         if deleting and role == Role.OWNER:
             broadcast(session_id, "session.deleted", {"session_id": session_id})
 
     def send() -> None:
-        for group in groups:
-            fanout.send_control(group, "user_disabled", user_id=user_id)
+        for group in targets:
+            fanout.send_control(group, groups.UserDisabled(user_id))
 
     transaction.on_commit(send)
     # From a management command or script the process may exit right after the commit.
@@ -150,7 +144,7 @@ def _join_on_commit(user_id: int, session_id: str, seq: int | None) -> None:
     after = (seq or 1) - 1
     transaction.on_commit(
         lambda: fanout.send_control(
-            fanout.user_group(user_id), "join", session_id=session_id, after=after
+            groups.user_group(user_id), groups.Join(session_id=session_id, after=after)
         )
     )
 
@@ -535,5 +529,6 @@ def _publish_resolution(permission: PermissionRequest, *, notify: bool = True) -
         },
     )
     if notify:
-        group, pid = run_group(permission.session_id), permission.id
-        transaction.on_commit(lambda: fanout.send_control(group, "permission", permission_id=pid))
+        group = groups.run_group(permission.session_id)
+        answered = groups.PermissionAnswered(permission.id)
+        transaction.on_commit(lambda: fanout.send_control(group, answered))

@@ -26,7 +26,7 @@ from channels.db import database_sync_to_async
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.core.management import CommandError, call_command
 
-from events_app import fanout
+from events_app import groups
 from events_app.ingest import RedisIngest
 from events_app.models import Event
 from events_app.publishing import publish_event, publish_json
@@ -445,7 +445,7 @@ async def test_a_script_process_publishes_with_publish_event_and_redis_subscribe
     before = await ahead(sid)
     prefix = f"tandemingest{uuid.uuid4().hex[:12]}"
     layer = RedisPubSubChannelLayer(hosts=[REDIS_URL], prefix=prefix)
-    group = fanout.session_group(sid)
+    group = groups.session_group(sid)
     channel = await layer.new_channel()
     await layer.group_add(group, channel)
     probe = redis.Redis.from_url(REDIS_URL)
@@ -470,7 +470,7 @@ async def test_a_script_process_publishes_with_publish_event_and_redis_subscribe
     assert envelope["seq"] == before + 1
     assert envelope["properties"] == {"step": "compile", "published_by": {"id": bob.pk, "username": "bob"}}
     assert (await astored(sid))[-1] == envelope
-    assert message["type"] == fanout.EVENT and message["q"] == before + 1
+    assert message["type"] == groups.EVENT and message["q"] == before + 1
     assert orjson.loads(message["e"]) == envelope
 
 

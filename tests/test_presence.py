@@ -141,3 +141,29 @@ async def test_user_level_streams_do_not_appear_in_presence(session: Any, alice:
     await client.connected()
     assert await presence_rows(session.id, alice) == []
     await client.close()
+
+
+@pytest.mark.redis
+def test_two_deployments_sharing_one_redis_see_only_their_own_presence(
+    servers: Any, shared_session: Any, alice: Any, bob: Any, sse_streams: Any
+) -> None:
+    # Two deployments told apart by TANDEM_CHANNEL_PREFIX on one Redis (and, to ask both
+    # about the same session, one database): bob connected to one is present there only.
+    from tests.conftest import REDIS_URL
+    from tests.test_sse_real_socket import api_client
+
+    (ours,) = servers(1, redis=True)
+    theirs_env = {**servers.env(), "TANDEM_CHANNEL_PREFIX": f"{servers.env()['TANDEM_CHANNEL_PREFIX']}b"}
+    (theirs,) = servers(1, **theirs_env)
+    assert theirs_env["REDIS_URL"] == REDIS_URL
+    sid = shared_session.id
+    stream = sse_streams(ours.url, f"/api/sessions/{sid}/stream/", token=token_for(bob))
+    stream.wait_for_type("server.connected")
+
+    with api_client(ours, alice) as client:
+        rows = client.get(f"/api/sessions/{sid}/presence/").json()
+        assert [r["user"]["username"] for r in rows] == ["bob"]
+    with api_client(theirs, alice) as client:
+        response = client.get(f"/api/sessions/{sid}/presence/")
+        assert response.status_code == 200, response.text
+        assert response.json() == []

@@ -14,7 +14,7 @@ import redis
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
 
-from events_app import fanout, runtime
+from events_app import fanout, groups, runtime
 from events_app.services import publish
 from events_app.types import Frame
 from project.asgi import application
@@ -49,14 +49,16 @@ class Recorder:
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
+        self.controls: list[groups.Control] = []
         self.changed = asyncio.Event()
 
     def deliver(self, frame: Frame) -> None:
         self.frames.append(frame)
         self.changed.set()
 
-    def control(self, message: dict[str, Any]) -> None:
-        pass
+    def control(self, message: groups.Control) -> None:
+        self.controls.append(message)
+        self.changed.set()
 
     def seqs(self) -> list[int]:
         return [f.seq for f in self.frames if f.seq is not None]
@@ -69,7 +71,7 @@ class Recorder:
 
 
 def group_channel(prefix: str, session_id: str) -> str:
-    return f"{prefix}__group__{fanout.session_group(session_id)}"
+    return f"{prefix}__group__{groups.session_group(session_id)}"
 
 
 def numsub(channel: str) -> int:
@@ -151,7 +153,7 @@ async def test_many_local_streams_of_one_session_share_one_redis_subscription_th
     for stream in streams:
         await stream.open()
     hub = fanout._hubs[asyncio.get_running_loop()]
-    group = fanout.session_group(sid)
+    group = groups.session_group(sid)
     assert len(hub.groups[group]) == len(streams) == 12
     assert hub.subscription_count() == 1
     assert numsub(channel) == 1  # one Redis subscription for twelve local streams
@@ -176,7 +178,7 @@ async def test_hub_fills_a_lost_event_from_the_database_and_delivers_in_order(
     sid = shared_session.id
     hub = fanout.get_hub()
     recorder = Recorder()
-    await hub.subscribe(fanout.session_group(sid), recorder, sid)
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
     first = await apublish(sid, "task.progress", {"n": 1})
     await recorder.wait_for_seq(first.seq)
 
@@ -194,7 +196,7 @@ async def test_hub_fills_a_lost_event_from_the_database_and_delivers_in_order(
     assert recorder.seqs() == [first.seq, lost.seq, after.seq]
     assert [orjson.loads(f.envelope)["properties"]["n"] for f in recorder.frames] == [1, 2, 3]
     assert recorder.frames[1].envelope == lost.envelope  # the stored envelope, unchanged
-    await hub.unsubscribe(fanout.session_group(sid), recorder)
+    await hub.unsubscribe(groups.session_group(sid), recorder)
 
 
 async def test_head_check_delivers_a_lost_last_event(
@@ -204,13 +206,13 @@ async def test_head_check_delivers_a_lost_last_event(
     sid = shared_session.id
     hub = fanout.get_hub()
     recorder = Recorder()
-    await hub.subscribe(fanout.session_group(sid), recorder, sid)
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
     monkeypatch.setattr(fanout, "send_frame", lambda group, frame: None)
     lost = await apublish(sid, "task.progress", {"n": 1})
     # Nothing follows it, so no gap ever shows: only the periodic head check finds it.
     await recorder.wait_for_seq(lost.seq, timeout=5)
     assert recorder.seqs() == [lost.seq]
-    await hub.unsubscribe(fanout.session_group(sid), recorder)
+    await hub.unsubscribe(groups.session_group(sid), recorder)
 
 
 async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
@@ -222,7 +224,7 @@ async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
     head = connected["properties"]["last_seq"]
     hub = fanout._hubs[asyncio.get_running_loop()]
     recorder = Recorder()
-    await hub.subscribe(fanout.session_group(sid), recorder, sid)
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
 
     n_threads, per_thread = 4, 40
     barrier = threading.Barrier(n_threads)
@@ -255,7 +257,7 @@ async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
     for w in range(n_threads):
         mine = [e["properties"]["i"] for e in stream.events() if e["properties"].get("w") == w]
         assert mine == list(range(per_thread))
-    await hub.unsubscribe(fanout.session_group(sid), recorder)
+    await hub.unsubscribe(groups.session_group(sid), recorder)
     await stream.disconnect()
 
 
@@ -284,3 +286,37 @@ async def test_a_burst_from_the_outbox_arrives_whole_and_in_order_per_group(live
     finally:
         for group in groups:
             await layer.group_discard(group, channel)
+
+
+async def test_every_control_reaches_the_listeners_of_its_group_as_the_same_typed_value(
+    live_loop: str, shared_session: Any
+) -> None:
+    # Through the outbox, Redis and the hub, as the services and the agents pool send
+    # them; one from a version this one does not know is skipped, and the hub goes on.
+    sid = shared_session.id
+    hub = fanout.get_hub()
+    run, user, other = Recorder(), Recorder(), Recorder()
+    await hub.subscribe(groups.run_group(sid), run)
+    await hub.subscribe(groups.user_group(4242), user)
+    await hub.subscribe(groups.run_group("ses_someoneelse"), other)
+    to_run: list[groups.Control] = [groups.Abort(sid), groups.PermissionAnswered("per_0123")]
+    to_user: list[groups.Control] = [
+        groups.Join(session_id=sid, after=3), groups.Revoke(user_id=4242, session_id=sid),
+        groups.UserDisabled(4242),
+    ]
+    fanout.send_to_group(
+        groups.run_group(sid), {"type": groups.CONTROL, "g": groups.run_group(sid), "action": "later"}
+    )
+    for control in to_run:
+        fanout.send_control(groups.run_group(sid), control)
+    for control in to_user:
+        fanout.send_control(groups.user_group(4242), control)
+    async with asyncio.timeout(5):
+        while len(run.controls) < len(to_run) or len(user.controls) < len(to_user):
+            await asyncio.sleep(0.02)
+    assert run.controls == to_run
+    assert user.controls == to_user
+    assert other.controls == []
+    await hub.unsubscribe(groups.run_group(sid), run)
+    await hub.unsubscribe(groups.user_group(4242), user)
+    await hub.unsubscribe(groups.run_group("ses_someoneelse"), other)

@@ -10,7 +10,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from events_app import fanout, presence
+from events_app import fanout, groups, presence
 from tests.conftest import token_for
 from tests.streamutil import (
     SSEClient,
@@ -64,12 +64,12 @@ def session_groups(session_id: str) -> set[str]:
 
 async def assert_clean(session_id: str, baseline: set[asyncio.Task[Any]], user_id: int | None = None) -> None:
     hub = fanout.get_hub()
-    group = fanout.session_group(session_id)
+    group = groups.session_group(session_id)
     await eventually(lambda: group not in hub.groups)
     assert all(group not in g and not members for g, members in hub.groups.items() if session_id in g)
     assert session_id not in hub.group_session.values() and group not in hub.heads
     if user_id is not None:
-        assert fanout.user_group(user_id) not in hub.groups
+        assert groups.user_group(user_id) not in hub.groups
     assert not any(hub.groups.values()), hub.groups
     assert session_groups(session_id) == set()
     await eventually(lambda: presence.summary(session_id) == [])
@@ -83,7 +83,7 @@ async def warm_up(session_id: str, user: Any) -> set[asyncio.Task[Any]]:
     close = await open_sse(session_id, user)
     await publish_many(session_id, 1)
     await close()
-    await eventually(lambda: fanout.session_group(session_id) not in fanout.get_hub().groups)
+    await eventually(lambda: groups.session_group(session_id) not in fanout.get_hub().groups)
     return {t for t in asyncio.all_tasks() if not t.done()}
 
 
@@ -92,7 +92,7 @@ async def test_session_stream_leaves_nothing_behind(session: Any, alice: Any, bo
     baseline = await warm_up(session.id, alice)
     closers = [await opener(session.id, alice), await opener(session.id, bob)]
     hub = fanout.get_hub()
-    group = fanout.session_group(session.id)
+    group = groups.session_group(session.id)
     assert len(hub.groups[group]) == 2
     assert session_groups(session.id)  # the hub's one subscription
     await eventually(lambda: len(presence.summary(session.id)) == 2)
@@ -107,7 +107,7 @@ async def test_user_stream_leaves_nothing_behind(session: Any, alice: Any, bob: 
     baseline = await warm_up(session.id, alice)
     close = await opener(None, bob)
     hub = fanout.get_hub()
-    assert fanout.user_group(bob.pk) in hub.groups and fanout.session_group(session.id) in hub.groups
+    assert groups.user_group(bob.pk) in hub.groups and groups.session_group(session.id) in hub.groups
     await close()
     await assert_clean(session.id, baseline, user_id=bob.pk)
 
@@ -128,10 +128,31 @@ async def test_streams_ended_by_the_server_leave_nothing_behind(session: Any, al
     await assert_clean(session.id, baseline)
 
 
+async def test_a_removed_members_user_stream_leaves_that_session_and_follows_the_others(
+    session: Any, alice: Any, bob: Any
+) -> None:
+    from sessions_app import services
+
+    other = await create_shared_session(alice)
+    client = SSEClient(stream_path(None), params={"token": token_for(bob)})
+    await client.connected()
+    hub = fanout.get_hub()
+    assert groups.session_group(session.id) in hub.groups
+    await database_sync_to_async(services.remove_member)(session, username="bob")
+    await eventually(lambda: groups.session_group(session.id) not in hub.groups)
+    await publish_many(session.id, 1)
+    [seq] = await publish_many(other.id, 1)
+    frames = await client.until(lambda f: (f.data or {}).get("session_id") == other.id and f.seq == seq)
+    # The removal's own event is the last of that session this stream sees.
+    seen = [f.type for f in frames if (f.data or {}).get("session_id") == session.id]
+    assert seen[-1:] == ["member.removed"]
+    await client.close()
+
+
 async def test_one_layer_subscription_per_session_however_many_streams(session: Any, alice: Any, bob: Any, carol: Any) -> None:
     closers = [await open_sse(session.id, u) for u in (alice, bob, carol)]
     closers += [await open_ws(session.id, u) for u in (alice, bob)]
-    assert len(fanout.get_hub().groups[fanout.session_group(session.id)]) == 5
+    assert len(fanout.get_hub().groups[groups.session_group(session.id)]) == 5
     assert len(session_groups(session.id)) == 1
     for close in closers:
         await close()

@@ -23,7 +23,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from events_app import fanout, runtime
+from events_app import fanout, groups, runtime
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
 from project import liveness
@@ -32,7 +32,6 @@ from sessions_app.agents.runner import Run
 
 log = logging.getLogger(__name__)
 
-WORKERS_GROUP = "tandem.workers"
 # How often an idle pool looks for queued replies whose wake-up it missed.
 _POLL_SECONDS = 1.0
 
@@ -52,8 +51,8 @@ class Pool:
     def deliver(self, frame: Frame) -> None:
         pass
 
-    def control(self, message: dict[str, Any]) -> None:
-        if message.get("action") == "wake":
+    def control(self, message: groups.Control) -> None:
+        if isinstance(message, groups.Wake):
             self.wake.set()
 
     def start(self, *, listen: bool = False, persistent: bool = True) -> None:
@@ -69,7 +68,9 @@ class Pool:
         hub = get_hub()
         # Wake-ups come through Redis; until it answers, polling finds the replies.
         listening = (
-            asyncio.get_running_loop().create_task(subscribe_eventually(hub, WORKERS_GROUP, self))
+            asyncio.get_running_loop().create_task(
+                subscribe_eventually(hub, groups.WORKERS_GROUP, self)
+            )
             if listen else None
         )
         renew_every = settings.TANDEM_RUN_LEASE_SECONDS / 4
@@ -97,7 +98,7 @@ class Pool:
                 listening.cancel()
                 await asyncio.wait([listening])
                 with contextlib.suppress(Exception):
-                    await hub.unsubscribe(WORKERS_GROUP, self)
+                    await hub.unsubscribe(groups.WORKERS_GROUP, self)
 
     async def _claim(self) -> None:
         free = settings.TANDEM_AGENT_CONCURRENCY - len(self.runs)
@@ -191,12 +192,12 @@ def dispatch() -> None:
     if settings.TANDEM_AGENT_MODE == "inline":
         runtime.call_soon(_wake_local)
     else:
-        fanout.send_control(WORKERS_GROUP, "wake")
+        fanout.send_control(groups.WORKERS_GROUP, groups.Wake())
 
 
 def request_abort(session_id: str) -> None:
     """Tell the runner holding the session's reply, in whichever process, to stop."""
-    fanout.send_control(services.run_group(session_id), "abort", session_id=session_id)
+    fanout.send_control(groups.run_group(session_id), groups.Abort(session_id))
 
 
 def active_runs() -> int:

@@ -17,6 +17,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from events_app import groups
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame, iso
 from sessions_app import services
@@ -90,12 +91,11 @@ class Run:
     def deliver(self, frame: Frame) -> None:
         pass
 
-    def control(self, message: dict[str, Any]) -> None:
-        action = message.get("action")
-        if action == "abort":
+    def control(self, message: groups.Control) -> None:
+        if isinstance(message, groups.Abort):
             self.abort()
-        elif action == "permission":
-            event = self.answered.get(str(message.get("permission_id")))
+        elif isinstance(message, groups.PermissionAnswered):
+            event = self.answered.get(message.permission_id)
             if event is not None:
                 event.set()
 
@@ -132,7 +132,7 @@ class Run:
         return await result
 
     async def run(self) -> None:
-        group = services.run_group(self.session_id)
+        group = groups.run_group(self.session_id)
         hub = get_hub()
         started = time.monotonic()
         replies_log.info(

@@ -1,0 +1,161 @@
+"""Every channel-layer group, and every message sent through one, defined here once.
+
+Senders build group names and messages with these functions; receivers decode messages
+with them. A group name is never parsed back: whatever a receiver needs (the session a
+``Revoke`` is about, say) travels in the message itself.
+
+Names keep to what Channels accepts (ASCII letters, digits, ``-``, ``_``, ``.``; fewer
+than 100 characters). They carry no deployment prefix of their own: the channel layer
+puts ``TANDEM_CHANNEL_PREFIX`` in front of every group and channel it keeps in Redis
+(``CHANNEL_LAYERS`` in ``project/settings.py``), so deployments sharing one Redis keep apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NotRequired, TypedDict
+
+from events_app.types import Frame
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,99}")
+
+
+def _checked(name: str) -> str:
+    # The layer would refuse it later, on the loop, far from the caller that built it.
+    if _NAME.fullmatch(name) is None:
+        raise ValueError(f"Not a valid channel-layer group name: {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------- groups and channels
+
+
+def session_group(session_id: str) -> str:
+    """Every event of one session, and the controls its session streams obey."""
+    return _checked(f"tandem.s.{session_id}")
+
+
+def user_group(user_id: int) -> str:
+    """Controls for one user's user-level streams (sessions joined, user disabled)."""
+    return _checked(f"tandem.u.{int(user_id)}")
+
+
+def run_group(session_id: str) -> str:
+    """Where the process running a session's reply listens for abort and permission answers."""
+    return _checked(f"tandem.r.{session_id}")
+
+
+# Every agents pool that takes queued replies listens here for wake-ups (worker mode).
+WORKERS_GROUP = "tandem.workers"
+
+# The prefix of each process hub's own channel name (the layer adds a random suffix).
+HUB_CHANNEL_PREFIX = "tandem.hub."
+
+
+# ---------------------------------------------------------------- event messages
+
+EVENT = "tandem.event"
+CONTROL = "tandem.control"
+
+
+class EventMessage(TypedDict):
+    """One event on a session group. Short keys: one of these goes through Redis per event."""
+
+    type: str  # EVENT
+    g: str  # the group it was sent to: the hub routes by it, nobody parses it
+    s: str | None  # session id
+    q: int | None  # seq (None: ephemeral)
+    t: str  # event type
+    e: str  # the encoded envelope
+    p: NotRequired[float]  # sent at (time.time()), for the delivery-lag metric
+
+
+def encode_event(group: str, frame: Frame, sent_at: float) -> EventMessage:
+    return {
+        "type": EVENT, "g": group, "s": frame.session_id, "q": frame.seq, "t": frame.type,
+        "e": frame.envelope, "p": sent_at,
+    }
+
+
+def decode_event(message: EventMessage) -> Frame:
+    return Frame(message["q"], message["s"], message["t"], message["e"])
+
+
+# ---------------------------------------------------------------- control messages
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """A reply was queued (on ``WORKERS_GROUP``): claim it."""
+
+    action: ClassVar[str] = "wake"
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Stop the session's running reply (on its ``run_group``)."""
+
+    session_id: str
+    action: ClassVar[str] = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionAnswered:
+    """A permission request was answered (on the session's ``run_group``): stop waiting."""
+
+    permission_id: str
+    action: ClassVar[str] = "permission"
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """The user was removed from the session (on its ``session_group``): their streams
+    of that session end, their user-level streams stop following it."""
+
+    user_id: int
+    session_id: str
+    action: ClassVar[str] = "revoke"
+
+
+@dataclass(frozen=True, slots=True)
+class UserDisabled:
+    """The user was deactivated or deleted (on their ``user_group`` and each of their
+    sessions' ``session_group``): every stream of theirs ends."""
+
+    user_id: int
+    action: ClassVar[str] = "user_disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """The user joined a session (on their ``user_group``): user-level streams follow it
+    from ``after``, the seq before the event that says so."""
+
+    session_id: str
+    after: int
+    action: ClassVar[str] = "join"
+
+
+Control = Wake | Abort | PermissionAnswered | Revoke | UserDisabled | Join
+
+_CONTROLS: dict[str, type[Control]] = {
+    cls.action: cls for cls in (Wake, Abort, PermissionAnswered, Revoke, UserDisabled, Join)
+}
+
+
+def encode_control(group: str, control: Control) -> dict[str, Any]:
+    return {"type": CONTROL, "g": group, "action": control.action, **dataclasses.asdict(control)}
+
+
+def decode_control(message: Mapping[str, Any]) -> Control | None:
+    """None for a message this version does not know (another version's, during a rolling
+    deploy): the receiver ignores it rather than fail on it."""
+    cls = _CONTROLS.get(message.get("action", ""))
+    if cls is None:
+        return None
+    try:
+        return cls(**{f.name: message[f.name] for f in dataclasses.fields(cls)})
+    except KeyError:
+        return None
