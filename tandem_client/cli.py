@@ -16,7 +16,14 @@ import click
 
 from tandem_client import config
 from tandem_client.sdk import (
-    AuthenticationError, Client, ConflictError, Event, NetworkError, NotFoundError, TandemError, Tokens,
+    AuthenticationError,
+    Client,
+    ConflictError,
+    Event,
+    NetworkError,
+    NotFoundError,
+    TandemError,
+    Tokens,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130

@@ -15,8 +15,21 @@ import pytest
 from events_app.publishing import publish_event
 from sessions_app.models import Session as SessionRow
 from tandem_client import (
-    AsyncClient, AuthenticationError, Client, ConflictError, Event, EventStream, Message, NetworkError,
-    NotFoundError, Permission, PermissionDeniedError, Session, TandemError, User, ValidationError,
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    ConflictError,
+    Event,
+    EventStream,
+    Message,
+    NetworkError,
+    NotFoundError,
+    Permission,
+    PermissionDeniedError,
+    Session,
+    TandemError,
+    User,
+    ValidationError,
 )
 from tests import conftest
 from tests.conftest import PASSWORD, ServerProcess, wait_until
