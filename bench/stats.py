@@ -89,7 +89,7 @@ def by_seq(clients: list[StreamClient], heads: list[int]) -> dict[str, Any]:
     the server when it made the event) to the client reading it."""
     latencies: list[float] = []
     delivered = lost = duplicates = reordered = 0
-    for client, final in zip(clients, heads):
+    for client, final in zip(clients, heads, strict=True):
         start = client.head or 0
         seen: set[int] = set()
         keys: list[int] = []

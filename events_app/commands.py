@@ -12,7 +12,6 @@ from rest_framework.utils.json import strict_constant
 
 from events_app.services import publish_custom
 from events_app.streams import Connection
-from project.limits import check_write_rate
 from project.errors import (
     ApiError,
     BadRequest,
@@ -21,6 +20,7 @@ from project.errors import (
     accept_json_object,
     to_api_error,
 )
+from project.limits import check_write_rate
 from sessions_app import services
 from sessions_app.access import session_for
 from sessions_app.models import Role

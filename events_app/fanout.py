@@ -19,8 +19,8 @@ passing the later event on. A periodic head check catches a lost *last* event.
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
+import time
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Mapping

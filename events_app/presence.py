@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
-
 from redis.exceptions import RedisError
 
 from project.errors import Unavailable

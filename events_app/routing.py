@@ -14,6 +14,7 @@ from events_app.runtime import off_loop
 from project.auth import authenticate_stream
 from project.errors import ApiError, NotFound
 
+
 def _has_origin(scope: dict[str, Any]) -> bool:
     return any(key == b"origin" for key, _ in scope.get("headers", []))
 

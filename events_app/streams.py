@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import weakref
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,13 +25,13 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from events_app import cursors, fanout, groups, presence
-from events_app.runtime import off_loop
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
-from project.limits import release_stream_slot, take_stream_slot
+from events_app.runtime import off_loop
 from events_app.services import events_between, parse_position, reset_reason
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project.auth import authenticate_stream, query_params
 from project.errors import BadRequest
+from project.limits import release_stream_slot, take_stream_slot
 from sessions_app.access import check_member, member_session_ids
 from sessions_app.serializers import user_data
 

@@ -1,14 +1,13 @@
 """The event log over REST: history for polling and catch-up, and custom publishing."""
 from __future__ import annotations
 
+import orjson
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
-
-import orjson
 
 from events_app.services import history, parse_position, publish_custom
 from events_app.types import TypeFilter
@@ -17,7 +16,6 @@ from project.openapi import EVENTS_PARAMETERS, SESSION_ID, doc, json_body, ref
 from sessions_app.access import session_for
 from sessions_app.models import Role
 from sessions_app.serializers import EventPublishSerializer
-
 
 NOT_FOUND = "`not_found`: no such session, or you are not a member of it."
 

@@ -53,9 +53,8 @@ def _start_housekeeping(loop: asyncio.AbstractEventLoop) -> None:
     _end_streams_on_exit_signals()
     from django.conf import settings
 
-    from sessions_app.agents import pool
-
     from project import liveness
+    from sessions_app.agents import pool
 
     jobs: list[Any] = [prune_forever, presence.refresh_forever, pool.reap_forever, liveness.beat_forever]
     if settings.TANDEM_AGENT_MODE == "inline":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -13,7 +14,6 @@ from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_K
 from django.contrib.auth.models import AbstractBaseUser
 from django.core import signing
 from django.utils.crypto import constant_time_compare
-from importlib import import_module
 from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import TokenError

@@ -244,7 +244,7 @@ class ApiErrorMiddleware:
             return None
         err = to_api_error(exc)
         if err is None:
-            log.exception("Unhandled error on %s %s", request.method, request.path)
+            log.error("Unhandled error on %s %s", request.method, request.path, exc_info=exc)
             err = InternalError()
         return error_response(err)
 

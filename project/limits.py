@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+
 from project import liveness, redisconn
 from project.errors import RateLimited, TooManyConnections, Unavailable
 from project.rates import parse_rate

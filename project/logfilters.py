@@ -8,7 +8,7 @@ import logging
 import logging.config
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -71,7 +71,7 @@ class JsonFormatter(OrjsonFormatter):
 
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
         log_data["time"] = (
-            datetime.fromtimestamp(record.created, timezone.utc).isoformat().replace("+00:00", "Z")
+            datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z")
         )
         super().add_fields(log_data, record, message_dict)
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:

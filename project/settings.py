@@ -202,11 +202,10 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     _db["TEST"] = {
         "NAME": str(BASE_DIR / "var" / f"{env_str('TANDEM_TEST_DB_NAME', 'test-db')}.sqlite3")
     }
-elif _db["ENGINE"] == "django.db.backends.postgresql" and not _conn_max_age:
+elif _db["ENGINE"] == "django.db.backends.postgresql" and not _conn_max_age and _pool_size:
     # A pool per process (psycopg_pool): a stream's or a request's queries borrow a
     # connection for the moment they run, with no handshake, and no open stream holds one.
-    if _pool_size:
-        _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": _pool_size, "timeout": 10}
+    _db.setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": _pool_size, "timeout": 10}
 if _db["ENGINE"] != "django.db.backends.sqlite3" and os.environ.get("TANDEM_TEST_DB_NAME"):
     # Lets several test runs share one PostgreSQL server without clobbering each other.
     _db["TEST"] = {"NAME": env_str("TANDEM_TEST_DB_NAME", "")}

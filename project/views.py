@@ -79,7 +79,7 @@ async def _run_checks(checks: dict[str, Callable[[], Awaitable[None]]]) -> dict[
         return "ok"
 
     results = await asyncio.gather(*(one(check) for check in checks.values()))
-    return dict(zip(checks, results))
+    return dict(zip(checks, results, strict=True))
 
 
 _state_lock = threading.Lock()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the tests need and run the whole suite twice: on SQLite and on
+# Install everything the tests need, lint with ruff, and run the whole suite twice: on SQLite and on
 # PostgreSQL, with the real Redis for the fan-out tests. Starts PostgreSQL and Redis if
 # they are installed here but not running. Extra arguments go to pytest.
 set -euo pipefail
@@ -9,6 +9,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+
+# Lint and import order ([tool.ruff] in pyproject.toml): findings fail the run before any test.
+echo "== ruff check =="
+"$VENV/bin/ruff" check --output-format concise .
 
 # The browser tests drive Debian's Chromium; the deployment test runs nginx.
 missing=""

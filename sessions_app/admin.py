@@ -12,11 +12,11 @@ from typing import Any
 
 from django.contrib import admin
 from django.contrib.admin.utils import quote
-from django.urls import reverse
-from django.utils.html import format_html, format_html_join
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from sessions_app import services
 from sessions_app.models import Membership, Message, Part, PermissionRequest, Session

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
-from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
@@ -197,7 +197,10 @@ class SessionDetailView(APIView):
         parameters=[SESSION_ID],
         request=SessionUpdateSerializer,
         responses={200: OpenApiResponse(ref("Session"), description="The session.")},
-        errors={403: "`permission_denied`: only the owner renames a session.", 404: "`not_found`: no such session, or you are not a member of it."},
+        errors={
+            403: "`permission_denied`: only the owner renames a session.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+        },
     )
     def patch(self, request: Request, session_id: str) -> Response:
         session, role = session_for(request.user, session_id, Role.OWNER)
@@ -211,7 +214,10 @@ class SessionDetailView(APIView):
         tags=["sessions"],
         parameters=[SESSION_ID],
         responses={204: OpenApiResponse(description="Deleted.")},
-        errors={403: "`permission_denied`: only the owner deletes a session.", 404: "`not_found`: no such session, or you are not a member of it."},
+        errors={
+            403: "`permission_denied`: only the owner deletes a session.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+        },
     )
     def delete(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id, Role.OWNER)
@@ -330,7 +336,10 @@ class MessageListView(APIView):
         tags=["messages"],
         parameters=[SESSION_ID, *PAGE_PARAMETERS],
         responses={200: OpenApiResponse(ref("MessagePage"), description="A page of messages.")},
-        errors={400: "`bad_request`: a `cursor` the server did not make.", 404: "`not_found`: no such session, or you are not a member of it."},
+        errors={
+            400: "`bad_request`: a `cursor` the server did not make.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+        },
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)
@@ -404,7 +413,10 @@ class PermissionListView(APIView):
             ),
         ],
         responses={200: OpenApiResponse({"type": "array", "items": ref("Permission")}, description="The requests.")},
-        errors={400: "`validation_error`: an unknown `status` or query parameter.", 404: "`not_found`: no such session, or you are not a member of it."},
+        errors={
+            400: "`validation_error`: an unknown `status` or query parameter.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+        },
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)

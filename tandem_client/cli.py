@@ -16,7 +16,14 @@ import click
 
 from tandem_client import config
 from tandem_client.sdk import (
-    AuthenticationError, Client, ConflictError, Event, NetworkError, NotFoundError, TandemError, Tokens,
+    AuthenticationError,
+    Client,
+    ConflictError,
+    Event,
+    NetworkError,
+    NotFoundError,
+    TandemError,
+    Tokens,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
@@ -88,7 +95,7 @@ def _ask(question: str) -> bool:
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]) + "\n"
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]) + "\n"
 
 
 def _clip(text: str, width: int = 40) -> str:
@@ -327,7 +334,10 @@ def watch(session_id: str, types: Sequence[str], after: int | None, as_json: boo
                             _note(f"[reconnected; resuming after seq {stream.last_seq}]")
                         continue
                     if event.type == "stream.reset":
-                        _note(f"[events were lost ({event.properties.get('reason')}); continuing from seq {event.properties.get('last_seq')}]")
+                        _note(
+                            f"[events were lost ({event.properties.get('reason')}); "
+                            f"continuing from seq {event.properties.get('last_seq')}]"
+                        )
                     if as_json:
                         _json_line(event.raw)
                     else:

@@ -461,12 +461,14 @@ class Client(_Base):
                     if not (self.username and self._password):
                         raise AuthenticationError(401, "authentication_failed", "The saved login has expired: log in again.") from None
             if self.username and self._password:
-                data = self._send("POST", "/api/auth/token/", json={"username": self.username, "password": self._password}, auth=False).json()
+                credentials = {"username": self.username, "password": self._password}
+                data = self._send("POST", "/api/auth/token/", json=credentials, auth=False).json()
                 return self._store(data)
             raise self._not_logged_in()
 
     def register(self, username: str, password: str) -> User:
-        return User.from_json(self._send("POST", "/api/auth/register/", json={"username": username, "password": password}, auth=False).json())
+        credentials = {"username": username, "password": password}
+        return User.from_json(self._send("POST", "/api/auth/register/", json=credentials, auth=False).json())
 
     def ticket(self) -> str:
         """A short-lived ``?ticket=`` for stream URLs (browsers; this client uses its token)."""
@@ -708,7 +710,8 @@ class AsyncClient(_Base):
                     if not (self.username and self._password):
                         raise AuthenticationError(401, "authentication_failed", "The saved login has expired: log in again.") from None
             if self.username and self._password:
-                response = await self._send("POST", "/api/auth/token/", json={"username": self.username, "password": self._password}, auth=False)
+                credentials = {"username": self.username, "password": self._password}
+                response = await self._send("POST", "/api/auth/token/", json=credentials, auth=False)
                 return self._store(response.json())
             raise self._not_logged_in()
 
@@ -795,7 +798,9 @@ class AsyncClient(_Base):
         body: JSON = {"approved": approved, **({"reason": reason} if reason is not None else {})}
         return Permission.from_json(await self._call("POST", _s(session_id, "permissions", permission_id), json=body))
 
-    async def events(self, session_id: str, after: int = 0, limit: int | None = None, types: str | Sequence[str] | None = None) -> EventPage:
+    async def events(
+        self, session_id: str, after: int = 0, limit: int | None = None, types: str | Sequence[str] | None = None
+    ) -> EventPage:
         params: JSON = {"after": after}
         if limit is not None:
             params["limit"] = limit

@@ -248,7 +248,8 @@ def test_answers_through_two_processes_at_once_exactly_one_wins(
         assert sorted(codes) == [200, 409], codes
         with api_client(server_b, alice) as client:
             def resolved_once() -> bool:
-                events = client.get(f"/api/sessions/{sid}/events/", params={"types": "permission.resolved,message.completed"}).json()["events"]
+                types = {"types": "permission.resolved,message.completed"}
+                events = client.get(f"/api/sessions/{sid}/events/", params=types).json()["events"]
                 mine = [e for e in events if e["properties"].get("permission_id") == pid]
                 done = any(e["properties"].get("message_id") == reply_id for e in events)
                 return done and len(mine) == 1

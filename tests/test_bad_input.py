@@ -213,7 +213,10 @@ def test_token_endpoint_with_wrong_types_is_400(alice: Any) -> None:
     [
         ("text/plain", b'{"title": "x"}'),
         ("application/x-www-form-urlencoded", b"title=x&username=alice"),
-        ("multipart/form-data; boundary=BoUnDaRy", b'--BoUnDaRy\r\nContent-Disposition: form-data; name="title"\r\n\r\nx\r\n--BoUnDaRy--\r\n'),
+        (
+            "multipart/form-data; boundary=BoUnDaRy",
+            b'--BoUnDaRy\r\nContent-Disposition: form-data; name="title"\r\n\r\nx\r\n--BoUnDaRy--\r\n',
+        ),
         ("application/xml", b"<title>x</title>"),
         ("application/octet-stream", b"\x00\x01"),
     ],
@@ -371,7 +374,10 @@ def test_wrong_method_is_405_in_the_error_shape(
 # ---------------------------------------------------------------- no credentials on any endpoint
 
 
-@pytest.mark.parametrize("method, path", SESSION_ENDPOINTS + [("get", "/api/sessions/"), ("post", "/api/sessions/"), ("post", "/api/auth/ticket/")])
+@pytest.mark.parametrize(
+    "method, path",
+    SESSION_ENDPOINTS + [("get", "/api/sessions/"), ("post", "/api/sessions/"), ("post", "/api/auth/ticket/")],
+)
 def test_every_protected_endpoint_needs_credentials(
     shared_session: Any, unchanged: Callable[[], None], method: str, path: str,
 ) -> None:

@@ -513,7 +513,7 @@ def test_the_user_level_stream_backs_off_with_jitter_and_streams_by_the_cookie(
 
     page.unroute("**/api/stream/**")
     wait_status(page, "live")
-    stream_urls = [u for u in streams]
+    stream_urls = list(streams)
     # One request per failed attempt, each followed by one reconnect (EventSource never
     # retried on its own), each by the session cookie with no credential in the URL; a
     # ticket is asked for only to learn, after a failed attempt, whether the user is
@@ -607,7 +607,10 @@ def test_rest_calls_use_the_cookie_and_csrf_and_errors_are_tandem_errors(
     assert "type" in invalid["details"]
 
     outsider = page_for(browse, charlie)
-    outsider.evaluate("() => import('/static/js/tandem.js').then(m => { window.TandemError = m.TandemError; window.tandem = new m.Tandem(); })")
+    outsider.evaluate(
+        "() => import('/static/js/tandem.js')"
+        ".then(m => { window.TandemError = m.TandemError; window.tandem = new m.Tandem(); })"
+    )
     hidden = outsider.evaluate(catch, ["GET", f"/api/sessions/{sid}/"])
     assert hidden == {
         "name": "TandemError", "status": 404, "code": "not_found", "details": {},

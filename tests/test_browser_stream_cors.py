@@ -51,7 +51,7 @@ def origins() -> Iterator[dict[str, str]]:
     httpds = [ThreadingHTTPServer(("127.0.0.1", 0), _Page) for _ in range(2)]
     for httpd in httpds:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield {name: f"http://127.0.0.1:{h.server_address[1]}" for name, h in zip(["allowed", "other"], httpds)}
+    yield {name: f"http://127.0.0.1:{h.server_address[1]}" for name, h in zip(["allowed", "other"], httpds, strict=True)}
     for httpd in httpds:
         httpd.shutdown()
 

@@ -298,7 +298,7 @@ def test_permission_answered_by_one_closes_the_dialog_for_the_others(
 
     send(page_b, "!calc 2*(3+4)")
     dialogs = [page.get_by_role("dialog", name="Permission requested") for page in (page_a, page_b, page_c)]
-    for page, dialog in zip((page_a, page_b, page_c), dialogs):
+    for page, dialog in zip((page_a, page_b, page_c), dialogs, strict=True):
         expect(dialog).to_be_visible(timeout=10_000)
         expect(dialog).to_contain_text("calculator")
         expect(dialog.locator("#permission-input")).to_contain_text('"expression": "2*(3+4)"')
@@ -320,7 +320,7 @@ def test_permission_answered_by_one_closes_the_dialog_for_the_others(
 
     dialogs[1].get_by_label("Reason (optional)").fill("fine by me")
     dialogs[1].get_by_role("button", name="Approve").click()
-    for page, dialog in zip((page_a, page_b, page_c), dialogs):
+    for page, dialog in zip((page_a, page_b, page_c), dialogs, strict=True):
         expect(dialog).to_be_hidden(timeout=10_000)
         reply = wait_reply(page, "2*(3+4) = 14")
         card = reply.locator(".tool-card")
@@ -391,7 +391,8 @@ def test_a_dropped_connection_resumes_without_losing_or_repeating_words(browse: 
     expect(connection).to_contain_text(re.compile("Offline|Reconnecting"))
     shown = len(body.inner_text())
     # The reply goes on on the server meanwhile.
-    wait_until(lambda: len(Part.objects.filter(message__session=shared_session, message__role="assistant").get().text) > shown + 200, timeout=10)
+    reply_part = Part.objects.filter(message__session=shared_session, message__role="assistant")
+    wait_until(lambda: len(reply_part.get().text) > shown + 200, timeout=10)
 
     page.context.set_offline(False)
     expect(connection).to_have_attribute("data-state", LIVE, timeout=20_000)

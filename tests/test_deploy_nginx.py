@@ -247,7 +247,8 @@ def installation() -> Iterator[Installation]:
         assert installed["ALLOWED_HOSTS"] == SERVER_NAME
         assert installed["TANDEM_ALLOWED_ORIGINS"] == f"https://{SERVER_NAME}"
         assert len(installed["SECRET_KEY"]) >= 50 and installed["SECRET_KEY"] != example["SECRET_KEY"]
-        assert (env_path.stat().st_uid, env_path.stat().st_gid, env_path.stat().st_mode & 0o777) == (0, pwd.getpwnam("tandem").pw_gid, 0o640)
+        env_stat = env_path.stat()
+        assert (env_stat.st_uid, env_stat.st_gid, env_stat.st_mode & 0o777) == (0, pwd.getpwnam("tandem").pw_gid, 0o640)
         overrides = {
             "DATABASE_URL": example["DATABASE_URL"].rsplit("/", 1)[0] + f"/{db}",
             "REDIS_URL": REDIS_URL,
@@ -383,10 +384,10 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
     webs = [inst.service("tandem-web@.service", str(port)) for port in ports]
     worker = inst.service("tandem-agents.service")
     worker.start()
-    for web, port in zip(webs, ports):
+    for web in webs:
         web.start()
     _wait_worker(worker)
-    for web, port in zip(webs, ports):
+    for web, port in zip(webs, ports, strict=True):
         _wait_web(web, port)
     for process in (*webs, worker):
         assert process.proc is not None
@@ -430,7 +431,8 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         # The same over a WebSocket (wss://) through nginx.
         with _wss(proxy, f"/ws/sessions/{sid}/?token={token}") as ws:
             assert json.loads(ws.recv(timeout=5))["type"] == "server.connected"
-            reply_id = client.post(f"/api/sessions/{sid}/messages/", json={"parts": [{"type": "text", "text": "over wss"}]}, headers=auth).json()["reply_id"]
+            message = {"parts": [{"type": "text", "text": "over wss"}]}
+            reply_id = client.post(f"/api/sessions/{sid}/messages/", json=message, headers=auth).json()["reply_id"]
             deadline = time.monotonic() + 15
             while True:
                 frame = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
@@ -483,7 +485,7 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         assert "No migrations to apply" in inst.manage("migrate", "--noinput").stdout
         inst.manage("collectstatic", "--noinput")
         last = stream.seqs()[-1]
-        for web, port in zip(webs, ports):
+        for web, port in zip(webs, ports, strict=True):
             web.stop()
             for i in range(2):  # served by the other process meanwhile
                 posted = client.post(f"/api/sessions/{sid}/events/", json={"type": "task.progress", "properties": {"i": i}}, headers=auth)
@@ -499,7 +501,8 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         resumed.wait_for_seq(head)
         assert resumed.seqs() == list(range(last + 1, head + 1))
         # The restarted worker answers.
-        posted = client.post(f"/api/sessions/{sid}/messages/", json={"parts": [{"type": "text", "text": "after the upgrade"}]}, headers=auth)
+        message = {"parts": [{"type": "text", "text": "after the upgrade"}]}
+        posted = client.post(f"/api/sessions/{sid}/messages/", json=message, headers=auth)
         resumed.wait_for_type("message.completed", message_id=posted.json()["reply_id"], timeout=15)
         resumed.close()
         stream.close()
@@ -523,7 +526,7 @@ def test_deployment_from_the_docs(installation: Installation, nginx: Any) -> Non
         assert access, web.log()[-2000:]
         assert all(entry["level"] == "INFO" and entry["time"] and entry["process"] for entry in access)
         assert any(f"/api/sessions/{sid}/" in entry["message"] for entry in access)
-    forwarded = [e for web in webs for e in map(json.loads, filter(lambda l: "?xff" in l and l.startswith("{"), web.log().splitlines()))]
+    forwarded = [e for web in webs for e in map(json.loads, filter(lambda ln: "?xff" in ln and ln.startswith("{"), web.log().splitlines()))]
     assert forwarded and all(e["message"].startswith("203.0.113.9 ") for e in forwarded), forwarded
 
     # Last, because they need changes of issue 10 made on other branches: no credential in
@@ -559,7 +562,8 @@ def test_streams_and_sockets_through_nginx_survive_a_dead_process(
     stream = _sse(proxy, path, token_for(alice))
     stream.wait_for_type("server.connected")
     with proxy.client(headers={"Authorization": f"Bearer {token_for(bob)}"}) as client:
-        reply_id = client.post(f"/api/sessions/{sid}/messages/", json={"parts": [{"type": "text", "text": "through the proxy"}]}).json()["reply_id"]
+        message = {"parts": [{"type": "text", "text": "through the proxy"}]}
+        reply_id = client.post(f"/api/sessions/{sid}/messages/", json=message).json()["reply_id"]
         # Unbuffered: the reply's events arrive while it streams, not when a buffer fills.
         stream.wait_for_type("message.completed", message_id=reply_id, timeout=10)
 

@@ -3,10 +3,12 @@ unsigned, foreign-key, expired and future-dated JWTs, forged and expired tickets
 oversized headers and query strings, hostile origins. Each is a clean refusal."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jwt
 import pytest
@@ -104,7 +106,7 @@ async def test_expired_ticket_is_refused(alice: Any, bob: Any, carol: Any, charl
 
     ticket = await database_sync_to_async(issue_ticket)(bob)
     settings.TANDEM_TICKET_SECONDS = 0  # every ticket is now past its lifetime
-    time.sleep(1.1)
+    await asyncio.sleep(1.1)
     client = sse(session.id, ticket=ticket)
     assert await client.open() == 401
     assert (await client.json())["error"]["code"] == "authentication_failed"

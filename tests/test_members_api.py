@@ -60,7 +60,10 @@ def test_owner_adds_an_editor(shared_session: Any, alice: Any, charlie: Any, api
     assert response.status_code == 201 and response.json()["role"] == "editor"
 
 
-@pytest.mark.parametrize("who, status, code", [("bob", 403, "permission_denied"), ("carol", 403, "permission_denied"), ("charlie", 404, "not_found")])
+@pytest.mark.parametrize(
+    "who, status, code",
+    [("bob", 403, "permission_denied"), ("carol", 403, "permission_denied"), ("charlie", 404, "not_found")],
+)
 def test_only_the_owner_adds_members(
     shared_session: Any, api: Any, request: Any, who: str, status: int, code: str
 ) -> None:
@@ -159,7 +162,10 @@ def test_removing_twice_is_404(shared_session: Any, alice: Any, api: Any) -> Non
     assert_error(api(alice).delete(members_url(shared_session, "carol")), 404, "not_found")
 
 
-@pytest.mark.parametrize("who, status, code", [("bob", 403, "permission_denied"), ("carol", 403, "permission_denied"), ("charlie", 404, "not_found")])
+@pytest.mark.parametrize(
+    "who, status, code",
+    [("bob", 403, "permission_denied"), ("carol", 403, "permission_denied"), ("charlie", 404, "not_found")],
+)
 def test_only_the_owner_removes_members(
     shared_session: Any, api: Any, request: Any, who: str, status: int, code: str
 ) -> None:

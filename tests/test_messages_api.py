@@ -302,5 +302,6 @@ def test_viewer_cannot_abort(shared_session: Any, carol: Any, api: Any) -> None:
 
 @pytest.mark.django_db
 def test_abort_with_unknown_fields_is_400(shared_session: Any, bob: Any, api: Any) -> None:
-    error = assert_error(api(bob).post(f"/api/sessions/{shared_session.id}/abort/", {"force": True}, format="json"), 400, "validation_error")
+    response = api(bob).post(f"/api/sessions/{shared_session.id}/abort/", {"force": True}, format="json")
+    error = assert_error(response, 400, "validation_error")
     assert "force" in error["details"]

@@ -9,8 +9,16 @@ import pytest
 
 from sessions_app.models import Message, Part, Session
 from tests.conftest import client_for, wait_until
-from tests.fake_openai import FakeOpenAI, Hang, chunk, error, stream, text_chunks, tool_call
-from tests.fake_openai import fake_openai  # noqa: F401
+from tests.fake_openai import (
+    FakeOpenAI,
+    Hang,
+    chunk,
+    error,
+    fake_openai,  # noqa: F401
+    stream,
+    text_chunks,
+    tool_call,
+)
 from tests.replies import head, log_after, post, wait_for_completed, wait_for_event, wait_idle
 
 pytestmark = [pytest.mark.django_db(transaction=True)]

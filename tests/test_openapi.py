@@ -5,8 +5,8 @@ real daphne process finds no 5xx and no response that contradicts it."""
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -282,10 +282,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     servers: Any, shared_session: Any, alice: Any, tmp_path: Any
 ) -> None:
     import hypothesis
-    from hypothesis.configuration import set_hypothesis_home_dir
     import requests
     import schemathesis
     from hypothesis import HealthCheck
+    from hypothesis.configuration import set_hypothesis_home_dir
     from schemathesis import GenerationMode
     from schemathesis import checks as st_checks
     from schemathesis.specs.openapi import checks as openapi_checks

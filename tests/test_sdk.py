@@ -15,8 +15,21 @@ import pytest
 from events_app.publishing import publish_event
 from sessions_app.models import Session as SessionRow
 from tandem_client import (
-    AsyncClient, AuthenticationError, Client, ConflictError, Event, EventStream, Message, NetworkError,
-    NotFoundError, Permission, PermissionDeniedError, Session, TandemError, User, ValidationError,
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    ConflictError,
+    Event,
+    EventStream,
+    Message,
+    NetworkError,
+    NotFoundError,
+    Permission,
+    PermissionDeniedError,
+    Session,
+    TandemError,
+    User,
+    ValidationError,
 )
 from tests import conftest
 from tests.conftest import PASSWORD, ServerProcess, wait_until
@@ -285,7 +298,9 @@ def test_stream_filters_by_type_and_chat_reply_text_adds_up(servers: Any, shared
         collector.stop()
     assert done.properties["status"] == "completed"
     assert reply_text(collector.events, posted.reply_id) == text
-    assert {e.type for e in collector.events} <= {"server.connected", "message.created", "message.part.updated", "message.completed", "presence.joined"}
+    assert {e.type for e in collector.events} <= {
+        "server.connected", "message.created", "message.part.updated", "message.completed", "presence.joined"
+    }
 
 
 def test_stream_resumes_across_a_server_restart_with_no_duplicates_and_no_gaps(

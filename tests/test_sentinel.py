@@ -21,8 +21,14 @@ from tests.conftest import free_port, token_for
     "url, expected",
     [
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-        ("redis+sentinel://s1:26379,s2:26380/mymaster", {"master_name": "mymaster", "sentinels": [("s1", 26379), ("s2", 26380)], "db": 0}),
-        ("redis+sentinel://:p%40ss@s1:26379/mymaster/3", {"master_name": "mymaster", "sentinels": [("s1", 26379)], "db": 3, "password": "p@ss"}),
+        (
+            "redis+sentinel://s1:26379,s2:26380/mymaster",
+            {"master_name": "mymaster", "sentinels": [("s1", 26379), ("s2", 26380)], "db": 0},
+        ),
+        (
+            "redis+sentinel://:p%40ss@s1:26379/mymaster/3",
+            {"master_name": "mymaster", "sentinels": [("s1", 26379)], "db": 3, "password": "p@ss"},
+        ),
     ],
 )
 def test_redis_urls_become_channel_layer_hosts(url: str, expected: Any) -> None:

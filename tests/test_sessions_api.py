@@ -241,7 +241,10 @@ def test_deleting_twice_is_404(shared_session: Any, alice: Any, api: Any) -> Non
     assert_error(api(alice).delete(url(shared_session)), 404, "not_found")
 
 
-@pytest.mark.parametrize("who, status, code", [("bob", 403, "permission_denied"), ("carol", 403, "permission_denied"), ("charlie", 404, "not_found")])
+@pytest.mark.parametrize(
+    "who, status, code",
+    [("bob", 403, "permission_denied"), ("carol", 403, "permission_denied"), ("charlie", 404, "not_found")],
+)
 def test_only_the_owner_deletes(
     shared_session: Any, api: Any, request: Any, who: str, status: int, code: str
 ) -> None:

@@ -46,7 +46,10 @@ def test_env_float_and_list(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env_list("X_L", []) == ["a.example", "b.example"]
 
 
-def _load_settings(env: dict[str, str], show: str = "settings.CHANNEL_LAYERS['default']['BACKEND'], settings.DATABASES['default']['ENGINE']") -> subprocess.CompletedProcess[str]:
+def _load_settings(
+    env: dict[str, str],
+    show: str = "settings.CHANNEL_LAYERS['default']['BACKEND'], settings.DATABASES['default']['ENGINE']",
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", f"import django; django.setup(); from django.conf import settings; print({show})"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,

@@ -280,7 +280,7 @@ async def test_live_events_published_during_replay_arrive_exactly_once(session: 
             await client.open()
         await task
         last = await head(session.id)
-        for client, start in zip(clients, (0, 10)):
+        for client, start in zip(clients, (0, 10), strict=True):
             events = await client.until_seq(last, timeout=15)
             seqs = [e.seq for e in events if e.seq is not None]
             assert seqs == list(range(start + 1, last + 1))

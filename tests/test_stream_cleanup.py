@@ -37,7 +37,7 @@ def layer_groups() -> set[str]:
     if hasattr(layer, "_get_layer"):  # RedisPubSubChannelLayer: one per event loop
         loop_layer = layer._get_layer()
         subscribed = set().union(*(s._subscribed_to for s in loop_layer._shards))
-        return {g for g in loop_layer.groups} | {
+        return set(loop_layer.groups) | {
             s.decode() if isinstance(s, bytes) else s for s in subscribed if "__group__" in str(s)
         }
     return {g for g, members in layer.groups.items() if members}

@@ -171,7 +171,8 @@ def test_npm_eventsource_resumes_the_user_stream_exactly_after_the_server_restar
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0 or proc.poll() is not None:
-                    raise AssertionError(f"not within {timeout}s (node exit {proc.poll()}): {lines[-5:]} {proc.stderr.read() if proc.poll() is not None and proc.stderr else ''}")
+                    stderr = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+                    raise AssertionError(f"not within {timeout}s (node exit {proc.poll()}): {lines[-5:]} {stderr}")
                 cond.wait(min(left, 0.5))
 
     def persisted() -> list[dict[str, Any]]:
@@ -181,7 +182,7 @@ def test_npm_eventsource_resumes_the_user_stream_exactly_after_the_server_restar
     reader.start()
     restarted = None
     try:
-        wait(lambda: any("event" in l and l["event"]["type"] == "server.connected" for l in lines))
+        wait(lambda: any("event" in ln and ln["event"]["type"] == "server.connected" for ln in lines))
         post_events(server, alice, session_ids[:300])
         wait(lambda: len(persisted()) >= 300)
         server.proc.kill()  # a crash: the client is cut off mid-stream
@@ -191,7 +192,7 @@ def test_npm_eventsource_resumes_the_user_stream_exactly_after_the_server_restar
             with transaction.atomic():
                 publish(sid, "task.progress", {"away": True})
         restarted = start_server({"TANDEM_AGENT_MODE": "inline"}, tmp_path, name="restarted", port=server.port)
-        wait(lambda: sum(1 for l in lines if "open" in l) >= 2)  # eventsource's own reconnect
+        wait(lambda: sum(1 for ln in lines if "open" in ln) >= 2)  # eventsource's own reconnect
         post_events(restarted, alice, session_ids[200:260])
         # A resumed user-level stream replays session by session (each in seq order), so
         # no one event marks the end: wait for as many as the log holds, then a moment
@@ -206,9 +207,9 @@ def test_npm_eventsource_resumes_the_user_stream_exactly_after_the_server_restar
             restarted.stop()
     with cond:
         events = persisted()
-    connected = [l["event"] for l in lines if "event" in l and l["event"]["type"] == "server.connected"]
+    connected = [ln["event"] for ln in lines if "event" in ln and ln["event"]["type"] == "server.connected"]
     assert len(connected) == 2 and connected[1]["properties"]["resumed"] is True
-    assert not [l for l in lines if "event" in l and l["event"]["type"] == "stream.reset"]
+    assert not [ln for ln in lines if "event" in ln and ln["event"]["type"] == "stream.reset"]
     assert_exact([(e["event"]["session_id"], e["event"]["seq"]) for e in events], heads(session_ids))
     for line in events:
         assert line["id"] == line["event"]["cursor"] and len(line["id"].encode()) <= CURSOR_MAX
