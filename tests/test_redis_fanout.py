@@ -312,7 +312,7 @@ async def test_every_control_reaches_the_listeners_of_its_group_as_the_same_type
     for control in to_user:
         fanout.send_control(groups.user_group(4242), control)
     async with asyncio.timeout(5):
-        while len(run.controls) < len(to_run) or len(user.controls) < len(to_user):
+        while len(run.controls) < len(to_run) or len(user.controls) < len(to_user):  # noqa: ASYNC110 (listeners are plain callbacks)
             await asyncio.sleep(0.02)
     assert run.controls == to_run
     assert user.controls == to_user
