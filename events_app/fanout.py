@@ -271,7 +271,7 @@ class Hub:
         self._deliver(group, groups.decode_event(message))
 
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
-        from events_app.services import events_between
+        from events_app.history import events_between
 
         frames = await runtime.off_loop(events_between)(
             session_id, after, upto, limit=upto - after

@@ -1,13 +1,13 @@
 """What ``/metrics`` shows (PROTOCOL §9), for this process. Each server process answers
-for itself; Prometheus scrapes every one and sums."""
+for itself; Prometheus scrapes every one and sums. The view is ``project.views.metrics``:
+the gauges read at scrape time come from the layers above this one."""
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 
 OPEN_STREAMS = Gauge("tandem_open_streams", "Open SSE and WebSocket streams.", ["transport"])
 EVENTS_PUBLISHED = Counter("tandem_events_published_total", "Events persisted by this process.")
@@ -46,37 +46,6 @@ HUB_GROUPS = Gauge(
 )
 HUB_LISTENERS = Gauge("tandem_hub_listeners", "Streams attached to those groups.")
 ASYNCIO_TASKS = Gauge("tandem_asyncio_tasks", "Tasks alive on the server's event loop.")
-
-
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    from events_app import fanout, runtime
-    from sessions_app.agents.pool import active_runs
-
-    ACTIVE_REPLIES.set(active_runs())
-    _agent_gauges()
-    # Read at scrape time: with open streams and hub gauges, a leak shows as a level
-    # that does not come back down after clients leave.
-    groups, listeners = fanout.local_subscriptions()
-    HUB_GROUPS.set(groups)
-    HUB_LISTENERS.set(listeners)
-    loop = runtime.bound_loop()
-    if loop is not None:
-        ASYNCIO_TASKS.set(len(asyncio.all_tasks(loop)))
-    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
-
-
-def _agent_gauges() -> None:
-    from sessions_app.agents.pool import agents_report
-
-    nan = float("nan")  # unknown, rather than a stale or invented number
-    try:
-        report = agents_report()
-    except Exception:
-        report = {}
-    REPLIES_QUEUED.set(report.get("queued", nan))
-    REPLIES_RUNNING.set(report.get("running", nan))
-    workers = report.get("workers")
-    AGENT_WORKERS.set(nan if workers is None else workers)
 
 
 class RequestTimingMiddleware:

@@ -11,11 +11,8 @@ get the event after the commit; a process that exits at once waits (≤5 s) for 
 """
 from __future__ import annotations
 
-import asyncio
-import atexit
 import json
 import logging
-import threading
 from typing import Any
 
 import orjson
@@ -23,8 +20,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 
-from events_app import fanout, runtime
-from events_app.services import publish_custom
+from events_app.services import arrange_exit_flush, flush, publish_custom
 from events_app.types import Frame
 from project.errors import (
     BadRequest,
@@ -136,53 +132,3 @@ def _publish_checked(
                 details={"properties": [f"Cannot be encoded as JSON: {exc}."]}
             ) from None
     return publish_custom(session_id, user, data["type"], data["properties"], body_bytes=body_bytes)
-
-
-# ---------------------------------------------------------------- fan-out delivery
-
-
-def flush(timeout: float = 5.0) -> bool:
-    """Block until every event this process published so far has been handed to the
-    channel layer (True), or ``timeout`` passed (False). Not from the runtime's loop."""
-    if runtime.in_main_loop():
-        raise RuntimeError("flush() would block the loop that does the sending")
-    future = runtime.submit(_outbox_drained())
-    try:
-        future.result(timeout)
-    except TimeoutError:
-        future.cancel()
-        return False
-    return True
-
-
-async def _outbox_drained() -> None:
-    # runtime.submit runs this after every callback scheduled before it (call_soon is
-    # FIFO), so each earlier send is already in the outbox.
-    outbox = fanout._outboxes.get(asyncio.get_running_loop())
-    if outbox is not None:
-        await outbox.drained()
-
-
-_exit_flush_lock = threading.Lock()
-_exit_flush_registered = False
-
-
-def arrange_exit_flush() -> None:
-    """A script's process may end right after publishing, before the runtime thread has
-    sent the event on: let the interpreter wait for it at exit."""
-    global _exit_flush_registered
-    if _exit_flush_registered:
-        return
-    with _exit_flush_lock:
-        if not _exit_flush_registered:
-            atexit.register(_flush_at_exit)
-            _exit_flush_registered = True
-
-
-def _flush_at_exit() -> None:
-    try:
-        if not runtime.in_main_loop() and not flush(5.0):
-            log.warning("Exiting before every published event was sent on; readers will "
-                        "still find them in the log")
-    except Exception:  # never turn an exit into a traceback
-        log.debug("Flushing published events at exit failed", exc_info=True)

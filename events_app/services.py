@@ -3,7 +3,9 @@ resume planning for readers, retention."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +16,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from events_app import fanout, groups
+from events_app import fanout, groups, runtime
 from events_app.metrics import EVENTS_PUBLISHED
 from events_app.models import Event
 from events_app.types import Frame, TypeFilter, custom_type_problem, encode, is_persisted, iso
@@ -149,15 +151,6 @@ def reset_reason(session_id: str, head: int, after: int) -> str | None:
     return None
 
 
-def events_between(session_id: str, after: int, upto: int, limit: int = 500) -> list[Frame]:
-    rows = (
-        Event.objects.filter(session_id=session_id, seq__gt=after, seq__lte=upto)
-        .order_by("seq")
-        .values_list("seq", "type", "envelope")[:limit]
-    )
-    return [Frame(seq, session_id, t, env) for seq, t, env in rows]
-
-
 # No seq reaches this (seqs are 64-bit signed integers in the database).
 BEYOND_EVERY_HEAD = 2**63 - 1
 
@@ -174,6 +167,57 @@ def parse_position(raw: str | None, name: str) -> int | None:
     if len(raw.lstrip("0")) > 18:
         return BEYOND_EVERY_HEAD
     return int(raw)
+
+
+# ---------------------------------------------------------------- fan-out delivery
+# (for processes without a server: scripts, management commands)
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Block until every event this process published so far has been handed to the
+    channel layer (True), or ``timeout`` passed (False). Not from the runtime's loop."""
+    if runtime.in_main_loop():
+        raise RuntimeError("flush() would block the loop that does the sending")
+    future = runtime.submit(_outbox_drained())
+    try:
+        future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+        return False
+    return True
+
+
+async def _outbox_drained() -> None:
+    # runtime.submit runs this after every callback scheduled before it (call_soon is
+    # FIFO), so each earlier send is already in the outbox.
+    outbox = fanout._outboxes.get(asyncio.get_running_loop())
+    if outbox is not None:
+        await outbox.drained()
+
+
+_exit_flush_lock = threading.Lock()
+_exit_flush_registered = False
+
+
+def arrange_exit_flush() -> None:
+    """A script's process may end right after publishing, before the runtime thread has
+    sent the event on: let the interpreter wait for it at exit."""
+    global _exit_flush_registered
+    if _exit_flush_registered:
+        return
+    with _exit_flush_lock:
+        if not _exit_flush_registered:
+            atexit.register(_flush_at_exit)
+            _exit_flush_registered = True
+
+
+def _flush_at_exit() -> None:
+    try:
+        if not runtime.in_main_loop() and not flush(5.0):
+            log.warning("Exiting before every published event was sent on; readers will "
+                        "still find them in the log")
+    except Exception:  # never turn an exit into a traceback
+        log.debug("Flushing published events at exit failed", exc_info=True)
 
 
 # ---------------------------------------------------------------- retention

@@ -25,9 +25,10 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from events_app import cursors, fanout, groups, presence
+from events_app.history import events_between
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
 from events_app.runtime import off_loop
-from events_app.services import events_between, parse_position, reset_reason
+from events_app.services import parse_position, reset_reason
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project.auth import authenticate_stream, query_params
 from project.errors import BadRequest

@@ -134,6 +134,11 @@ def error_response(exc: ApiError) -> HttpResponse:
     return response
 
 
+def api_not_found(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+    """The view of every unknown ``/api/`` URL."""
+    return error_response(NotFound("No such endpoint."))
+
+
 _DRF_CODES: list[tuple[type[drf.APIException], type[ApiError]]] = [
     (drf.NotAuthenticated, NotAuthenticated),
     (drf.AuthenticationFailed, AuthenticationFailed),
@@ -233,8 +238,6 @@ class ApiErrorMiddleware:
     ) -> HttpResponse | None:
         # Unknown /api/ URLs answer 404 before CsrfViewMiddleware (which runs after us)
         # can turn an unsafe method into Django's HTML 403 page.
-        from project.views import api_not_found
-
         if view_func is api_not_found:
             return api_not_found(request)
         return None

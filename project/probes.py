@@ -16,7 +16,6 @@ from collections.abc import Callable
 from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 
-from events_app.metrics import metrics_view
 from project import views
 from project.errors import BadRequest, error_response
 
@@ -25,7 +24,7 @@ log = logging.getLogger("tandem.hosts")
 PROBES: dict[str, Callable[[HttpRequest], HttpResponse]] = {
     "/healthz": views.healthz,
     "/readyz": views.readyz,
-    "/metrics": metrics_view,
+    "/metrics": views.metrics,
 }
 
 

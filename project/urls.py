@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from events_app.views import EventListView
-from project import views
+from project.errors import api_not_found
 from project.limits import AuthThrottle, sign_in_throttled
 from project.openapi import SchemaView, SwaggerView
 from sessions_app import pages
@@ -22,7 +22,7 @@ api = [
     # The OpenAPI description and its browsable pages (public; local assets only).
     path("schema/", SchemaView.as_view(), name="api-schema"),
     path("docs/", SwaggerView.as_view(), name="api-docs"),
-    re_path(r"^.*$", views.api_not_found),
+    re_path(r"^.*$", api_not_found),
 ]
 
 urlpatterns = [

@@ -11,19 +11,34 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from events_app import fanout, runtime
+from events_app.metrics import ASYNCIO_TASKS, HUB_GROUPS, HUB_LISTENERS
 from events_app.runtime import off_loop
 from project import redisconn
-from project.errors import NotFound, Unavailable, error_response
+from project.errors import Unavailable, error_response
 
 log = logging.getLogger("tandem.readiness")
 
+# The agents layer sits above this module: it registers what /readyz and /metrics report
+# on it (sessions_app.apps), so the probes never import it.
+_ready_reports: dict[str, Callable[[], object]] = {}
+_scrape_hooks: list[Callable[[], None]] = []
+
+
+def add_ready_report(name: str, report: Callable[[], object]) -> None:
+    """``report()`` becomes ``name`` in a ready answer. It is reported, never failing."""
+    _ready_reports[name] = report
+
+
+def add_scrape_hook(hook: Callable[[], None]) -> None:
+    """``hook()`` runs at every scrape of /metrics, before the metrics are rendered."""
+    if hook not in _scrape_hooks:
+        _scrape_hooks.append(hook)
+
 # Each dependency must answer within this; probes time out at 1 s by default (Kubernetes).
 CHECK_TIMEOUT = 0.5
-
-
-def api_not_found(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
-    return error_response(NotFound("No such endpoint."))
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
@@ -115,6 +130,19 @@ def readyz(request: HttpRequest) -> HttpResponse:
         return response
     # Reported, never failing: without workers replies wait in the queue, but taking
     # every web process out of the load balancer would not bring a worker back.
-    from sessions_app.agents.pool import agents_report
+    reports = {name: report() for name, report in _ready_reports.items()}
+    return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok", **reports})
 
-    return JsonResponse({"status": "ok", "database": "ok", "channel_layer": "ok", "agents": agents_report()})
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    for hook in _scrape_hooks:
+        hook()
+    # Read at scrape time: with open streams and hub gauges, a leak shows as a level
+    # that does not come back down after clients leave.
+    groups, listeners = fanout.local_subscriptions()
+    HUB_GROUPS.set(groups)
+    HUB_LISTENERS.set(listeners)
+    loop = runtime.bound_loop()
+    if loop is not None:
+        ASYNCIO_TASKS.set(len(asyncio.all_tasks(loop)))
+    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)

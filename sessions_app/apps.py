@@ -10,5 +10,7 @@ class SessionsAppConfig(AppConfig):
 
     def ready(self) -> None:
         from sessions_app import signals
+        from sessions_app.agents import pool
 
         signals.connect()
+        pool.register()

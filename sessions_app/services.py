@@ -3,6 +3,8 @@ nothing else writes these tables or publishes their events. Events are published
 the transaction and leave the process only after it commits."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -12,8 +14,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from events_app import fanout, groups
-from events_app.services import broadcast, publish
+from events_app import fanout, groups, runtime
+from events_app.services import arrange_exit_flush, broadcast, publish
 from events_app.types import iso
 from project.errors import (
     AlreadyResolved,
@@ -41,6 +43,8 @@ from sessions_app.serializers import (
     session_data,
     user_data,
 )
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- sessions
 
@@ -133,8 +137,6 @@ def end_streams_of_user(user_id: int, *, deleting: bool = False) -> None:
 
     transaction.on_commit(send)
     # From a management command or script the process may exit right after the commit.
-    from events_app.publishing import arrange_exit_flush
-
     arrange_exit_flush()
 
 
@@ -184,9 +186,24 @@ def post_message(session: Session, author: AbstractBaseUser, parts: list[dict[st
 
 
 def _dispatch_runs() -> None:
-    from sessions_app.agents.pool import dispatch
+    """A reply was queued: wake whoever runs replies. Called after the commit."""
+    if settings.TANDEM_AGENT_MODE == "inline":
+        if _wake_local_pool is None:
+            log.error("A reply was queued but no agents pool is registered in this process")
+            return
+        runtime.call_soon(_wake_local_pool)
+    else:
+        fanout.send_control(groups.WORKERS_GROUP, groups.Wake())
 
-    dispatch()
+
+# The agents layer sits above this module: in inline mode it registers how to wake this
+# process's pool (sessions_app.apps), so queuing a reply does not import it.
+_wake_local_pool: Callable[[], None] | None = None
+
+
+def register_local_pool(wake: Callable[[], None]) -> None:
+    global _wake_local_pool
+    _wake_local_pool = wake
 
 
 def abort(session: Session, user: AbstractBaseUser | None = None) -> bool:
@@ -207,9 +224,8 @@ def abort(session: Session, user: AbstractBaseUser | None = None) -> bool:
                 session.pk, run.message_id, runner=claimed_here, status=Message.Status.CANCELLED
             )
         return True
-    from sessions_app.agents.pool import request_abort
-
-    request_abort(session.pk)
+    # The runner holding it, in whichever process, listens on the session's run group.
+    fanout.send_control(groups.run_group(session.pk), groups.Abort(session.pk))
     return True
 
 

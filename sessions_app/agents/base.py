@@ -99,3 +99,15 @@ class Agent:
 
     def reply(self, ctx: ReplyContext) -> AsyncIterator[Output]:
         raise NotImplementedError
+
+
+# Agents by name, filled by ``register``. It lives here, not in ``registry``, so an
+# agent's module imports only this one and the registry can import the built-in agents
+# without an import cycle.
+AGENTS: dict[str, type[Agent]] = {}
+
+
+def register(cls: type[Agent]) -> type[Agent]:
+    """Class decorator: make the agent known by its ``name``."""
+    AGENTS[cls.name] = cls
+    return cls

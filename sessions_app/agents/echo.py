@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 
 from django.conf import settings
 
-from sessions_app.agents.base import Agent, Output, ReplyContext, TextDelta
-from sessions_app.agents.registry import register
+from sessions_app.agents.base import Agent, Output, ReplyContext, TextDelta, register
 
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
 

@@ -27,8 +27,8 @@ from sessions_app.agents.base import (
     TextDelta,
     ToolResult,
     Usage,
+    register,
 )
-from sessions_app.agents.registry import register
 from sessions_app.agents.tools import TOOLS
 
 SYSTEM_PROMPT = (

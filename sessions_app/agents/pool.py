@@ -23,10 +23,10 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from events_app import fanout, groups, runtime
+from events_app import groups, metrics
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
-from project import liveness
+from project import liveness, views
 from sessions_app import services
 from sessions_app.agents.runner import Run
 
@@ -187,17 +187,26 @@ def _wake_local() -> None:
     pool.wake.set()
 
 
-def dispatch() -> None:
-    """A reply was queued: wake whoever runs replies. Called after the commit."""
-    if settings.TANDEM_AGENT_MODE == "inline":
-        runtime.call_soon(_wake_local)
-    else:
-        fanout.send_control(groups.WORKERS_GROUP, groups.Wake())
+def register() -> None:
+    """Make this layer known to the ones below, which never import it: the run queue
+    (``services``) wakes this process's pool in inline mode; /readyz and /metrics
+    report on replies and workers. Called once, from ``SessionsAppConfig.ready``."""
+    services.register_local_pool(_wake_local)
+    views.add_ready_report("agents", agents_report)
+    views.add_scrape_hook(_set_gauges)
 
 
-def request_abort(session_id: str) -> None:
-    """Tell the runner holding the session's reply, in whichever process, to stop."""
-    fanout.send_control(groups.run_group(session_id), groups.Abort(session_id))
+def _set_gauges() -> None:
+    metrics.ACTIVE_REPLIES.set(active_runs())
+    nan = float("nan")  # unknown, rather than a stale or invented number
+    try:
+        report = agents_report()
+    except Exception:
+        report = {}
+    metrics.REPLIES_QUEUED.set(report.get("queued", nan))
+    metrics.REPLIES_RUNNING.set(report.get("running", nan))
+    workers = report.get("workers")
+    metrics.AGENT_WORKERS.set(nan if workers is None else workers)
 
 
 def active_runs() -> int:

@@ -1,24 +1,19 @@
 """Agents register here by name; ``Session.agent`` names one."""
 from __future__ import annotations
 
-from sessions_app.agents.base import Agent
+from sessions_app.agents.base import AGENTS, Agent, register
 
-_AGENTS: dict[str, type[Agent]] = {}
-
-
-def register(cls: type[Agent]) -> type[Agent]:
-    _AGENTS[cls.name] = cls
-    return cls
+__all__ = ["create", "names", "register"]
 
 
 def names() -> list[str]:
     _load_builtins()
-    return sorted(_AGENTS)
+    return sorted(AGENTS)
 
 
 def create(name: str) -> Agent:
     _load_builtins()
-    return _AGENTS[name]()
+    return AGENTS[name]()
 
 
 def _load_builtins() -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from sessions_app.agents.base import Agent, Output, ReplyContext, TextDelta
+from sessions_app.agents.base import Agent, Output, ReplyContext, TextDelta, register
 from sessions_app.agents.echo import EchoAgent
-from sessions_app.agents.registry import register
 
 
 @register
