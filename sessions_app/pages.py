@@ -2,16 +2,19 @@
 streams every other client uses, through ``static/js/tandem.js``."""
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.password_validation import password_validators_help_text_html
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 
-from project.errors import NotFound
+from project.errors import NotFound, ValidationFailed
+from sessions_app import services
 from sessions_app.access import session_for
 
 
@@ -32,11 +35,32 @@ def session_page(request: HttpRequest, session_id: str) -> HttpResponse:
     )
 
 
-class SignupForm(UserCreationForm):  # type: ignore[type-arg]
+class SignupForm(forms.Form):
+    """What the page asks for. The rules for the name and the password are
+    ``services.create_user``'s, the same as the API's; the form only checks that the two
+    passwords match."""
+
     username = forms.CharField(
-        max_length=150, help_text="Letters, digits and @/./+/-/_ only.",
+        strip=False, help_text="Letters, digits and @/./+/-/_ only.",
         widget=forms.TextInput(attrs={"autocomplete": "username", "autofocus": True}),
     )
+    password1 = forms.CharField(
+        label="Password", strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        help_text=password_validators_help_text_html(),
+    )
+    password2 = forms.CharField(
+        label="Password confirmation", strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        help_text="Enter the same password as before, for verification.",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        first, second = data.get("password1"), data.get("password2")
+        if first and second and first != second:
+            self.add_error("password2", "The two password fields didn't match.")
+        return data
 
 
 def signup_page(request: HttpRequest) -> HttpResponse:
@@ -47,9 +71,15 @@ def signup_page(request: HttpRequest) -> HttpResponse:
         next_url = "/"
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        user = form.save()
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-        return redirect(next_url)
+        try:
+            user = services.create_user(form.cleaned_data["username"], form.cleaned_data["password1"])
+        except ValidationFailed as exc:
+            # The page shows password problems under the confirmation, as Django's form does.
+            for field, messages in exc.details.items():
+                form.add_error("password2" if field == "password" else field, messages)
+        else:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            return redirect(next_url)
     return render(request, "registration/signup.html", {"form": form, "next": next_url})
 
 

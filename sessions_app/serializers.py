@@ -43,8 +43,8 @@ class StrictCharField(serializers.CharField):
 
 
 class CredentialsSerializer(StrictSerializer):
-    # Django's own username rules: a name with '/' or spaces could never be used in a
-    # members/{username}/ URL. Not trimmed: "dora\n" is refused, not silently renamed.
+    # The shape and, for the OpenAPI description, the limits; services.create_user applies
+    # the same rules (and the rest) to the API and the sign-up page alike.
     username = StrictCharField(max_length=150, trim_whitespace=False, validators=[UnicodeUsernameValidator()])
     password = StrictCharField(max_length=4096, trim_whitespace=False)
 

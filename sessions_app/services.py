@@ -11,7 +11,10 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.contrib.auth.password_validation import validate_password
+from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from events_app import fanout, groups, runtime
@@ -114,6 +117,47 @@ def remove_member(session: Session, *, username: str) -> None:
 
 
 # ---------------------------------------------------------------- users
+
+MAX_PASSWORD_CHARS = 4096  # hashing is slow on purpose: bound what it is given
+
+
+def create_user(username: str, password: str) -> AbstractBaseUser:
+    """The one way a user signs up, from the API and from the sign-up page: a name in
+    Django's rules (at most 150 letters, digits and ``@.+-_``, nothing trimmed, so it can
+    be used in a ``members/{username}/`` URL) that no user has in any letter case, and a
+    password Django's validators accept. Otherwise ValidationFailed, with the messages
+    by field (``username``, ``password``)."""
+    user_model = get_user_model()
+    problems: dict[str, list[str]] = {}
+    names: list[str] = []
+    if not username:
+        names.append("This field may not be blank.")
+    elif len(username) > 150:
+        names.append("Ensure this field has no more than 150 characters.")
+    else:
+        try:
+            UnicodeUsernameValidator()(username)
+        except DjangoValidationError as exc:
+            names.extend(exc.messages)
+    if not names and user_model.objects.filter(username__iexact=username).exists():
+        names.append("This username is taken.")
+    if names:
+        problems["username"] = names
+    if len(password) > MAX_PASSWORD_CHARS:
+        problems["password"] = [f"Ensure this field has no more than {MAX_PASSWORD_CHARS} characters."]
+    else:
+        try:
+            validate_password(password, user_model(username=username))
+        except DjangoValidationError as exc:
+            problems["password"] = list(exc.messages)
+    if problems:
+        raise ValidationFailed(details=problems)
+    try:
+        with transaction.atomic():
+            return user_model.objects.create_user(username=username, password=password)  # type: ignore[attr-defined,no-any-return]
+    except IntegrityError:  # the same name, signed up at the same moment
+        raise ValidationFailed(details={"username": ["This username is taken."]}) from None
+
 
 
 def end_streams_of_user(user_id: int, *, deleting: bool = False) -> None:

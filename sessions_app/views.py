@@ -4,10 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
@@ -106,18 +103,7 @@ class RegisterView(APIView):
         if not settings.TANDEM_ALLOW_SIGNUP:
             raise PermissionDenied("Sign-up is disabled on this server.")
         data = validated(CredentialsSerializer, request.data)
-        User = get_user_model()
-        if User.objects.filter(username=data["username"]).exists():
-            raise ValidationFailed(details={"username": ["This username is taken."]})
-        candidate = User(username=data["username"])
-        try:
-            validate_password(data["password"], candidate)
-        except DjangoValidationError as exc:
-            raise ValidationFailed(details={"password": list(exc.messages)}) from None
-        try:
-            user = User.objects.create_user(username=data["username"], password=data["password"])
-        except IntegrityError:
-            raise ValidationFailed(details={"username": ["This username is taken."]}) from None
+        user = services.create_user(data["username"], data["password"])
         return Response(user_data(user), status=status.HTTP_201_CREATED)
 
 
