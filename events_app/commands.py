@@ -21,7 +21,7 @@ from project.errors import (
     to_api_error,
 )
 from project.limits import check_write_rate
-from sessions_app import services
+from sessions_app import permissions, services
 from sessions_app.access import session_for
 from sessions_app.models import Role
 from sessions_app.serializers import (
@@ -88,7 +88,7 @@ def _permission_reply(user: Any, session_id: str, command: dict[str, Any]) -> di
     fields = {k: command[k] for k in ("approved", "reason") if k in command}
     serializer = PermissionReplySerializer(data=fields)
     serializer.is_valid(raise_exception=True)
-    permission = services.answer_permission(
+    permission = permissions.answer_permission(
         session, permission_id, user,
         approved=serializer.validated_data["approved"], reason=serializer.validated_data["reason"],
     )

@@ -1,12 +1,8 @@
-"""Every state change of sessions, members and messages. Views and consumers call these;
+"""Every state change of sessions, members, users and messages; the run queue is in
+``runs`` and permission requests in ``permissions``. Views and consumers call these;
 nothing else writes these tables or publishes their events. Events are published inside
 the transaction and leave the process only after it commits."""
 from __future__ import annotations
-
-import logging
-from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -17,11 +13,9 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from events_app import fanout, groups, runtime
+from events_app import fanout, groups
 from events_app.services import arrange_exit_flush, broadcast, publish
-from events_app.types import iso
 from project.errors import (
-    AlreadyResolved,
     BadRequest,
     Conflict,
     NotFound,
@@ -29,25 +23,27 @@ from project.errors import (
     SessionBusy,
     ValidationFailed,
 )
-from sessions_app.models import (
-    Membership,
-    Message,
-    Part,
-    PermissionRequest,
-    ReplyRun,
-    Role,
-    Session,
-)
-from sessions_app.serializers import (
-    message_data,
-    part_data,
-    permission_data,
-    resolver_data,
-    session_data,
-    user_data,
-)
+from sessions_app.models import Membership, Message, Part, ReplyRun, Role, Session
 
-log = logging.getLogger(__name__)
+# The run queue (sessions_app.runs) and permission requests (sessions_app.permissions)
+# have modules of their own; the agents' runner and pool still call them as services.X.
+from sessions_app.permissions import expire_permission as expire_permission
+from sessions_app.permissions import permission_state as permission_state
+from sessions_app.permissions import request_permission as request_permission
+from sessions_app.runs import abort_requested as abort_requested
+from sessions_app.runs import append_text as append_text
+from sessions_app.runs import claim_runs as claim_runs
+from sessions_app.runs import dispatch, finish_reply, publish_status
+from sessions_app.runs import interrupt_runs as interrupt_runs
+from sessions_app.runs import reap_expired_runs as reap_expired_runs
+from sessions_app.runs import renew_leases as renew_leases
+from sessions_app.runs import reply_context as reply_context
+from sessions_app.runs import reply_counts as reply_counts
+from sessions_app.runs import set_session_status as set_session_status
+from sessions_app.runs import set_tool_state as set_tool_state
+from sessions_app.runs import start_part as start_part
+from sessions_app.runs import start_tool_part as start_tool_part
+from sessions_app.serializers import message_data, session_data, user_data
 
 # ---------------------------------------------------------------- sessions
 
@@ -223,31 +219,10 @@ def post_message(session: Session, author: AbstractBaseUser, parts: list[dict[st
         )
         ReplyRun.objects.create(message=reply, session=locked, agent=locked.agent)
         publish(locked.id, "message.created", {"message": message_data(message, stored)})
-        _set_status(locked.pk, {"type": "busy"})
+        publish_status(locked.pk, {"type": "busy"})
         publish(locked.id, "message.created", {"message": message_data(reply, [])})
-        transaction.on_commit(_dispatch_runs)
+        transaction.on_commit(dispatch)
     return message, reply
-
-
-def _dispatch_runs() -> None:
-    """A reply was queued: wake whoever runs replies. Called after the commit."""
-    if settings.TANDEM_AGENT_MODE == "inline":
-        if _wake_local_pool is None:
-            log.error("A reply was queued but no agents pool is registered in this process")
-            return
-        runtime.call_soon(_wake_local_pool)
-    else:
-        fanout.send_control(groups.WORKERS_GROUP, groups.Wake())
-
-
-# The agents layer sits above this module: in inline mode it registers how to wake this
-# process's pool (sessions_app.apps), so queuing a reply does not import it.
-_wake_local_pool: Callable[[], None] | None = None
-
-
-def register_local_pool(wake: Callable[[], None]) -> None:
-    global _wake_local_pool
-    _wake_local_pool = wake
 
 
 def abort(session: Session, user: AbstractBaseUser | None = None) -> bool:
@@ -271,324 +246,3 @@ def abort(session: Session, user: AbstractBaseUser | None = None) -> bool:
     # The runner holding it, in whichever process, listens on the session's run group.
     fanout.send_control(groups.run_group(session.pk), groups.Abort(session.pk))
     return True
-
-
-def set_session_status(session_id: str, status: dict[str, Any]) -> None:
-    with transaction.atomic():
-        _set_status(session_id, status)
-
-
-def _set_status(session_id: str, status: dict[str, Any]) -> None:
-    Session.objects.filter(pk=session_id).update(status=status)
-    publish(session_id, "session.status", {"status": status})
-
-
-# ---------------------------------------------------------------- runs (the runner)
-
-
-def claim_runs(runner: str, limit: int) -> list[ReplyRun]:
-    """Take up to ``limit`` queued replies for ``runner``. The conditional UPDATE is the
-    claim: of several runners racing for a row, exactly one changes it."""
-    now = timezone.now()
-    lease = now + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
-    claimed = []
-    for run in ReplyRun.objects.filter(runner="").order_by("created_at")[:limit]:
-        if ReplyRun.objects.filter(pk=run.pk, runner="").update(
-            runner=runner, lease_until=lease, started_at=now
-        ):
-            run.runner, run.lease_until, run.started_at = runner, lease, now
-            claimed.append(run)
-    return claimed
-
-
-def reply_counts() -> dict[str, int]:
-    """Replies waiting for a runner and replies being run, across every process."""
-    queued = ReplyRun.objects.filter(runner="").count()
-    return {"queued": queued, "running": ReplyRun.objects.count() - queued}
-
-
-def renew_leases(runner: str, message_ids: list[str]) -> tuple[set[str], set[str]]:
-    """Extend the leases of the runs ``runner`` holds. Returns (runs it no longer holds,
-    runs asked to abort) so the runner can stop both."""
-    if not message_ids:
-        return set(), set()
-    lease = timezone.now() + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
-    ReplyRun.objects.filter(pk__in=message_ids, runner=runner).update(lease_until=lease)
-    held = dict(
-        ReplyRun.objects.filter(pk__in=message_ids, runner=runner).values_list("pk", "abort_requested")
-    )
-    lost = set(message_ids) - set(held)
-    return lost, {pk for pk, wanted in held.items() if wanted}
-
-
-def abort_requested(message_id: str) -> bool:
-    return ReplyRun.objects.filter(pk=message_id, abort_requested=True).exists()
-
-
-def reap_expired_runs() -> int:
-    """End every reply whose runner stopped renewing its lease (the process died):
-    ``error`` with code ``interrupted``, the session idle. Returns how many."""
-    now = timezone.now()
-    expired = ReplyRun.objects.filter(lease_until__lt=now).exclude(runner="")
-    return sum(_interrupt(run, lease_expired_before=now) for run in expired)
-
-
-def interrupt_runs(runner: str, message_ids: list[str]) -> int:
-    """A runner shutting down ends the replies it could not finish."""
-    held = ReplyRun.objects.filter(pk__in=message_ids, runner=runner)
-    return sum(_interrupt(run) for run in held)
-
-
-def _interrupt(run: ReplyRun, lease_expired_before: Any = None) -> bool:
-    # The text persisted so far (at most one coalescing interval behind) is what stays.
-    text_parts = list(
-        Part.objects.filter(message_id=run.message_id)
-        .exclude(type=Part.PartType.TOOL)
-        .values_list("id", "text")
-    )
-    return finish_reply(
-        run.session_id, run.message_id, runner=run.runner, status=Message.Status.ERROR,
-        error={"code": "interrupted", "message": "The process running this reply stopped."},
-        text_parts=text_parts, lease_expired_before=lease_expired_before,
-    )
-
-
-def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
-    """What an agent sees: the session's messages before the reply."""
-    history = []
-    messages = (
-        Message.objects.filter(session_id=session_id)
-        .exclude(pk=message_id)
-        .prefetch_related("parts")
-    )
-    for message in messages:
-        text = "\n\n".join(p.text for p in message.parts.all() if p.type == Part.PartType.TEXT)
-        history.append({"role": message.role, "text": text})
-    return {"history": history}
-
-
-def start_part(message_id: str, session_id: str, index: int, part_type: str) -> Part:
-    with transaction.atomic():
-        part = Part.objects.create(message_id=message_id, index=index, type=part_type, text="")
-        publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
-    return part
-
-
-def append_text(part_id: str, part_type: str, message_id: str, session_id: str, text: str, delta: str) -> None:
-    """Persist the part's text so far and send only the delta (linear, not quadratic)."""
-    with transaction.atomic():
-        Part.objects.filter(pk=part_id).update(text=text)
-        publish(
-            session_id,
-            "message.part.updated",
-            {"message_id": message_id, "part": {"id": part_id, "type": part_type}, "delta": delta},
-        )
-
-
-def start_tool_part(
-    message_id: str, session_id: str, index: int, tool: str, call_id: str, input: Any
-) -> Part:
-    with transaction.atomic():
-        part = Part.objects.create(
-            message_id=message_id, index=index, type=Part.PartType.TOOL, tool=tool,
-            call_id=call_id, state={"status": "pending", "input": input},
-        )
-        _publish_tool_state(session_id, message_id, part)
-    return part
-
-
-def set_tool_state(part_id: str, session_id: str, message_id: str, state: dict[str, Any]) -> None:
-    with transaction.atomic():
-        part = Part.objects.get(pk=part_id)
-        part.state = {"input": (part.state or {}).get("input"), **state}
-        part.save(update_fields=["state"])
-        _publish_tool_state(session_id, message_id, part)
-
-
-def _publish_tool_state(session_id: str, message_id: str, part: Part) -> None:
-    publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
-    state = part.state or {}
-    props: dict[str, Any] = {
-        "message_id": message_id, "call_id": part.call_id, "tool": part.tool,
-        "status": state.get("status"),
-    }
-    for key in ("input", "output", "error"):
-        if key in state:
-            props[key] = state[key]
-    publish(session_id, "tool.status", props)
-
-
-def finish_reply(
-    session_id: str,
-    message_id: str,
-    *,
-    runner: str,
-    status: str,
-    error: dict[str, str] | None = None,
-    text_parts: list[tuple[str, str]] = (),  # type: ignore[assignment]
-    usage: dict[str, int] | None = None,
-    lease_expired_before: Any = None,
-) -> bool:
-    """End a reply: each open part's complete state, open tools and pending permissions
-    closed, then message.completed, then the session idle. Only the runner holding the
-    run may end it, once; returns False when it no longer does."""
-    with transaction.atomic():
-        held = ReplyRun.objects.filter(pk=message_id, runner=runner)
-        if lease_expired_before is not None:
-            held = held.filter(lease_until__lt=lease_expired_before)
-        run = held.select_related("abort_by").first()
-        if run is None:
-            return False
-        run.delete()
-        for part_id, text in text_parts:
-            Part.objects.filter(pk=part_id).update(text=text)
-            part = Part.objects.get(pk=part_id)
-            publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
-        why = {
-            Message.Status.CANCELLED: "The reply was aborted.",
-            Message.Status.ERROR: (error or {}).get("message", "The reply failed."),
-        }.get(status, "The reply ended.")
-        open_tools = Part.objects.filter(
-            message_id=message_id, type=Part.PartType.TOOL, state__status__in=["pending", "running"]
-        )
-        for part in open_tools:
-            part.state = {"input": (part.state or {}).get("input"), "status": "error", "error": why}
-            part.save(update_fields=["state"])
-            _publish_tool_state(session_id, message_id, part)
-        by_timeout = status != Message.Status.CANCELLED or run.abort_by is None
-        _close_permissions(
-            session_id, message_id, why,
-            resolved_by=None if by_timeout else run.abort_by,
-            status=PermissionRequest.Status.EXPIRED if by_timeout else PermissionRequest.Status.REJECTED,
-        )
-        fields: dict[str, Any] = {"status": status, "error": error, "completed_at": timezone.now()}
-        if usage:
-            fields["usage"] = usage
-        Message.objects.filter(pk=message_id).update(**fields)
-        props: dict[str, Any] = {"message_id": message_id, "status": status}
-        if error:
-            props["error"] = error
-        publish(session_id, "message.completed", props)
-        _set_status(session_id, {"type": "idle"})
-    return True
-
-
-def current_run(session_id: str) -> dict[str, Any] | None:
-    """The session's reply in progress: ``queued`` until a runner claims it (then
-    ``started_at`` is set), ``running`` after."""
-    run = ReplyRun.objects.filter(session_id=session_id).order_by("-created_at").first()
-    if run is None:
-        return None
-    return {
-        "message_id": run.message_id,
-        "state": "running" if run.runner else "queued",
-        "queued_at": iso(run.created_at),
-        "started_at": iso(run.started_at) if run.runner and run.started_at else None,
-    }
-
-
-# ---------------------------------------------------------------- permissions
-
-
-def request_permission(
-    session_id: str, message_id: str, call_id: str, tool: str, input: Any
-) -> PermissionRequest:
-    with transaction.atomic():
-        permission = PermissionRequest.objects.create(
-            session_id=session_id, message_id=message_id, call_id=call_id, tool=tool, input=input,
-            expires_at=timezone.now() + timedelta(seconds=settings.TANDEM_PERMISSION_TIMEOUT),
-        )
-        publish(session_id, "permission.requested", {"permission": permission_data(permission)})
-    return permission
-
-
-def answer_permission(
-    session: Session, permission_id: str, user: AbstractBaseUser, *, approved: bool, reason: str | None
-) -> PermissionRequest:
-    """First answer wins, across processes: the UPDATE only matches a pending row, and
-    the database lets exactly one of two concurrent answers match it."""
-    if "\x00" in permission_id:
-        raise NotFound("No such permission request.")
-    status = PermissionRequest.Status.APPROVED if approved else PermissionRequest.Status.REJECTED
-    with transaction.atomic():
-        won = PermissionRequest.objects.filter(
-            pk=permission_id, session=session, status=PermissionRequest.Status.PENDING
-        ).update(
-            status=status, approved=approved, reason=reason, resolved_by=user,
-            resolved_at=timezone.now(),
-        )
-        permission = (
-            PermissionRequest.objects.select_related("resolved_by")
-            .filter(pk=permission_id, session=session)
-            .first()
-        )
-        if permission is None:
-            raise NotFound("No such permission request.")
-        if not won:
-            raise AlreadyResolved(
-                f"This permission request is already {permission.status}.",
-                details={"permission": permission_data(permission)},
-            )
-        _publish_resolution(permission)
-    return permission
-
-
-def expire_permission(permission_id: str) -> PermissionRequest:
-    """Called by the waiting runner once ``expires_at`` passes; an answer that got in
-    first stands."""
-    with transaction.atomic():
-        PermissionRequest.objects.filter(
-            pk=permission_id, status=PermissionRequest.Status.PENDING, expires_at__lte=timezone.now()
-        ).update(
-            status=PermissionRequest.Status.EXPIRED, approved=False, resolved_by_timeout=True,
-            reason="No answer in time.", resolved_at=timezone.now(),
-        )
-        permission = PermissionRequest.objects.select_related("resolved_by").get(pk=permission_id)
-        if permission.status == PermissionRequest.Status.EXPIRED and permission.resolved_by_timeout:
-            _publish_resolution(permission, notify=False)
-    return permission
-
-
-def permission_state(permission_id: str) -> PermissionRequest:
-    return PermissionRequest.objects.get(pk=permission_id)
-
-
-def list_permissions(session: Session, status: str | None) -> list[PermissionRequest]:
-    found = PermissionRequest.objects.filter(session=session).select_related("resolved_by")
-    if status:
-        found = found.filter(status=status)
-    return list(found)
-
-
-def _close_permissions(
-    session_id: str, message_id: str, reason: str, *, resolved_by: Any, status: str
-) -> None:
-    pending = PermissionRequest.objects.filter(
-        message_id=message_id, status=PermissionRequest.Status.PENDING
-    )
-    for permission in pending.select_for_update():
-        permission.status = status
-        permission.approved = False
-        permission.reason = reason
-        permission.resolved_by = resolved_by
-        permission.resolved_by_timeout = resolved_by is None
-        permission.resolved_at = timezone.now()
-        permission.save()
-        _publish_resolution(permission, notify=False)
-
-
-def _publish_resolution(permission: PermissionRequest, *, notify: bool = True) -> None:
-    publish(
-        permission.session_id,
-        "permission.resolved",
-        {
-            "permission_id": permission.id,
-            "approved": bool(permission.approved),
-            "reason": permission.reason,
-            "resolved_by": resolver_data(permission),
-        },
-    )
-    if notify:
-        group = groups.run_group(permission.session_id)
-        answered = groups.PermissionAnswered(permission.id)
-        transaction.on_commit(lambda: fanout.send_control(group, answered))

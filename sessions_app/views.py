@@ -27,7 +27,7 @@ from project.openapi import (
     json_body,
     ref,
 )
-from sessions_app import services
+from sessions_app import permissions, runs, services
 from sessions_app.access import session_for
 from sessions_app.models import Membership, Message, Role, Session
 from sessions_app.serializers import (
@@ -306,7 +306,7 @@ class HealthView(APIView):
                 "status": session.status,
                 "last_seq": session.last_seq,
                 "connections": presence.connection_count(session.id),
-                "run": services.current_run(session.id),
+                "run": runs.current_run(session.id),
             }
         )
 
@@ -407,7 +407,7 @@ class PermissionListView(APIView):
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)
         query = validated(PermissionListQuerySerializer, request.query_params.dict())
-        found = services.list_permissions(session, query.get("status"))
+        found = permissions.list_permissions(session, query.get("status"))
         return Response([permission_data(p) for p in found])
 
 
@@ -431,7 +431,7 @@ class PermissionDetailView(APIView):
     def post(self, request: Request, session_id: str, permission_id: str) -> Response:
         session, _ = session_for(request.user, session_id, Role.EDITOR)
         data = validated(PermissionReplySerializer, request.data)
-        permission = services.answer_permission(
+        permission = permissions.answer_permission(
             session, permission_id, request.user, approved=data["approved"], reason=data["reason"]
         )
         return Response(permission_data(permission))

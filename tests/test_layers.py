@@ -35,7 +35,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "events_app.admin",
     ]),
     ("sessions domain", [
-        "sessions_app.access", "sessions_app.serializers", "sessions_app.services",
+        "sessions_app.access", "sessions_app.serializers", "sessions_app.permissions",
+        "sessions_app.runs", "sessions_app.services",
         "sessions_app.signals", "sessions_app.admin",
     ]),
     ("live transport", [

@@ -27,7 +27,7 @@ from events_app import groups, metrics
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
 from project import liveness, views
-from sessions_app import services
+from sessions_app import runs, services
 from sessions_app.agents.runner import Run
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def register() -> None:
     """Make this layer known to the ones below, which never import it: the run queue
     (``services``) wakes this process's pool in inline mode; /readyz and /metrics
     report on replies and workers. Called once, from ``SessionsAppConfig.ready``."""
-    services.register_local_pool(_wake_local)
+    runs.register_local_pool(_wake_local)
     views.add_ready_report("agents", agents_report)
     views.add_scrape_hook(_set_gauges)
 

@@ -1,0 +1,260 @@
+"""The run queue: a reply waits as a ``ReplyRun`` row until a runner claims it under a
+lease, renews the lease while it runs, and ends it (``finish_reply``); lapsed leases are
+reaped. Also every write a runner makes to its reply (parts, tool states, the session's
+status). The agents layer (``sessions_app.agents``) calls these; it is above this module,
+so in inline mode it registers how to wake its pool (``register_local_pool``)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from events_app import fanout, groups, runtime
+from events_app.services import publish
+from events_app.types import iso
+from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
+from sessions_app.permissions import close_permissions
+from sessions_app.serializers import part_data
+
+log = logging.getLogger(__name__)
+
+
+def dispatch() -> None:
+    """A reply was queued: wake whoever runs replies. Called after the commit."""
+    if settings.TANDEM_AGENT_MODE == "inline":
+        if _wake_local_pool is None:
+            log.error("A reply was queued but no agents pool is registered in this process")
+            return
+        runtime.call_soon(_wake_local_pool)
+    else:
+        fanout.send_control(groups.WORKERS_GROUP, groups.Wake())
+
+
+# The agents layer sits above this module: in inline mode it registers how to wake this
+# process's pool (sessions_app.apps), so queuing a reply does not import it.
+_wake_local_pool: Callable[[], None] | None = None
+
+
+def register_local_pool(wake: Callable[[], None]) -> None:
+    global _wake_local_pool
+    _wake_local_pool = wake
+
+
+def set_session_status(session_id: str, status: dict[str, Any]) -> None:
+    with transaction.atomic():
+        publish_status(session_id, status)
+
+
+def publish_status(session_id: str, status: dict[str, Any]) -> None:
+    """Set the session's status and publish it, in the caller's transaction."""
+    Session.objects.filter(pk=session_id).update(status=status)
+    publish(session_id, "session.status", {"status": status})
+
+
+# ---------------------------------------------------------------- runs (the runner)
+
+
+def claim_runs(runner: str, limit: int) -> list[ReplyRun]:
+    """Take up to ``limit`` queued replies for ``runner``. The conditional UPDATE is the
+    claim: of several runners racing for a row, exactly one changes it."""
+    now = timezone.now()
+    lease = now + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
+    claimed = []
+    for run in ReplyRun.objects.filter(runner="").order_by("created_at")[:limit]:
+        if ReplyRun.objects.filter(pk=run.pk, runner="").update(
+            runner=runner, lease_until=lease, started_at=now
+        ):
+            run.runner, run.lease_until, run.started_at = runner, lease, now
+            claimed.append(run)
+    return claimed
+
+
+def reply_counts() -> dict[str, int]:
+    """Replies waiting for a runner and replies being run, across every process."""
+    queued = ReplyRun.objects.filter(runner="").count()
+    return {"queued": queued, "running": ReplyRun.objects.count() - queued}
+
+
+def renew_leases(runner: str, message_ids: list[str]) -> tuple[set[str], set[str]]:
+    """Extend the leases of the runs ``runner`` holds. Returns (runs it no longer holds,
+    runs asked to abort) so the runner can stop both."""
+    if not message_ids:
+        return set(), set()
+    lease = timezone.now() + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
+    ReplyRun.objects.filter(pk__in=message_ids, runner=runner).update(lease_until=lease)
+    held = dict(
+        ReplyRun.objects.filter(pk__in=message_ids, runner=runner).values_list("pk", "abort_requested")
+    )
+    lost = set(message_ids) - set(held)
+    return lost, {pk for pk, wanted in held.items() if wanted}
+
+
+def abort_requested(message_id: str) -> bool:
+    return ReplyRun.objects.filter(pk=message_id, abort_requested=True).exists()
+
+
+def reap_expired_runs() -> int:
+    """End every reply whose runner stopped renewing its lease (the process died):
+    ``error`` with code ``interrupted``, the session idle. Returns how many."""
+    now = timezone.now()
+    expired = ReplyRun.objects.filter(lease_until__lt=now).exclude(runner="")
+    return sum(_interrupt(run, lease_expired_before=now) for run in expired)
+
+
+def interrupt_runs(runner: str, message_ids: list[str]) -> int:
+    """A runner shutting down ends the replies it could not finish."""
+    held = ReplyRun.objects.filter(pk__in=message_ids, runner=runner)
+    return sum(_interrupt(run) for run in held)
+
+
+def _interrupt(run: ReplyRun, lease_expired_before: Any = None) -> bool:
+    # The text persisted so far (at most one coalescing interval behind) is what stays.
+    text_parts = list(
+        Part.objects.filter(message_id=run.message_id)
+        .exclude(type=Part.PartType.TOOL)
+        .values_list("id", "text")
+    )
+    return finish_reply(
+        run.session_id, run.message_id, runner=run.runner, status=Message.Status.ERROR,
+        error={"code": "interrupted", "message": "The process running this reply stopped."},
+        text_parts=text_parts, lease_expired_before=lease_expired_before,
+    )
+
+
+def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
+    """What an agent sees: the session's messages before the reply."""
+    history = []
+    messages = (
+        Message.objects.filter(session_id=session_id)
+        .exclude(pk=message_id)
+        .prefetch_related("parts")
+    )
+    for message in messages:
+        text = "\n\n".join(p.text for p in message.parts.all() if p.type == Part.PartType.TEXT)
+        history.append({"role": message.role, "text": text})
+    return {"history": history}
+
+
+def start_part(message_id: str, session_id: str, index: int, part_type: str) -> Part:
+    with transaction.atomic():
+        part = Part.objects.create(message_id=message_id, index=index, type=part_type, text="")
+        publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+    return part
+
+
+def append_text(part_id: str, part_type: str, message_id: str, session_id: str, text: str, delta: str) -> None:
+    """Persist the part's text so far and send only the delta (linear, not quadratic)."""
+    with transaction.atomic():
+        Part.objects.filter(pk=part_id).update(text=text)
+        publish(
+            session_id,
+            "message.part.updated",
+            {"message_id": message_id, "part": {"id": part_id, "type": part_type}, "delta": delta},
+        )
+
+
+def start_tool_part(
+    message_id: str, session_id: str, index: int, tool: str, call_id: str, input: Any
+) -> Part:
+    with transaction.atomic():
+        part = Part.objects.create(
+            message_id=message_id, index=index, type=Part.PartType.TOOL, tool=tool,
+            call_id=call_id, state={"status": "pending", "input": input},
+        )
+        _publish_tool_state(session_id, message_id, part)
+    return part
+
+
+def set_tool_state(part_id: str, session_id: str, message_id: str, state: dict[str, Any]) -> None:
+    with transaction.atomic():
+        part = Part.objects.get(pk=part_id)
+        part.state = {"input": (part.state or {}).get("input"), **state}
+        part.save(update_fields=["state"])
+        _publish_tool_state(session_id, message_id, part)
+
+
+def _publish_tool_state(session_id: str, message_id: str, part: Part) -> None:
+    publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+    state = part.state or {}
+    props: dict[str, Any] = {
+        "message_id": message_id, "call_id": part.call_id, "tool": part.tool,
+        "status": state.get("status"),
+    }
+    for key in ("input", "output", "error"):
+        if key in state:
+            props[key] = state[key]
+    publish(session_id, "tool.status", props)
+
+
+def finish_reply(
+    session_id: str,
+    message_id: str,
+    *,
+    runner: str,
+    status: str,
+    error: dict[str, str] | None = None,
+    text_parts: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    usage: dict[str, int] | None = None,
+    lease_expired_before: Any = None,
+) -> bool:
+    """End a reply: each open part's complete state, open tools and pending permissions
+    closed, then message.completed, then the session idle. Only the runner holding the
+    run may end it, once; returns False when it no longer does."""
+    with transaction.atomic():
+        held = ReplyRun.objects.filter(pk=message_id, runner=runner)
+        if lease_expired_before is not None:
+            held = held.filter(lease_until__lt=lease_expired_before)
+        run = held.select_related("abort_by").first()
+        if run is None:
+            return False
+        run.delete()
+        for part_id, text in text_parts:
+            Part.objects.filter(pk=part_id).update(text=text)
+            part = Part.objects.get(pk=part_id)
+            publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+        why = {
+            Message.Status.CANCELLED: "The reply was aborted.",
+            Message.Status.ERROR: (error or {}).get("message", "The reply failed."),
+        }.get(status, "The reply ended.")
+        open_tools = Part.objects.filter(
+            message_id=message_id, type=Part.PartType.TOOL, state__status__in=["pending", "running"]
+        )
+        for part in open_tools:
+            part.state = {"input": (part.state or {}).get("input"), "status": "error", "error": why}
+            part.save(update_fields=["state"])
+            _publish_tool_state(session_id, message_id, part)
+        by_timeout = status != Message.Status.CANCELLED or run.abort_by is None
+        close_permissions(
+            session_id, message_id, why,
+            resolved_by=None if by_timeout else run.abort_by,
+            status=PermissionRequest.Status.EXPIRED if by_timeout else PermissionRequest.Status.REJECTED,
+        )
+        fields: dict[str, Any] = {"status": status, "error": error, "completed_at": timezone.now()}
+        if usage:
+            fields["usage"] = usage
+        Message.objects.filter(pk=message_id).update(**fields)
+        props: dict[str, Any] = {"message_id": message_id, "status": status}
+        if error:
+            props["error"] = error
+        publish(session_id, "message.completed", props)
+        publish_status(session_id, {"type": "idle"})
+    return True
+
+
+def current_run(session_id: str) -> dict[str, Any] | None:
+    """The session's reply in progress: ``queued`` until a runner claims it (then
+    ``started_at`` is set), ``running`` after."""
+    run = ReplyRun.objects.filter(session_id=session_id).order_by("-created_at").first()
+    if run is None:
+        return None
+    return {
+        "message_id": run.message_id,
+        "state": "running" if run.runner else "queued",
+        "queued_at": iso(run.created_at),
+        "started_at": iso(run.started_at) if run.runner and run.started_at else None,
+    }
