@@ -37,6 +37,7 @@ def add_scrape_hook(hook: Callable[[], None]) -> None:
     if hook not in _scrape_hooks:
         _scrape_hooks.append(hook)
 
+
 # Each dependency must answer within this; probes time out at 1 s by default (Kubernetes).
 CHECK_TIMEOUT = 0.5
 

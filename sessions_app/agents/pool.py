@@ -189,7 +189,7 @@ def _wake_local() -> None:
 
 def register() -> None:
     """Make this layer known to the ones below, which never import it: the run queue
-    (``services``) wakes this process's pool in inline mode; /readyz and /metrics
+    (``sessions_app.runs``) wakes this process's pool in inline mode; /readyz and /metrics
     report on replies and workers. Called once, from ``SessionsAppConfig.ready``."""
     runs.register_local_pool(_wake_local)
     views.add_ready_report("agents", agents_report)
