@@ -5,25 +5,16 @@ from typing import Any
 
 import orjson
 from channels.security.websocket import WebsocketDenier
-from django.conf import settings
-from django.http.request import split_domain_port, validate_host
 from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
 from events_app.runtime import off_loop
-from project.auth import authenticate_stream
+from project.auth import authenticate_stream, origin_allowed
 from project.errors import ApiError, NotFound
 
 
 def _has_origin(scope: dict[str, Any]) -> bool:
     return any(key == b"origin" for key, _ in scope.get("headers", []))
-
-
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 class StreamAuthMiddleware:
@@ -44,43 +35,6 @@ class StreamAuthMiddleware:
         except ApiError as err:
             auth = err
         return await self.app({**scope, "stream_auth": auth}, receive, send)
-
-
-def _same_origin(scope: dict[str, Any]) -> str | None:
-    """The handshake's own origin, ``scheme://host[:port]``, as Django's CSRF check
-    computes it for a request (``is_secure()`` and ``get_host()``); None when the Host
-    is not one of ALLOWED_HOSTS."""
-    host = _header(scope, b"host")
-    if not host:
-        return None
-    allowed = settings.ALLOWED_HOSTS
-    if settings.DEBUG and not allowed:
-        allowed = [".localhost", "127.0.0.1", "[::1]"]
-    domain, _ = split_domain_port(host)
-    if not domain or not validate_host(domain, allowed):
-        return None
-    secure = scope.get("scheme") == "wss"
-    proxy = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
-    if proxy:  # behind a TLS-terminating proxy, as Django's request.is_secure() reads it
-        name, value = proxy
-        forwarded = _header(scope, name.removeprefix("HTTP_").replace("_", "-").lower().encode())
-        if forwarded is not None:
-            secure = forwarded.split(",", 1)[0].strip() == value
-    return f"{'https' if secure else 'http'}://{host.lower()}"
-
-
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """A handshake without ``Origin`` is not from a browser and goes on to authenticate
-    by token or ticket (cookies are ignored for it). One with an ``Origin`` must match,
-    scheme, host and port exactly, the handshake's own origin or one of
-    TANDEM_ALLOWED_ORIGINS, whatever credential it carries: the rule of Django's CSRF
-    check, so a page on another port or scheme can neither ride the user's cookie nor
-    use the API at all unless the operator allows its origin."""
-    origin = _header(scope, b"origin")
-    if origin is None:
-        return True
-    origin = origin.strip().lower()
-    return origin in settings.CSRF_TRUSTED_ORIGINS or origin == _same_origin(scope)
 
 
 class StreamOriginValidator:

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core import signing
+from django.http.request import split_domain_port, validate_host
 from django.utils.crypto import constant_time_compare
 from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication
@@ -113,6 +114,43 @@ def _user_from_cookie(scope: dict[str, Any]) -> AbstractBaseUser | None:
     return user
 
 
+def _same_origin(scope: dict[str, Any]) -> str | None:
+    """The handshake's own origin, ``scheme://host[:port]``, as Django's CSRF check
+    computes it for a request (``is_secure()`` and ``get_host()``); None when the Host
+    is not one of ALLOWED_HOSTS."""
+    host = _header(scope, b"host")
+    if not host:
+        return None
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _ = split_domain_port(host)
+    if not domain or not validate_host(domain, allowed):
+        return None
+    secure = scope.get("scheme") in ("https", "wss")
+    proxy = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
+    if proxy:  # behind a TLS-terminating proxy, as Django's request.is_secure() reads it
+        name, value = proxy
+        forwarded = _header(scope, name.removeprefix("HTTP_").replace("_", "-").lower().encode())
+        if forwarded is not None:
+            secure = forwarded.split(",", 1)[0].strip() == value
+    return f"{'https' if secure else 'http'}://{host.lower()}"
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """A request without ``Origin`` is not a browser's cross-origin request (browsers send
+    it on every WebSocket handshake and cross-origin request). One with an ``Origin`` must match,
+    scheme, host and port exactly, the handshake's own origin or one of
+    TANDEM_ALLOWED_ORIGINS, whatever credential it carries: the rule of Django's CSRF
+    check, so a page on another port or scheme can neither ride the user's cookie nor
+    use the API at all unless the operator allows its origin."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    return origin in settings.CSRF_TRUSTED_ORIGINS or origin == _same_origin(scope)
+
+
 def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamCredentials:
     """Who opens this stream: Bearer header, ``?token=``, ``?ticket=`` or the session
     cookie, in that order. Runs database queries: call it through database_sync_to_async."""
@@ -129,7 +167,10 @@ def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> 
         user_id, expires_at = read_access_token(params["token"])
     elif "ticket" in params:
         user_id = read_ticket(params["ticket"])
-    elif allow_cookie:
+    elif allow_cookie and origin_allowed(scope):
+        # A page of a disallowed origin may make the browser send the cookie (an
+        # EventSource with credentials, same site): it must not open the user's streams,
+        # not even unreadable ones that take their connection slots.
         user = _user_from_cookie(scope)
         if user is not None:
             return StreamCredentials(user, None)

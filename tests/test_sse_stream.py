@@ -503,3 +503,31 @@ async def test_bad_user_stream_cursor_is_400(session: Any, bob: Any) -> None:
     client = sse(None, bob, last_event_id_header="not-a-cursor")
     assert await client.open() == 400
     assert (await client.json())["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("origin", "status"),
+    [
+        (None, 200),  # same-origin EventSource: browsers send no Origin on a GET
+        ("http://testserver", 200),  # the site's own origin
+        ("https://app.example.com", 200),  # listed in TANDEM_ALLOWED_ORIGINS
+        ("http://testserver:8081", 401),  # another port: another origin
+        ("https://testserver", 401),  # another scheme
+        ("https://evil.example.net", 401),
+    ],
+)
+async def test_a_cookie_opens_a_stream_only_for_an_allowed_origin(
+    session: Any, alice: Any, settings: Any, origin: str | None, status: int
+) -> None:
+    # A page of a disallowed origin on the same site makes the browser send the cookie
+    # (EventSource withCredentials): it cannot read the stream, but it must not open it
+    # either, or it takes the user's connection slots.
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example.com"]
+    cookie = await database_sync_to_async(_session_cookie)(alice)
+    headers = {"Cookie": f"sessionid={cookie}", "Host": "testserver"}
+    if origin is not None:
+        headers["Origin"] = origin
+    client = SSEClient(stream_path(session.id), headers=headers)
+    assert await client.open() == status
+    if status == 200:
+        await client.close()
