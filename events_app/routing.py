@@ -10,8 +10,8 @@ from django.http.request import split_domain_port, validate_host
 from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
-from events_app.runtime import off_loop
 from project.auth import authenticate_stream
+from project.db import off_loop
 from project.errors import ApiError, NotFound
 
 

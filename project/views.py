@@ -12,8 +12,8 @@ from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from events_app.runtime import off_loop
 from project import redisconn
+from project.db import off_loop
 from project.errors import NotFound, Unavailable, error_response
 
 log = logging.getLogger("tandem.readiness")
