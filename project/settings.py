@@ -431,10 +431,7 @@ LOGGING_CONFIG = "project.logfilters.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {
-        "redact": {"()": "project.logfilters.RedactSecrets"},
-        "quiet_readiness": {"()": "project.logfilters.QuietReadinessFailures"},
-    },
+    "filters": {"redact": {"()": "project.logfilters.RedactSecrets"}},
     "formatters": {
         "plain": {
             "()": "project.logfilters.PlainFormatter",
@@ -450,7 +447,7 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env_str("TANDEM_LOG_LEVEL", "INFO")},
     "loggers": {
-        "django.request": {"level": "ERROR", "filters": ["quiet_readiness"]},
+        "django.request": {"level": "ERROR"},
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         # One line per request and stream, query secrets redacted (project/asgi.py).
