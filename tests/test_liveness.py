@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port, start_worker, token_for
+from tests.conftest import free_port, start_worker, token_for, wait_until
 from tests.test_sse_real_socket import api_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -19,14 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis]
 LIVENESS = {"TANDEM_LIVENESS_SECONDS": "2"}
 
 
-def wait_for(predicate: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s")
+wait_for = wait_until  # one polling helper for the suite (tests/conftest.py)
 
 
 def test_user_reconnects_every_stream_to_the_surviving_process_seconds_after_a_crash(

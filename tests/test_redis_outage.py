@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import token_for
+from tests.conftest import token_for, wait_until
 from tests.test_sse_real_socket import api_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -39,14 +39,7 @@ def reply(client: httpx.Client, session_id: str, reply_id: str) -> dict[str, Any
     return next(m for m in messages if m["id"] == reply_id)
 
 
-def wait_for(predicate: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s")
+wait_for = wait_until  # one polling helper for the suite (tests/conftest.py)
 
 
 @pytest.mark.parametrize("outage", ["stopped", "hung"])
