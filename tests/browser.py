@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,30 @@ def browse(chromium: Any, live: Any, request: Any) -> Iterator[Callable[..., Any
                 print(f"no screenshot of page {i}: {exc}")
     for context in contexts:
         context.close()
+
+
+class _PlainPage(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        body = b"<!doctype html><title>another site</title><p>nothing to see"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def other_origins() -> Iterator[list[str]]:
+    """Two plain pages on 127.0.0.1, each on a port of its own: real other origins (a page
+    Playwright makes up does not count as on this machine, and Chromium keeps such pages
+    from loopback servers)."""
+    started = [ThreadingHTTPServer(("127.0.0.1", 0), _PlainPage) for _ in range(2)]
+    for server in started:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in started]
+    for server in started:
+        server.shutdown()
+        server.server_close()

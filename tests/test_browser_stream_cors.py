@@ -14,9 +14,7 @@ site, so the session cookie goes with credentialed requests)."""
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -31,29 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 WAIT = 15_000  # ms
 
 
-class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-        body = b"<!doctype html><title>elsewhere</title>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def origins() -> Iterator[dict[str, str]]:
-    """Two real pages on other ports of this host (a page Playwright made up would not
-    count as on this machine, and Chromium keeps such pages from loopback servers)."""
-    httpds = [ThreadingHTTPServer(("127.0.0.1", 0), _Page) for _ in range(2)]
-    for httpd in httpds:
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield {name: f"http://127.0.0.1:{h.server_address[1]}" for name, h in zip(["allowed", "other"], httpds, strict=True)}
-    for httpd in httpds:
-        httpd.shutdown()
+def origins(other_origins: list[str]) -> dict[str, str]:
+    allowed, other = other_origins
+    return {"allowed": allowed, "other": other}
 
 
 @pytest.fixture

@@ -5,14 +5,11 @@ use it."""
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from tests.conftest import PASSWORD, free_port
+from tests.conftest import PASSWORD
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -32,33 +29,6 @@ PUBLISH = """async ([url, type]) => new Promise((resolve) => {
   socket.onclose = (e) => done("closed " + e.code);
   setTimeout(() => done("timeout"), 8000);
 })"""
-
-
-class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"<!doctype html><title>another site</title><p>nothing to see"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def other_origins() -> Iterator[list[str]]:
-    """Two plain pages on 127.0.0.1, each on a port of its own."""
-    started = []
-    for _ in range(2):
-        server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Page)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        started.append(server)
-    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in started]
-    for server in started:
-        server.shutdown()
-        server.server_close()
 
 
 def test_page_on_another_port_cannot_publish_with_the_victims_cookie(
