@@ -174,7 +174,7 @@ class RedisIngest:
         raw = data if isinstance(data, bytes) else str(data).encode("utf-8", "surrogatepass")
         session_id = channel[len(self.prefix):] if channel.startswith(self.prefix) else ""
         try:
-            envelope = await self._publish(session_id, raw, as_user=self.user, require_properties=True)
+            envelope: dict[str, Any] = await self._publish(session_id, raw, as_user=self.user, require_properties=True)
         except ApiError as err:
             self.stats.rejected += 1
             self.stats.reasons[err.code] += 1

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 from events_app.services import arrange_exit_flush, flush, publish_custom
 from events_app.types import Frame
@@ -43,7 +43,7 @@ def publish_event(
     type: str,  # noqa: A002 - the event's field name
     properties: dict[str, Any] | None = None,
     *,
-    as_user: str | AbstractBaseUser,
+    as_user: str | User,
 ) -> dict[str, Any]:
     """Publish ``{"type": type, "properties": properties}`` into the session on behalf of
     ``as_user`` (a username or a user) and return the event's envelope as a dict."""
@@ -59,7 +59,7 @@ def publish_json(
     session_id: str,
     body: bytes | str,
     *,
-    as_user: str | AbstractBaseUser,
+    as_user: str | User,
     require_properties: bool = False,
 ) -> dict[str, Any]:
     """Publish a raw JSON body ``{"type", "properties"}`` exactly as the REST endpoint
@@ -80,7 +80,7 @@ def publish_json(
     return orjson.loads(frame.envelope)  # type: ignore[no-any-return]
 
 
-def resolve_user(as_user: str | AbstractBaseUser) -> AbstractBaseUser:
+def resolve_user(as_user: str | User) -> User:
     """The active user named (or given) by ``as_user``; NotFound otherwise."""
     if isinstance(as_user, str):
         model = get_user_model()
@@ -111,7 +111,7 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _publish_checked(
-    user: AbstractBaseUser, session_id: str, event: dict[str, Any], *, body_bytes: int | None
+    user: User, session_id: str, event: dict[str, Any], *, body_bytes: int | None
 ) -> Frame:
     """The REST endpoint's serializer, then ``publish_custom``."""
     from rest_framework.exceptions import ValidationError

@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 
 from events_app.services import history, parse_position, publish_custom
 from events_app.types import TypeFilter
+from project.auth import caller
 from project.errors import BadRequest
 from project.openapi import EVENTS_PARAMETERS, SESSION_ID, doc, json_body, ref
 from sessions_app.access import session_for
@@ -37,7 +38,7 @@ class EventListView(APIView):
         },
     )
     def get(self, request: Request, session_id: str) -> HttpResponse:
-        session, _ = session_for(request.user, session_id)
+        session, _ = session_for(caller(request), session_id)
         params = request.query_params
         unknown = set(params) - {"after", "limit", "types"}
         if unknown:
@@ -75,12 +76,12 @@ class EventListView(APIView):
         },
     )
     def post(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        session, _ = session_for(caller(request), session_id, Role.EDITOR)
         serializer = EventPublishSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         frame = publish_custom(
-            session.id, request.user, data["type"], data["properties"],
+            session.id, caller(request), data["type"], data["properties"],
             body_bytes=int(request.META.get("CONTENT_LENGTH") or 0),
         )
         return Response(orjson.loads(frame.envelope), status=status.HTTP_201_CREATED)

@@ -180,7 +180,9 @@ def to_api_error(exc: Exception) -> ApiError | None:
             return ValidationFailed(details=_flatten(detail))
         return ValidationFailed(details={"non_field_errors": _flatten(detail)})
     if isinstance(exc, drf.Throttled):
-        wait = int(exc.wait or 1) if exc.wait is not None else 1
+        # DRF sets ``wait`` in Throttled.__init__; its stubs do not declare it.
+        exc_wait: float | None = getattr(exc, "wait", None)
+        wait = int(exc_wait or 1) if exc_wait is not None else 1
         return RateLimited(
             f"Too many requests; retry in {wait} s.", headers={"Retry-After": str(max(wait, 1))}
         )
@@ -239,7 +241,8 @@ class ApiErrorMiddleware:
         # Unknown /api/ URLs answer 404 before CsrfViewMiddleware (which runs after us)
         # can turn an unsafe method into Django's HTML 403 page.
         if view_func is api_not_found:
-            return api_not_found(request)
+            not_found: HttpResponse = api_not_found(request)
+            return not_found
         return None
 
     def process_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse | None:

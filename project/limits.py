@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+from rest_framework.throttling import BaseThrottle
 
 from project import liveness, redisconn
 from project.errors import RateLimited, TooManyConnections, Unavailable
@@ -173,7 +174,7 @@ def check_sign_in_rate(bucket: str, meta: dict[str, Any], account: str | None) -
 _BUCKETS = {"token": "password", "refresh": "refresh", "register": "register", "ticket": "ticket"}
 
 
-class AuthThrottle:
+class AuthThrottle(BaseThrottle):
     """The sign-in endpoints (token, refresh, register, ticket): per client address at
     TANDEM_RATE_AUTH_IP and per account at TANDEM_RATE_AUTH_USER, counted per kind of
     request so that, say, failed logins never use up the tickets of a signed-in user. The
@@ -200,7 +201,7 @@ class AuthThrottle:
             from rest_framework_simplejwt.tokens import RefreshToken
 
             try:  # only a genuine token counts against its user, or anyone could lock them out
-                return f"id:{RefreshToken(data['refresh'])['user_id']}"  # type: ignore[arg-type]
+                return f"id:{RefreshToken(data['refresh'])['user_id']}"
             except (TokenError, KeyError):
                 return None
         return None

@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.extensions import (
@@ -172,7 +172,10 @@ class TandemAutoSchema(AutoSchema):
         return operation
 
 
-def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Any:
+_View = TypeVar("_View", bound=Callable[..., Any])
+
+
+def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Callable[[_View], _View]:
     """``extend_schema`` for a view method, built on TandemAutoSchema, with ``errors``
     (status codes, or status -> description) added to ``responses`` in the error shape."""
     responses = dict(kwargs.pop("responses", {}) or {})
@@ -182,11 +185,12 @@ def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Any
     if responses:
         kwargs["responses"] = responses
 
-    def decorator(func: Any) -> Any:
+    def decorator(func: _View) -> _View:
         # extend_schema builds its schema class on ``func.schema`` when there is one,
         # else on REST_FRAMEWORK's DEFAULT_SCHEMA_CLASS (DRF's, not drf-spectacular's).
-        func.schema = TandemAutoSchema
-        return extend_schema(**kwargs)(func)
+        func.schema = TandemAutoSchema  # type: ignore[attr-defined]
+        decorated: _View = extend_schema(**kwargs)(func)
+        return decorated
 
     return decorator
 

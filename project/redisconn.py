@@ -52,7 +52,8 @@ def client(url: str, **options: Any) -> redis.Redis:
     if target is None:
         return redis.Redis.from_url(url, **options)
     sentinel = Sentinel(target.sentinels, socket_timeout=options.get("socket_timeout", 2))
-    return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
+    master: redis.Redis = sentinel.master_for(target.master, db=target.db, password=target.password, **options)
+    return master
 
 
 def async_client(url: str, **options: Any) -> aioredis.Redis:
@@ -60,7 +61,10 @@ def async_client(url: str, **options: Any) -> aioredis.Redis:
     if target is None:
         return aioredis.Redis.from_url(url, **options)
     sentinel = AsyncSentinel(target.sentinels, socket_timeout=options.get("socket_connect_timeout", 2))
-    return sentinel.master_for(target.master, db=target.db, password=target.password, **options)
+    async_master: aioredis.Redis = sentinel.master_for(
+        target.master, db=target.db, password=target.password, **options
+    )
+    return async_master
 
 
 def channel_layer_host(url: str) -> str | dict[str, Any]:

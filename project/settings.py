@@ -182,9 +182,9 @@ try:
     # say as much). PostgreSQL gets a connection pool instead, below.
     _conn_max_age = env_int("TANDEM_DB_CONN_MAX_AGE", 0, minimum=0)
     _pool_size = env_int("TANDEM_DB_POOL_SIZE", 16, minimum=0)
-    _db: dict[str, Any] = dj_database_url.parse(
+    _db: dict[str, Any] = dict(dj_database_url.parse(
         DATABASE_URL, conn_max_age=_conn_max_age, conn_health_checks=_conn_max_age > 0
-    )
+    ))
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
 if _db["ENGINE"] == "django.db.backends.sqlite3":

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.contrib.auth.views import LoginView
-from django.urls import include, path, re_path
+from django.urls import URLPattern, URLResolver, include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from events_app.views import EventListView
@@ -12,7 +12,7 @@ from project.openapi import SchemaView, SwaggerView
 from sessions_app import pages
 from sessions_app.views import RegisterView, TicketView
 
-api = [
+api: list[URLPattern | URLResolver] = [
     path("auth/token/", TokenObtainPairView.as_view(throttle_classes=[AuthThrottle])),
     path("auth/token/refresh/", TokenRefreshView.as_view(throttle_classes=[AuthThrottle])),
     path("auth/register/", RegisterView.as_view()),

@@ -12,6 +12,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.contrib.admin.utils import quote
+from django.contrib.auth.models import User
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
@@ -155,7 +156,8 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.action(description="Abort the running reply")
     def abort_replies(self, request: HttpRequest, queryset: QuerySet[Session]) -> None:
-        aborted = sum(services.abort(session, request.user) for session in queryset)
+        user = request.user if isinstance(request.user, User) else None
+        aborted = sum(services.abort(session, user) for session in queryset)
         self.message_user(request, f"Asked {aborted} running repl(ies) to stop.")
 
     @admin.action(description="Prune events past retention now")
@@ -166,7 +168,7 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         self.message_user(request, f"Pruned {pruned} event(s).")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Session]:
-        return (
+        sessions: QuerySet[Session] = (
             super()
             .get_queryset(request)
             .annotate(
@@ -174,6 +176,7 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 message_count=_count_per_session(Message),
             )
         )
+        return sessions
 
     @admin.display(description="status", ordering="status__type")
     def status_type(self, obj: Session) -> str:

@@ -62,7 +62,7 @@ class Session(models.Model):
 
     @property
     def is_busy(self) -> bool:
-        return self.status.get("type", "idle") != "idle"
+        return bool(self.status.get("type", "idle") != "idle")
 
 
 class Membership(models.Model):

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
@@ -30,7 +30,7 @@ def request_permission(
 
 
 def answer_permission(
-    session: Session, permission_id: str, user: AbstractBaseUser, *, approved: bool, reason: str | None
+    session: Session, permission_id: str, user: User, *, approved: bool, reason: str | None
 ) -> PermissionRequest:
     """First answer wins, across processes: the UPDATE only matches a pending row, and
     the database lets exactly one of two concurrent answers match it."""

@@ -217,10 +217,11 @@ def finish_reply(
             Part.objects.filter(pk=part_id).update(text=text)
             part = Part.objects.get(pk=part_id)
             publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
-        why = {
+        endings: dict[str, str] = {
             Message.Status.CANCELLED: "The reply was aborted.",
-            Message.Status.ERROR: (error or {}).get("message", "The reply failed."),
-        }.get(status, "The reply ended.")
+            Message.Status.ERROR: error.get("message", "The reply failed.") if error else "The reply failed.",
+        }
+        why = endings.get(status, "The reply ended.")
         open_tools = Part.objects.filter(
             message_id=message_id, type=Part.PartType.TOOL, state__status__in=["pending", "running"]
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from rest_framework import serializers
 
@@ -39,7 +39,7 @@ class StrictCharField(serializers.CharField):
             data.encode("utf-8")
         except UnicodeEncodeError:
             self.fail("surrogate")
-        return super().to_internal_value(data)  # type: ignore[no-any-return]
+        return super().to_internal_value(data)
 
 
 class CredentialsSerializer(StrictSerializer):
@@ -83,7 +83,9 @@ class TextPartSerializer(StrictSerializer):
 
 
 class MessagePostSerializer(StrictSerializer):
-    parts = TextPartSerializer(many=True, allow_empty=False, max_length=64)
+    parts: serializers.ListSerializer[dict[str, str]] = serializers.ListSerializer(
+        child=TextPartSerializer(), allow_empty=False, max_length=64
+    )
 
 
 class EventPublishSerializer(StrictSerializer):
@@ -94,7 +96,7 @@ class EventPublishSerializer(StrictSerializer):
 # ---------------------------------------------------------------- output shapes
 
 
-def user_data(user: AbstractBaseUser | None) -> dict[str, Any] | None:
+def user_data(user: User | None) -> dict[str, Any] | None:
     if user is None:
         return None
     return {"id": user.pk, "username": user.get_username()}

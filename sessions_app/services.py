@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.contrib.auth.password_validation import validate_password
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -33,7 +33,8 @@ from sessions_app.permissions import request_permission as request_permission
 from sessions_app.runs import abort_requested as abort_requested
 from sessions_app.runs import append_text as append_text
 from sessions_app.runs import claim_runs as claim_runs
-from sessions_app.runs import dispatch, finish_reply, publish_status
+from sessions_app.runs import dispatch, publish_status
+from sessions_app.runs import finish_reply as finish_reply
 from sessions_app.runs import interrupt_runs as interrupt_runs
 from sessions_app.runs import reap_expired_runs as reap_expired_runs
 from sessions_app.runs import renew_leases as renew_leases
@@ -48,7 +49,7 @@ from sessions_app.serializers import message_data, session_data, user_data
 # ---------------------------------------------------------------- sessions
 
 
-def create_session(owner: AbstractBaseUser, *, title: str, agent: str) -> Session:
+def create_session(owner: User, *, title: str, agent: str) -> Session:
     with transaction.atomic():
         session = Session.objects.create(owner=owner, title=title, agent=agent)
         Membership.objects.create(session=session, user=owner, role=Role.OWNER)
@@ -117,7 +118,7 @@ def remove_member(session: Session, *, username: str) -> None:
 MAX_PASSWORD_CHARS = 4096  # hashing is slow on purpose: bound what it is given
 
 
-def create_user(username: str, password: str) -> AbstractBaseUser:
+def create_user(username: str, password: str) -> User:
     """The one way a user signs up, from the API and from the sign-up page: a name in
     Django's rules (at most 150 letters, digits and ``@.+-_``, nothing trimmed, so it can
     be used in a ``members/{username}/`` URL) that no user has in any letter case, and a
@@ -150,7 +151,7 @@ def create_user(username: str, password: str) -> AbstractBaseUser:
         raise ValidationFailed(details=problems)
     try:
         with transaction.atomic():
-            return user_model.objects.create_user(username=username, password=password)  # type: ignore[attr-defined,no-any-return]
+            return User.objects.create_user(username=username, password=password)
     except IntegrityError:  # the same name, signed up at the same moment
         raise ValidationFailed(details={"username": ["This username is taken."]}) from None
 
@@ -194,7 +195,7 @@ def _join_on_commit(user_id: int, session_id: str, seq: int | None) -> None:
 # ---------------------------------------------------------------- messages
 
 
-def post_message(session: Session, author: AbstractBaseUser, parts: list[dict[str, str]]) -> tuple[Message, Message]:
+def post_message(session: Session, author: User, parts: list[dict[str, str]]) -> tuple[Message, Message]:
     """Store the user's message, mark the session busy and queue the agent's reply."""
     texts = [p["text"] for p in parts]
     if sum(len(t) for t in texts) > settings.TANDEM_MAX_MESSAGE_CHARS:
@@ -225,7 +226,7 @@ def post_message(session: Session, author: AbstractBaseUser, parts: list[dict[st
     return message, reply
 
 
-def abort(session: Session, user: AbstractBaseUser | None = None) -> bool:
+def abort(session: Session, user: User | None = None) -> bool:
     """Stop the session's reply, wherever it runs. The flag on the run row is what the
     runner checks when it starts listening, so an abort is not lost to a race with it."""
     with transaction.atomic():

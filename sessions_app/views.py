@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from events_app import presence
-from project.auth import issue_ticket
+from project.auth import caller, issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
 from project.openapi import (
@@ -123,7 +123,7 @@ class TicketView(APIView):
         if request.data:  # parsing also refuses malformed JSON and other media types
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
         return Response(
-            {"ticket": issue_ticket(request.user.pk), "expires_in": settings.TANDEM_TICKET_SECONDS}
+            {"ticket": issue_ticket(caller(request).pk), "expires_in": settings.TANDEM_TICKET_SECONDS}
         )
 
 
@@ -142,7 +142,7 @@ class SessionListView(APIView):
     )
     def get(self, request: Request) -> Response:
         memberships = {
-            m.session_id: m.role for m in Membership.objects.filter(user=request.user)
+            m.session_id: m.role for m in Membership.objects.filter(user=caller(request))
         }
         sessions = Session.objects.filter(pk__in=list(memberships)).select_related("owner")
         paginator = SessionPage()
@@ -160,7 +160,7 @@ class SessionListView(APIView):
     )
     def post(self, request: Request) -> Response:
         data = validated(SessionCreateSerializer, request.data)
-        session = services.create_session(request.user, title=data["title"], agent=data["agent"])
+        session = services.create_session(caller(request), title=data["title"], agent=data["agent"])
         return Response(session_data(session, Role.OWNER), status=status.HTTP_201_CREATED)
 
 
@@ -173,7 +173,7 @@ class SessionDetailView(APIView):
         errors={404: "`not_found`: no such session, or you are not a member of it."},
     )
     def get(self, request: Request, session_id: str) -> Response:
-        session, role = session_for(request.user, session_id)
+        session, role = session_for(caller(request), session_id)
         return Response(session_data(session, role))
 
     @doc(
@@ -189,7 +189,7 @@ class SessionDetailView(APIView):
         },
     )
     def patch(self, request: Request, session_id: str) -> Response:
-        session, role = session_for(request.user, session_id, Role.OWNER)
+        session, role = session_for(caller(request), session_id, Role.OWNER)
         data = validated(SessionUpdateSerializer, request.data)
         session = services.update_session(session, title=data["title"])
         return Response(session_data(session, role))
@@ -206,7 +206,7 @@ class SessionDetailView(APIView):
         },
     )
     def delete(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.OWNER)
+        session, _ = session_for(caller(request), session_id, Role.OWNER)
         services.delete_session(session)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -222,7 +222,7 @@ class MemberListView(APIView):
         errors={404: "`not_found`: no such session, or you are not a member of it."},
     )
     def get(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id)
+        session, _ = session_for(caller(request), session_id)
         rows = Membership.objects.filter(session=session).select_related("user").order_by("created_at")
         return Response([{"user": user_data(m.user), "role": m.role} for m in rows])
 
@@ -242,7 +242,7 @@ class MemberListView(APIView):
         },
     )
     def post(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.OWNER)
+        session, _ = session_for(caller(request), session_id, Role.OWNER)
         data = validated(MemberAddSerializer, request.data)
         membership = services.add_member(session, username=data["username"], role=data["role"])
         return Response(
@@ -267,7 +267,7 @@ class MemberDetailView(APIView):
         },
     )
     def delete(self, request: Request, session_id: str, username: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.OWNER)
+        session, _ = session_for(caller(request), session_id, Role.OWNER)
         services.remove_member(session, username=username)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -287,7 +287,7 @@ class PresenceView(APIView):
         },
     )
     def get(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id)
+        session, _ = session_for(caller(request), session_id)
         return Response(presence.summary(session.id))
 
 
@@ -300,7 +300,7 @@ class HealthView(APIView):
         errors={404: "`not_found`: no such session, or you are not a member of it."},
     )
     def get(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id)
+        session, _ = session_for(caller(request), session_id)
         return Response(
             {
                 "status": session.status,
@@ -328,7 +328,7 @@ class MessageListView(APIView):
         },
     )
     def get(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id)
+        session, _ = session_for(caller(request), session_id)
         messages = (
             Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
         )
@@ -355,9 +355,9 @@ class MessageListView(APIView):
         },
     )
     def post(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        session, _ = session_for(caller(request), session_id, Role.EDITOR)
         data = validated(MessagePostSerializer, request.data)
-        message, reply = services.post_message(session, request.user, data["parts"])
+        message, reply = services.post_message(session, caller(request), data["parts"])
         return Response(
             {"message": message_data(message), "reply_id": reply.id},
             status=status.HTTP_202_ACCEPTED,
@@ -375,10 +375,10 @@ class AbortView(APIView):
         errors={403: "`permission_denied`: viewers cannot abort.", 404: "`not_found`: no such session, or you are not a member of it."},
     )
     def post(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        session, _ = session_for(caller(request), session_id, Role.EDITOR)
         if request.data:
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
-        return Response({"aborted": services.abort(session, request.user)})
+        return Response({"aborted": services.abort(session, caller(request))})
 
 
 # ---------------------------------------------------------------- permissions
@@ -405,7 +405,7 @@ class PermissionListView(APIView):
         },
     )
     def get(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(request.user, session_id)
+        session, _ = session_for(caller(request), session_id)
         query = validated(PermissionListQuerySerializer, request.query_params.dict())
         found = permissions.list_permissions(session, query.get("status"))
         return Response([permission_data(p) for p in found])
@@ -429,9 +429,9 @@ class PermissionDetailView(APIView):
         },
     )
     def post(self, request: Request, session_id: str, permission_id: str) -> Response:
-        session, _ = session_for(request.user, session_id, Role.EDITOR)
+        session, _ = session_for(caller(request), session_id, Role.EDITOR)
         data = validated(PermissionReplySerializer, request.data)
         permission = permissions.answer_permission(
-            session, permission_id, request.user, approved=data["approved"], reason=data["reason"]
+            session, permission_id, caller(request), approved=data["approved"], reason=data["reason"]
         )
         return Response(permission_data(permission))

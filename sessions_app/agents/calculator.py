@@ -230,7 +230,8 @@ def _power(base: Number, exponent: Number) -> Number:
             exponent > _MAX_INT_BITS or exponent * math.log2(abs(base)) > _MAX_INT_BITS
         ):
             raise _too_large()
-        return base**exponent
+        power: int | float = base**exponent
+        return power
     try:
         base_f, exponent_f = float(base), float(exponent)
     except OverflowError:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import httpx
 from django.conf import settings
@@ -170,7 +170,8 @@ async def _parse(response: httpx.Response, turn: _Round) -> AsyncIterator[Output
     """Server-sent events to outputs; tool-call fragments and the text also go to
     ``turn``. ``aiter_lines`` splits on ``\\n``, ``\\r\\n`` and ``\\r`` alike."""
     data: list[str] = []
-    async with aclosing(response.aiter_lines()) as lines:
+    # aiter_lines is an async generator; httpx annotates it as a plain iterator.
+    async with aclosing(cast(AsyncGenerator[str, None], response.aiter_lines())) as lines:
         while True:
             line = await anext(lines, None)
             if line is not None and line.startswith(":"):
