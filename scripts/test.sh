@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the tests need, lint with ruff, and run the whole suite twice: on SQLite and on
+# Install everything the tests need, lint with ruff, check types with mypy, and run the whole suite twice: on SQLite and on
 # PostgreSQL, with the real Redis for the fan-out tests. Starts PostgreSQL and Redis if
 # they are installed here but not running. Extra arguments go to pytest.
 set -euo pipefail
@@ -13,6 +13,9 @@ fi
 # Lint and import order ([tool.ruff] in pyproject.toml): findings fail the run before any test.
 echo "== ruff check =="
 "$VENV/bin/ruff" check --output-format concise .
+# Types ([tool.mypy]: strict on project, events_app, sessions_app, tandem_client).
+echo "== mypy =="
+"$VENV/bin/mypy"
 
 # The browser tests drive Debian's Chromium; the deployment test runs nginx.
 missing=""
