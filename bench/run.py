@@ -550,7 +550,9 @@ async def reconnect_storm(args: argparse.Namespace, target: Target) -> dict[str,
         deadline = time.perf_counter() + args.timeout
         failures = 0
         while time.perf_counter() < deadline:
-            ceiling = min(args.backoff_cap, args.backoff * 2**failures)
+            # --backoff 0: every client straight back at once; retries still back off.
+            base = args.backoff if not failures else max(args.backoff, 0.25)
+            ceiling = min(args.backoff_cap, base * 2**failures)
             await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
             endpoint = target.resume(clients[i].endpoint, last_read(i))
             conn = StreamClient(endpoint)
