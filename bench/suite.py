@@ -4,10 +4,12 @@ per scenario plus ``summary.md`` into the output folder.
 
     python -m bench.suite --out /tmp/tandem-bench [--server uvicorn|daphne] [--quick]
 
-Tandem runs as one server process and one agents worker (``manage.py run_agents``) on
-PostgreSQL and Redis (``--database-url``, ``--redis-url``), as DEPLOY.md lays it out; the
-peer as one uvicorn worker on the same Redis. Both get the same
-load tool and the same machine, one after the other, never at once.
+Tandem runs as one server process on PostgreSQL and Redis (``--database-url``,
+``--redis-url``), as DEPLOY.md lays it out, plus one agents worker (``manage.py
+run_agents``) when a scenario posts messages; the peer (``bench/peer.py``, the seed
+documents' FastAPI design) as one uvicorn worker on the same Redis, from a virtualenv of its
+own (``--peer-venv``, with ``bench/peer-requirements.txt``). Both get the same load tool
+and the same machine, one after the other, never at once.
 """
 from __future__ import annotations
 
