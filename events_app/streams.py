@@ -285,8 +285,8 @@ class Connection:
             connected["last_seq"] = heads.get(req.session_id, 0)
         else:
             connected["last_seq"] = None
-        for sid, (position, reason) in plans.items():
-            self.positions[sid] = heads.get(sid, 0) if reason is not None else position
+        for sid, (position, why) in plans.items():
+            self.positions[sid] = heads.get(sid, 0) if why is not None else position
         if self.cursors is not None:
             self.cursors.start(self.positions, req.cursor.snapshot if req.cursor else None)
             connected["cursor"] = self.cursors.cursor(self.positions)
@@ -299,8 +299,8 @@ class Connection:
         await self.send(first)
         if req.session_id is not None:
             await self._announce("presence.joined")
-        for sid, (position, reason) in plans.items():
-            if reason is None and position < heads.get(sid, 0):
+        for sid, (position, why) in plans.items():
+            if why is None and position < heads.get(sid, 0):
                 await self._replay(sid, position, heads[sid])
 
     def _heads_and_plans(
