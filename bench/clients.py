@@ -37,7 +37,7 @@ class StreamClient:
 
     __slots__ = (
         "endpoint", "keep_time", "seqs", "bns", "times", "event_times", "connected",
-        "connected_at", "connect_seconds", "head", "heartbeats", "heartbeat_gap", "error",
+        "connected_at", "connect_seconds", "started_at", "headers_at", "head", "heartbeats", "heartbeat_gap", "error",
         "ended", "on_frame", "_last_beat", "_writer", "_task",
     )
 
@@ -51,6 +51,10 @@ class StreamClient:
         self.connected = asyncio.Event()
         self.connected_at = 0.0
         self.connect_seconds = 0.0
+        # time.perf_counter() when the response head (SSE headers, WebSocket 101) was read:
+        # the client's "open" (PROTOCOL §5: the position is fixed before it).
+        self.headers_at = 0.0
+        self.started_at = 0.0  # time.perf_counter() when run() began connecting
         self.head: int | None = None  # server.connected's last_seq
         self.heartbeats = 0
         self.heartbeat_gap = 0.0  # the longest silence between heartbeats, seconds
@@ -68,7 +72,7 @@ class StreamClient:
         return self._task
 
     async def run(self) -> None:
-        started = time.perf_counter()
+        started = self.started_at = time.perf_counter()
         ep = self.endpoint
         try:
             reader, writer = await asyncio.open_connection(ep.host, ep.port, limit=1 << 22)
@@ -109,6 +113,7 @@ class StreamClient:
             "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n".encode()
         )
         head = await reader.readuntil(b"\r\n\r\n")
+        self.headers_at = time.perf_counter()
         status = head.split(b" ", 2)[1]
         if status != b"200":
             body = await asyncio.wait_for(reader.read(2000), 5)
@@ -165,6 +170,7 @@ class StreamClient:
             f"Origin: {ep.origin}\r\n\r\n".encode()
         )
         head = await reader.readuntil(b"\r\n\r\n")
+        self.headers_at = time.perf_counter()
         if head.split(b" ", 2)[1] != b"101":
             raise ValueError(f"WebSocket handshake refused: {head[:100]!r}")
         message = b""

@@ -8,16 +8,28 @@ Scenarios (each bounded in time and count, loopback only):
   first-delta  POST a message -> the first text delta at a subscriber, one at a time
   posts        POST messages as fast as the server takes them, every event checked
   churn        R rounds of N connects and disconnects; RSS and leak gauges after each
+  storm        N clients open at once, no pacing: connected, failures, connect p50/p99, time
+               until all connected, server and client CPU
+  reconnect-storm  N open streams all drop at once (clients close, or --drop kill: the
+               server is killed with SIGKILL and --restart-cmd starts it again) and come back
+               with jittered backoff and their last seq: time until all resumed; lost,
+               duplicated and reordered events across both connections
 
-``--target peer`` points fanout and idle (SSE) at the seed reference peer. Reports go to
+``--target peer`` points fanout, idle, storm and reconnect-storm (SSE) at the seed-design
+peer (``bench/peer.py``; it cannot resume, so there only the times are measured). Reports go to
 stdout as a table and, with ``--json PATH``, as JSON.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
+import shlex
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +40,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 
 from bench.clients import StreamClient, connect_all
 from bench.procinfo import Server
-from bench.stats import by_bn, by_seq, connect_summary, percentiles, table
+from bench.stats import by_bn, by_seq, connect_summary, count_reordered, percentiles, table
 from bench.targets import BenchError, TandemTarget, Target, make_target, spread
 
 Scenario = Callable[[argparse.Namespace, Target], Awaitable[dict[str, Any]]]
@@ -129,6 +141,7 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
 
         started = time.time()
         clock = time.monotonic()
+        server_cpu, client_cpu = probe.server.cpu_seconds(), time.process_time()
         for k in range(count):
             for s in range(len(target.sessions)):
                 tasks.append(asyncio.create_task(publish(s, next_bn)))
@@ -157,6 +170,8 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             return done
 
         await wait_until(complete, args.drain, step=0.25)
+        server_cpu = probe.server.cpu_seconds() - server_cpu
+        client_cpu = time.process_time() - client_cpu
         stats = by_bn(clients, expected, sent, session_of)
         last = stats.pop("last_delivery") or time.time()
         deliveries = stats["delivered"]
@@ -168,6 +183,11 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             **stats,
             "deliveries_per_s": round(deliveries / max(1e-6, last - started), 1),
             "offered_per_s": round(rate * len(clients), 1),
+            # Everything the server's processes spent in the phase (publishing requests
+            # included) over what reached the clients: at saturation, the cost of a delivery.
+            "server_cpu_seconds": round(server_cpu, 2),
+            "server_us_per_delivery": round(server_cpu / deliveries * 1e6, 1) if deliveries and probe.server.pids else None,
+            "client_cpu_seconds": round(client_cpu, 2),
         }
         report["phases"].append(phase)
         probe.sample(f"after_rate_{rate:g}")
@@ -404,9 +424,202 @@ async def churn(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     }
 
 
+def _open_summary(clients: list[StreamClient], seconds: float, started: float) -> dict[str, Any]:
+    """Connected, failures, connect percentiles and the time until the last one was in."""
+    out = connect_summary(clients, seconds)
+    ok = [c for c in clients if c.connected_at and not c.error]
+    # Until the response head (SSE headers, WebSocket 101): what the peer's connect time
+    # is, since it sends nothing else before the first event.
+    out["headers_ms"] = percentiles([c.headers_at - c.started_at for c in ok if c.headers_at])
+    out["all_connected_s"] = (
+        round(max(c.started_at + c.connect_seconds for c in ok) - started, 2) if len(ok) == len(clients) else None
+    )
+    return out
+
+
+async def storm(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    """Every client opens at once, no pacing: how long until all are in, and at what cost."""
+    if args.transport != "sse" and not target.supports_ws:
+        raise BenchError("this target serves SSE only")
+    await target.setup(args.sessions)
+    probe = ServerProbe(target.port)
+    probe.sample("before")
+    clients, _ = open_clients(args, target, args.transport)
+    client_cpu = time.process_time()
+    started = time.perf_counter()
+    seconds = await connect_all(clients, len(clients), args.timeout)
+    client_cpu = time.process_time() - client_cpu
+    probe.sample("connected")
+    report = {
+        "clients": _open_summary(clients, seconds, started),
+        "client_cpu_seconds": round(client_cpu, 2),
+        "server": probe.report(sum(1 for c in clients if c.connected_at and not c.error)),
+    }
+    await close_all(clients)
+    return report
+
+
+class _Publisher:
+    """Publishes ``rate`` events per second to every session until stopped, remembering
+    the seq of each accepted event; requests that fail (the server is down) are counted
+    and not retried: whether such an event was committed is unknown, so it is neither
+    owed nor counted as a duplicate."""
+
+    def __init__(self, target: Target, rate: float) -> None:
+        self.target, self.rate = target, rate
+        self.seqs: dict[int, list[int]] = {i: [] for i in range(len(target.sessions))}
+        self.failures = 0
+        self.accepted = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        bn = 0
+        clock = time.monotonic()
+        k = 0
+        while not self._stop.is_set():
+            async def one(index: int, n: int) -> None:
+                try:
+                    seq = await self.target.publish(self.target.sessions[index], n)
+                    self.accepted += 1
+                    if seq is not None:
+                        self.seqs[index].append(seq)
+                except Exception:
+                    self.failures += 1
+
+            await asyncio.gather(*(one(i, bn + i) for i in range(len(self.target.sessions))))
+            bn += len(self.target.sessions)
+            k += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.0, clock + k / self.rate - time.monotonic()))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+
+
+def _kill_server(port: int) -> list[int]:
+    pids = Server(port).pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+async def reconnect_storm(args: argparse.Namespace, target: Target) -> dict[str, Any]:
+    """N streams open with events flowing; then every one drops at once — the clients
+    close their sockets (``--drop clients``: a deploy, a proxy restart) or the server is
+    killed with SIGKILL and started again by ``--restart-cmd`` (``--drop kill``) — and
+    every client comes back after a jittered backoff (as tandem_client does: half the
+    delay fixed, half random, doubling per failed attempt), resuming after the last seq it
+    read. Reports the time until all resumed and, for Tandem, every client's events
+    across both connections: lost, duplicated, reordered (which must all be 0)."""
+    if args.drop == "kill" and not args.restart_cmd:
+        raise BenchError("--drop kill needs --restart-cmd (how to start the server again)")
+    if args.transport != "sse" and not target.supports_ws:
+        raise BenchError("this target serves SSE only")
+    await target.setup(args.sessions)
+    clients, session_of = open_clients(args, target, args.transport)
+    seconds = await connect_all(clients, args.connect_concurrency, args.timeout)
+    if any(c.error or not c.connected_at for c in clients):
+        await close_all(clients)
+        return {"clients": connect_summary(clients, seconds), "error": "not every client connected"}
+    first_heads = [c.head for c in clients]
+    publisher = _Publisher(target, args.rate[0])
+    await asyncio.sleep(args.settle)
+    history: list[list[StreamClient]] = [[c] for c in clients]
+    restarted: asyncio.subprocess.Process | None = None
+    killed: list[int] = []
+    client_cpu = time.process_time()
+    dropped_at = time.perf_counter()
+    if args.drop == "kill":
+        killed = _kill_server(target.port)
+        restarted = await asyncio.create_subprocess_exec(
+            *shlex.split(args.restart_cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        await wait_until(lambda: all(c.ended for c in clients), 10)
+    await close_all(clients)
+    attempts = [0] * len(clients)
+    resumed_at: list[float | None] = [None] * len(clients)
+
+    def last_read(i: int) -> int:
+        seqs = [s for conn in history[i] for s in conn.seqs if s >= 0]
+        return max([*seqs, first_heads[i] or 0])
+
+    async def come_back(i: int) -> None:
+        deadline = time.perf_counter() + args.timeout
+        failures = 0
+        while time.perf_counter() < deadline:
+            # --backoff 0: every client straight back at once; retries still back off.
+            base = args.backoff if not failures else max(args.backoff, 0.25)
+            ceiling = min(args.backoff_cap, base * 2**failures)
+            await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
+            endpoint = target.resume(clients[i].endpoint, last_read(i))
+            conn = StreamClient(endpoint)
+            history[i].append(conn)
+            attempts[i] += 1
+            conn.start()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.connected.wait(), max(0.1, deadline - time.perf_counter()))
+            if conn.connected_at and not conn.error and not conn.ended:
+                resumed_at[i] = time.perf_counter()
+                return
+            failures += 1
+            await conn.close()
+
+    await asyncio.gather(*(come_back(i) for i in range(len(clients))))
+    storm_seconds = time.perf_counter() - dropped_at
+    client_cpu = time.process_time() - client_cpu
+    await asyncio.sleep(args.settle)
+    await publisher.stop()
+    final = [seqs[-1] if seqs else 0 for seqs in publisher.seqs.values()]
+    current = [h[-1] for h in history]
+    await wait_until(
+        lambda: all(c.ended or (c.seqs and max(c.seqs) >= final[session_of[i]]) or not final[session_of[i]]
+                    for i, c in enumerate(current)),
+        args.drain, step=0.25,
+    )
+    ok = [t for t in resumed_at if t is not None]
+    report: dict[str, Any] = {
+        "drop": args.drop, "killed_pids": killed,
+        "clients": {
+            "requested": len(clients), "connected_before": len(clients), "resumed": len(ok),
+            "failed": len(clients) - len(ok),
+            "attempts": {"total": sum(attempts), "max": max(attempts, default=0)},
+            "all_resumed_s": round(max(ok) - dropped_at, 2) if len(ok) == len(clients) else None,
+            "resume_ms": percentiles([t - dropped_at for t in ok]),
+            "seconds": round(storm_seconds, 2),
+        },
+        "client_cpu_seconds": round(client_cpu, 2),
+        "published": {"accepted": publisher.accepted, "failed": publisher.failures},
+    }
+    if isinstance(target, TandemTarget):
+        lost = duplicates = reordered = delivered = 0
+        for i, conns in enumerate(history):
+            start = first_heads[i] or 0
+            owed = {s for s in publisher.seqs[session_of[i]] if s > start}
+            read = [s for conn in conns for s in conn.seqs if s >= 0]
+            delivered += len(read)
+            duplicates += len(read) - len(set(read))
+            reordered += count_reordered(read)
+            lost += len(owed - set(read))
+        report.update(delivered=delivered, lost=lost, duplicates=duplicates, reordered=reordered)
+    for c in current:
+        await c.close()
+    if restarted is not None:
+        # The server this run started: stopped with the run (bounded, never left behind).
+        restarted.terminate()
+        try:
+            await asyncio.wait_for(restarted.wait(), 20)
+        except TimeoutError:
+            restarted.kill()
+            await restarted.wait()
+    return report
+
+
 SCENARIOS: dict[str, Scenario] = {
     "fanout": fanout, "echo": echo, "idle": idle, "first-delta": first_delta, "posts": posts,
-    "churn": churn,
+    "churn": churn, "storm": storm, "reconnect-storm": reconnect_storm,
 }
 
 
@@ -449,6 +662,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=1.0, help="seconds between connecting and measuring")
     p.add_argument("--agent", default="echo", help="the agent of the sessions the tool creates")
     p.add_argument("--allow-failed", action="store_true", help="go on when some clients fail to connect")
+    p.add_argument("--drop", choices=("clients", "kill"), default="clients",
+                   help="reconnect-storm: the clients close their sockets, or the server is killed (SIGKILL)")
+    p.add_argument("--restart-cmd", default="", help="reconnect-storm --drop kill: the command that starts the server again")
+    p.add_argument("--backoff", type=float, default=0.25,
+                   help="reconnect-storm: first reconnect delay ceiling, seconds (doubles per failure, half of it random)")
+    p.add_argument("--backoff-cap", type=float, default=10.0, help="reconnect-storm: the delay ceiling's cap")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout only)")
     return p
 
@@ -469,8 +688,22 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def raise_fd_limit() -> int:
+    """As many open files as this process may have: every client is a socket."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    limit = raise_fd_limit()
+    if args.clients + 100 > limit:
+        parser().error(f"--clients {args.clients} needs more open files than this process may have ({limit})")
     if args.clients < 1 or args.sessions < 1 or args.per_session < 1:
         parser().error("--clients, --sessions and --per-session must be at least 1")
     try:

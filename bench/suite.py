@@ -4,16 +4,19 @@ per scenario plus ``summary.md`` into the output folder.
 
     python -m bench.suite --out /tmp/tandem-bench [--server uvicorn|daphne] [--quick]
 
-Tandem runs as one server process and one agents worker (``manage.py run_agents``) on
-PostgreSQL and Redis (``--database-url``, ``--redis-url``), as DEPLOY.md lays it out; the
-peer as one uvicorn worker on the same Redis. Both get the same
-load tool and the same machine, one after the other, never at once.
+Tandem runs as one server process on PostgreSQL and Redis (``--database-url``,
+``--redis-url``), as DEPLOY.md lays it out, plus one agents worker (``manage.py
+run_agents``) when a scenario posts messages; the peer (``bench/peer.py``, the seed
+documents' FastAPI design) as one uvicorn worker on the same Redis, from a virtualenv of its
+own (``--peer-venv``, with ``bench/peer-requirements.txt``). Both get the same load tool
+and the same machine, one after the other, never at once.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +29,6 @@ import httpx
 from bench.procinfo import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
-PEER_DIR = ROOT.parent / "shared" / "bench" / "seed_peer"
 TANDEM_PORT, PEER_PORT = 8100, 8101
 
 # name, target, scenario arguments (full run, quick run)
@@ -54,17 +56,37 @@ SCENARIOS: list[tuple[str, str, list[str], list[str]]] = [
     ("posts", "tandem",
      ["posts", "--sessions", "400", "--publishers", "16", "--duration", "15", "--drain", "60"],
      ["posts", "--sessions", "40", "--publishers", "8", "--duration", "3"]),
+    # Issue 12: opening at once, coming back at once, and the cost of a delivery.
+    ("storm-1000", "both", ["storm", "--clients", "1000", "--timeout", "120"], ["storm", "--clients", "20"]),
+    ("storm-5000", "both", ["storm", "--clients", "5000", "--timeout", "120"], ["storm", "--clients", "50"]),
+    ("storm-5000-ws", "tandem", ["storm", "--clients", "5000", "--transport", "ws", "--timeout", "120"],
+     ["storm", "--clients", "50", "--transport", "ws"]),
+    ("reconnect-kill-5000", "both",
+     ["reconnect-storm", "--clients", "5000", "--drop", "kill", "--rate", "2", "--settle", "2",
+      "--connect-concurrency", "200", "--timeout", "120", "--drain", "30"],
+     ["reconnect-storm", "--clients", "20", "--drop", "kill", "--rate", "5", "--settle", "0.5"]),
+    ("reconnect-5000", "both",
+     ["reconnect-storm", "--clients", "5000", "--drop", "clients", "--backoff", "0", "--rate", "2",
+      "--settle", "2", "--connect-concurrency", "200", "--timeout", "120", "--drain", "30"],
+     ["reconnect-storm", "--clients", "20", "--drop", "clients", "--backoff", "0", "--rate", "5", "--settle", "0.5"]),
+    ("fanout-5000-saturated", "both",
+     ["fanout", "--clients", "5000", "--rate", "10", "--duration", "6", "--settle", "3",
+      "--connect-concurrency", "200", "--timeout", "120", "--drain", "30"],
+     ["fanout", "--clients", "50", "--rate", "10", "--duration", "2"]),
     ("churn-10x2000", "tandem",
      ["churn", "--rounds", "10", "--clients", "2000", "--sessions", "100", "--transport", "mixed",
       "--connect-concurrency", "100", "--settle", "2", "--timeout", "120"],
      ["churn", "--rounds", "3", "--clients", "200", "--sessions", "10", "--transport", "mixed"]),
 ]
 
+WORKER_SCENARIOS = {"echo", "first-delta", "posts"}
+
 SERVER_ENV = {
     "DEBUG": "0", "ALLOWED_HOSTS": "127.0.0.1,localhost", "TANDEM_HTTPS": "false",
     "SECRET_KEY": "bench-only-secret-key-0123456789-bench-only-secret-key-0123456789",
     # One user opens every benchmark stream and posts every event.
     "TANDEM_MAX_CONNECTIONS_PER_USER": "1000000", "TANDEM_RATE_WRITE": "none",
+    "TANDEM_ALLOW_SIGNUP": "true",  # the tool registers its user
 }
 
 
@@ -93,9 +115,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     time.sleep(2)  # let TIME_WAIT sockets and the port settle before the next server
 
 
-def start_tandem(args: argparse.Namespace, logs: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **SERVER_ENV, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url}
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+def tandem_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The server's command line and the environment it adds."""
+    env = {**SERVER_ENV, "DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url}
     if args.server == "uvicorn":
         cmd = [sys.executable, "-m", "uvicorn", "project.asgi:application", "--host", "127.0.0.1",
                "--port", str(TANDEM_PORT), "--loop", "uvloop", "--http", "httptools",
@@ -103,6 +125,26 @@ def start_tandem(args: argparse.Namespace, logs: Path) -> subprocess.Popen[bytes
     else:
         cmd = [sys.executable, "-m", "daphne", "--verbosity", "0", "-b", "127.0.0.1", "-p",
                str(TANDEM_PORT), "project.asgi:application"]
+    return cmd, env
+
+
+def peer_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The seed-design peer (bench/peer.py), one uvicorn worker, from its own virtualenv."""
+    cmd = [str(Path(args.peer_venv) / "bin" / "uvicorn"), "bench.peer:app", "--loop", "uvloop", "--http",
+           "httptools", "--workers", "1", "--host", "127.0.0.1", "--port", str(PEER_PORT),
+           "--log-level", "warning"]
+    return cmd, {"REDIS_URL": args.redis_url}
+
+
+def restart_command(cmd: list[str], env: dict[str, str]) -> str:
+    """One string for ``--restart-cmd``: the same server, the same environment."""
+    return shlex.join(["env", *(f"{k}={v}" for k, v in env.items()), *cmd])
+
+
+def start_tandem(args: argparse.Namespace, logs: Path) -> subprocess.Popen[bytes]:
+    cmd, extra = tandem_command(args)
+    env = {**os.environ, **extra}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=(logs / "tandem.log").open("ab"),
                             stderr=subprocess.STDOUT)
     wait_healthy(f"http://127.0.0.1:{TANDEM_PORT}/healthz", proc)
@@ -124,12 +166,9 @@ def start_worker(args: argparse.Namespace, logs: Path) -> subprocess.Popen[bytes
 
 
 def start_peer(args: argparse.Namespace, logs: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": args.redis_url}
-    proc = subprocess.Popen(
-        [str(Path(args.peer_venv) / "bin" / "uvicorn"), "app:app", "--loop", "uvloop", "--http",
-         "httptools", "--workers", "1", "--port", str(PEER_PORT), "--log-level", "warning"],
-        cwd=PEER_DIR, env=env, stdout=(logs / "peer.log").open("ab"), stderr=subprocess.STDOUT,
-    )
+    cmd, extra = peer_command(args)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **extra}, stdout=(logs / "peer.log").open("ab"),
+                            stderr=subprocess.STDOUT)
     wait_healthy(f"http://127.0.0.1:{PEER_PORT}/stats", proc)
     return proc
 
@@ -168,13 +207,25 @@ def summarize(results: dict[str, dict[str, Any]]) -> str:
         clients = r.get("clients")
         if isinstance(clients, dict) and "connected" in clients:
             figures.append(f"connected {clients['connected']}/{clients['requested']} in {clients['seconds']} s")
+        if isinstance(clients, dict) and "all_connected_s" in clients:
+            hs = clients["handshake_ms"]
+            figures.append(f"connect p50 {hs['p50']} / p99 {hs['p99']} ms, all in {clients['all_connected_s']} s")
+        if isinstance(clients, dict) and "resumed" in clients:
+            rs = clients["resume_ms"]
+            figures.append(
+                f"resumed {clients['resumed']}/{clients['requested']}, all in {clients['all_resumed_s']} s "
+                f"(p50 {rs['p50']} / p99 {rs['p99']} ms)"
+            )
+            if "lost" in r:
+                figures.append(f"lost {r['lost']}, dup {r['duplicates']}, reordered {r['reordered']}")
         for phase in r.get("phases", []):
             lat = phase["latency_ms"]
             figures.append(
                 f"@{phase['rate_per_session']:g}/s: {phase['deliveries_per_s']:,.0f} deliveries/s, "
                 f"p50 {lat['p50']} / p99 {lat['p99']} ms, lost {phase['lost']}, dup {phase['duplicates']}"
+                + (f", {phase['server_us_per_delivery']} µs server CPU/delivery" if phase.get("server_us_per_delivery") else "")
             )
-        if "latency_ms" in r:
+        if "latency_ms" in r and "lost" in r:
             lat = r["latency_ms"]
             figures.append(f"p50 {lat['p50']} / p99 {lat['p99']} ms, lost {r['lost']}, dup {r['duplicates']}")
         if "post_to_first_delta_ms" in r:
@@ -199,10 +250,14 @@ def main() -> None:
     p.add_argument("--server", choices=("uvicorn", "daphne"), default="uvicorn")
     p.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/tandem_bench")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/3")
-    p.add_argument("--peer-venv", default="/tmp/seed-peer", help="a virtualenv with the peer's requirements")
+    p.add_argument("--peer-venv", default="/tmp/seed-peer",
+                   help="a virtualenv with bench/peer-requirements.txt (the peer's FastAPI stack)")
     p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument("--port", type=int, default=8100, help="Tandem's port; the peer's is the next one")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the suite, measures nothing")
     args = p.parse_args()
+    global TANDEM_PORT, PEER_PORT
+    TANDEM_PORT, PEER_PORT = args.port, args.port + 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.database_url.startswith("postgres"):
@@ -212,19 +267,30 @@ def main() -> None:
     chosen = [s for s in SCENARIOS if not only or s[0] in only]
     peer_ok = (Path(args.peer_venv) / "bin" / "uvicorn").exists()
     if not peer_ok:
-        print(f"no peer virtualenv at {args.peer_venv}: Tandem only (see ../shared/bench/seed_peer/README.md)")
+        print(f"no peer virtualenv at {args.peer_venv}: Tandem only (see bench/peer-requirements.txt)")
     results: dict[str, dict[str, Any]] = {}
     for who in ("tandem", "peer"):
         todo = [s for s in chosen if s[1] in (who, "both")]
         if not todo or (who == "peer" and not peer_ok):
             continue
-        procs = [start_tandem(args, out), start_worker(args, out)] if who == "tandem" else [start_peer(args, out)]
+        start = start_tandem if who == "tandem" else start_peer
+        procs = [start(args, out)]
+        # Replies run in the agents worker: only the scenarios that post messages need it.
+        if who == "tandem" and any(s[2][0] in WORKER_SCENARIOS for s in todo):
+            procs.append(start_worker(args, out))
         try:
             for name, _, full, quick in todo:
-                worker = procs[1].pid if who == "tandem" else None
-                report = run_one(name, who, quick if args.quick else full, out, worker)
+                worker = procs[1].pid if len(procs) > 1 else None
+                scenario_args = quick if args.quick else full
+                if "kill" in scenario_args:
+                    cmd, extra = tandem_command(args) if who == "tandem" else peer_command(args)
+                    scenario_args = [*scenario_args, "--restart-cmd", restart_command(cmd, extra)]
+                report = run_one(name, who, scenario_args, out, worker)
                 if report is not None:
                     results[f"{name}.{who}"] = report
+                if procs[0].poll() is not None:  # killed by the scenario: a fresh one for the next
+                    time.sleep(2)
+                    procs[0] = start(args, out)
         finally:
             for proc in procs:
                 stop(proc)

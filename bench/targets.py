@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from dataclasses import replace
 from urllib.parse import urlparse
 
 import httpx
@@ -47,7 +48,12 @@ class Target:
     def endpoint(self, session: str, transport: str, types: str | None) -> Endpoint:
         raise NotImplementedError
 
-    async def publish(self, session: str, bn: int) -> None:
+    def resume(self, endpoint: Endpoint, last_seq: int) -> Endpoint:
+        """The same stream, resumed after ``last_seq`` (where the target can resume)."""
+        return endpoint
+
+    async def publish(self, session: str, bn: int) -> int | None:
+        """Publish event ``bn``; returns its seq where the target has one."""
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -92,13 +98,18 @@ class TandemTarget(Target):
         path = f"/api/sessions/{session}/stream/?{query}" if transport == "sse" else f"/ws/sessions/{session}/?{query}"
         return Endpoint(self.host, self.port, path, transport, origin=self.url)
 
-    async def publish(self, session: str, bn: int) -> None:
+    def resume(self, endpoint: Endpoint, last_seq: int) -> Endpoint:
+        # The query parameter rather than the header: the same for SSE and WebSocket.
+        return replace(endpoint, path=f"{endpoint.path}&last_event_id={last_seq}")
+
+    async def publish(self, session: str, bn: int) -> int | None:
         r = await self.http.post(
             f"/api/sessions/{session}/events/",
             json={"type": EVENT_TYPE, "properties": {"bn": bn}}, headers=self.headers,
         )
         if r.status_code != 201:
             raise BenchError(f"publish: HTTP {r.status_code} {r.text[:200]}")
+        return int(r.json()["seq"])
 
     async def post_message(self, session: str, text: str) -> int:
         r = await self.http.post(
@@ -129,7 +140,7 @@ class TandemTarget(Target):
 
 
 class PeerTarget(Target):
-    """The seed reference peer (``../shared/bench/seed_peer``): ``/stream/{channel}``,
+    """The seed-design peer (``bench/peer.py``): ``/stream/{channel}``,
     ``POST /publish/{channel}``."""
 
     name = "peer"
@@ -143,10 +154,11 @@ class PeerTarget(Target):
             raise BenchError("the peer serves SSE only")
         return Endpoint(self.host, self.port, f"/stream/{session}", "sse", expects_connected=False)
 
-    async def publish(self, session: str, bn: int) -> None:
+    async def publish(self, session: str, bn: int) -> int | None:
         r = await self.http.post(f"/publish/{session}", json={"event": EVENT_TYPE, "data": {"bn": bn}})
         if r.status_code != 200:
             raise BenchError(f"publish: HTTP {r.status_code} {r.text[:200]}")
+        return None
 
 
 def make_target(kind: str, url: str, publishers: int, agent: str = "echo") -> Target:

@@ -164,9 +164,20 @@ class SSEConsumer(AsyncHttpConsumer):
             return
         conn = Connection(request, self._write)
         try:
+            # The position first (PROTOCOL §5): every event committed once the client has
+            # the headers must reach it, so the headers wait until it is fixed.
+            await conn.fix_position()
+        except BaseException as exc:
+            await conn.close()  # gives back its slot in the per-user limit
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("Opening a stream failed")
+            await self._error(InternalError())
+            return
+        try:
             await self.send_headers(status=200, headers=SSE_HEADERS + _cors_headers(scope))
         except BaseException:
-            await conn.close()  # gives back its slot in the per-user limit
+            await conn.close()
             raise
         stream = asyncio.ensure_future(self._stream(conn))
         conn.on_overflow = stream.cancel
@@ -187,7 +198,7 @@ class SSEConsumer(AsyncHttpConsumer):
                 await asyncio.wait_for(self.send_body(b"", more_body=False), 1.0)
 
     async def _stream(self, conn: Connection) -> None:
-        await conn.open()
+        await conn.start()
         await conn.run()
 
     async def _write(self, chunks: list[Any]) -> None:
@@ -250,6 +261,15 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             await self.close(code=4000 + err.status if err.status < 1000 else 4500, reason=err.code)
             return
         self.conn = Connection(request, self._write)  # from here, disconnect() releases its slot
+        try:
+            # Before the accept (PROTOCOL §5): every event committed once the client sees
+            # `open` must reach it.
+            await self.conn.fix_position()
+        except Exception:
+            log.exception("Opening a stream failed")
+            await self.accept()
+            await self.close(code=WS_CLOSE_CODES["internal_error"], reason="internal_error")
+            return
         await self.accept()
         self.task = asyncio.ensure_future(self._stream(self.conn))
         self.conn.on_overflow = self._too_slow
@@ -269,7 +289,7 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
 
     async def _stream(self, conn: Connection) -> None:
         try:
-            await conn.open()
+            await conn.start()
             reason = await conn.run()
         except asyncio.CancelledError:
             raise

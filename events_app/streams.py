@@ -188,6 +188,8 @@ class Connection:
         self._expires_at: float | None = None  # loop time
         self._on_server_stop: Callable[[], object] | None = None
         self.cursors = cursors.CursorTracker(self.user_id) if request.session_id is None else None
+        # Between fix_position and start: the heads read and each session's plan.
+        self._opening: tuple[dict[str, int], dict[str, tuple[int, str | None]]] | None = None
 
     # ------------------------------------------------------------ hub callbacks
 
@@ -238,7 +240,15 @@ class Connection:
             callback()
 
     async def open(self) -> None:
-        """Join the hub, then send server.connected, any reset and the replay."""
+        """Fix the position, then send the opening frames."""
+        await self.fix_position()
+        await self.start()
+
+    async def fix_position(self) -> None:
+        """Join the hub and read the heads: from here on every committed event reaches
+        this connection (queued until ``start``). The consumers call it before the SSE
+        response headers or the WebSocket accept go out (PROTOCOL §5): a client that
+        acts on ``open`` must not miss what commits after it."""
         req = self.request
         if not self._counted_open:
             self._counted_open = True
@@ -255,7 +265,14 @@ class Connection:
             # Deactivated or deleted between authentication and joining the hub: the
             # control message that ends their streams may have passed before we listened.
             self.control(groups.UserDisabled(self.user_id))
+        self._opening = (heads, plans)
 
+    async def start(self) -> None:
+        """Send server.connected, any reset and the replay (after ``fix_position``)."""
+        req = self.request
+        assert self._opening is not None, "fix_position first"
+        heads, plans = self._opening
+        self._opening = None
         connected: dict[str, Any] = {"connection_id": self.id, "resumed": req.resume is not None}
         resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
         if req.resume is not None:
@@ -268,8 +285,8 @@ class Connection:
             connected["last_seq"] = heads.get(req.session_id, 0)
         else:
             connected["last_seq"] = None
-        for sid, (position, reason) in plans.items():
-            self.positions[sid] = heads.get(sid, 0) if reason is not None else position
+        for sid, (position, why) in plans.items():
+            self.positions[sid] = heads.get(sid, 0) if why is not None else position
         if self.cursors is not None:
             self.cursors.start(self.positions, req.cursor.snapshot if req.cursor else None)
             connected["cursor"] = self.cursors.cursor(self.positions)
@@ -282,8 +299,8 @@ class Connection:
         await self.send(first)
         if req.session_id is not None:
             await self._announce("presence.joined")
-        for sid, (position, reason) in plans.items():
-            if reason is None and position < heads.get(sid, 0):
+        for sid, (position, why) in plans.items():
+            if why is None and position < heads.get(sid, 0):
                 await self._replay(sid, position, heads[sid])
 
     def _heads_and_plans(

@@ -4,6 +4,9 @@ tests check that it connects, counts and reports correctly, never how fast anyth
 from __future__ import annotations
 
 import json
+import shlex
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +46,7 @@ def test_fanout_over_sse_and_websocket_loses_nothing(servers: Any, tmp_path: Pat
         assert (phase["delivered"], phase["lost"], phase["duplicates"], phase["reordered"]) == (30, 0, 0, 0)
         assert phase["latency_ms"]["p50"] is not None
         assert phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"] <= phase["latency_ms"]["max"]
+        assert phase["server_us_per_delivery"] > 0 and phase["client_cpu_seconds"] > 0
     assert report["server"]["pids"] == [server.proc.pid]
     assert report["server"]["rss_kb"]["connected"] > 0
 
@@ -75,6 +79,54 @@ def test_first_delta_and_churn_report_what_they_measure(servers: Any, tmp_path: 
     assert gauges['tandem_open_streams{transport="ws"}']["after"] == 0
     assert gauges["tandem_hub_groups"]["after"] == 0
     assert gauges["tandem_hub_listeners"]["after"] == 0
+
+
+def test_storm_opens_every_client_at_once_and_reports_it(servers: Any, tmp_path: Path) -> None:
+    (server,) = servers(1, TANDEM_MAX_CONNECTIONS_PER_USER="1000")
+    report = run_bench(server.url, tmp_path, "storm", "--clients", "20", "--transport", "mixed")
+    clients = report["clients"]
+    assert clients == {**clients, "requested": 20, "connected": 20, "failed": 0, "errors": {}}
+    assert clients["all_connected_s"] is not None
+    # The response head comes before server.connected, and both were timed for every client.
+    assert 0 < clients["headers_ms"]["p50"] <= clients["handshake_ms"]["max"]
+    assert report["client_cpu_seconds"] >= 0 and report["server"]["pids"] == [server.proc.pid]
+
+
+def test_reconnect_storm_resumes_every_client_exactly(servers: Any, tmp_path: Path) -> None:
+    (server,) = servers(1, TANDEM_MAX_CONNECTIONS_PER_USER="1000")
+    report = run_bench(
+        server.url, tmp_path, "reconnect-storm", "--clients", "20", "--transport", "mixed",
+        "--drop", "clients", "--backoff", "0", "--rate", "10", "--settle", "0.5",
+    )
+    assert report["clients"] == {**report["clients"], "requested": 20, "resumed": 20, "failed": 0}
+    assert report["published"]["failed"] == 0 and report["published"]["accepted"] > 0
+    assert (report["lost"], report["duplicates"], report["reordered"]) == (0, 0, 0)
+    # Publishing started once all were connected and went on through the drop: each
+    # client read every event exactly once, across its two connections.
+    assert report["delivered"] == 20 * report["published"]["accepted"]
+
+
+def test_reconnect_storm_after_a_kill_restarts_the_server_and_resumes(servers: Any, tmp_path: Path) -> None:
+    (server,) = servers(1, TANDEM_MAX_CONNECTIONS_PER_USER="1000")
+    # The same server again, exactly as the fixture started it: its command line and environment.
+    proc = Path(f"/proc/{server.proc.pid}")
+    argv = proc.joinpath("cmdline").read_bytes().decode().split("\0")[:-1]
+    environ = [e for e in proc.joinpath("environ").read_bytes().decode().split("\0") if e]
+    restart = shlex.join(["env", "-i", *environ, *argv])
+    report = run_bench(
+        server.url, tmp_path, "reconnect-storm", "--clients", "20", "--transport", "mixed",
+        "--drop", "kill", "--restart-cmd", restart, "--rate", "10", "--settle", "0.5", "--timeout", "30",
+    )
+    assert report["killed_pids"] == [server.proc.pid]
+    assert server.proc.wait(5) == -signal.SIGKILL
+    assert report["clients"] == {**report["clients"], "requested": 20, "resumed": 20, "failed": 0}
+    assert (report["lost"], report["duplicates"], report["reordered"]) == (0, 0, 0)
+    # A request cut by the kill may still have committed its event: at least every
+    # accepted one, each once.
+    assert report["delivered"] >= 20 * report["published"]["accepted"] > 0
+    # The tool stops the server it started: nothing listens on the port any more.
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", server.port)) != 0
 
 
 def test_bench_refuses_what_is_not_loopback(tmp_path: Path) -> None:
