@@ -38,6 +38,7 @@ from sessions_app.serializers import (
     PermissionReplySerializer,
     SessionCreateSerializer,
     SessionUpdateSerializer,
+    member_data,
     message_data,
     permission_data,
     session_data,
@@ -224,7 +225,7 @@ class MemberListView(APIView):
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)
         rows = Membership.objects.filter(session=session).select_related("user").order_by("created_at")
-        return Response([{"user": user_data(m.user), "role": m.role} for m in rows])
+        return Response([member_data(m) for m in rows])
 
     @doc(
         summary="Add a member",
@@ -245,10 +246,7 @@ class MemberListView(APIView):
         session, _ = session_for(request.user, session_id, Role.OWNER)
         data = validated(MemberAddSerializer, request.data)
         membership = services.add_member(session, username=data["username"], role=data["role"])
-        return Response(
-            {"user": user_data(membership.user), "role": membership.role},
-            status=status.HTTP_201_CREATED,
-        )
+        return Response(member_data(membership), status=status.HTTP_201_CREATED)
 
 
 class MemberDetailView(APIView):
