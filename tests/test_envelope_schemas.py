@@ -20,7 +20,7 @@ USER = {"id": 1, "username": "ada"}
 TIME = "2025-01-01T00:00:00Z"
 
 
-def envelope(type_name: str, properties: dict[str, Any], seq: int | None = 4, **extra: Any) -> str:
+def envelope(type_name: str, properties: Any, seq: int | None = 4, **extra: Any) -> str:
     return orjson.dumps(
         {"seq": seq, "session_id": "ses_1", "type": type_name, "time": TIME, "properties": properties, **extra}
     ).decode()
@@ -42,10 +42,12 @@ def test_conforming_envelopes_pass() -> None:
         ("session.status", {"status": {"type": "sleeping"}}, 4, "properties/status"),
         ("message.completed", {"message_id": "msg_1", "status": "done"}, 4, "properties/status"),
         ("tool.status", {"message_id": "m", "call_id": "c", "tool": "t", "status": "ok"}, 4, "properties/status"),
-        ("task.progress", {"pct": 40}, 4, "properties"),  # custom events carry published_by
+        ("task.progress", [40], 4, "properties"),  # custom events: the envelope only
+        ("Task.progress", {"pct": 40}, 4, "type"),
+        ("task.progress", {"pct": 40}, None, "seq"),
     ],
 )
-def test_a_wrong_value_is_found(type_name: str, properties: dict[str, Any], seq: int | None, where: str) -> None:
+def test_a_wrong_value_is_found(type_name: str, properties: Any, seq: int | None, where: str) -> None:
     found = envelopes.problem(envelope(type_name, properties, seq=seq))
     assert found is not None and where in found, found
 
