@@ -164,6 +164,13 @@ RESERVED_PREFIXES = (
 # in "\n" would break the "event:" line of every named SSE stream.
 CUSTOM_TYPE_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 CUSTOM_TYPE_MAX = 64
+_RESERVED = "|".join(re.escape(p.rstrip(".")) for p in RESERVED_PREFIXES)
+CUSTOM_TYPE: Schema = {
+    "type": "string",
+    "maxLength": CUSTOM_TYPE_MAX,
+    "pattern": rf"^(?!({_RESERVED})\.)[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$",
+    "not": {"enum": sorted(EVENT_TYPES)},
+}
 # Control events pass every ?types= filter: a client must always learn about its stream.
 ALWAYS_DELIVERED_PREFIXES = ("server.", "stream.")
 

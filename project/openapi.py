@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.extensions import (
@@ -39,11 +39,11 @@ from rest_framework.schemas.openapi import AutoSchema as DRFAutoSchema
 from events_app.types import (
     BOOLEAN,
     CURSOR,
+    CUSTOM_TYPE,
     CUSTOM_TYPE_MAX,
     EVENT_TYPES,
     ID,
     OBJECT,
-    RESERVED_PREFIXES,
     SEQ,
     STRING,
     TIME,
@@ -58,6 +58,8 @@ from sessions_app.agents import registry
 from sessions_app.serializers import OUTPUT_SERIALIZERS
 
 # ---------------------------------------------------------------- helpers
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 NO_NUL = r"^[^\x00]*$"  # DRF's CharField refuses NUL characters
 ERROR = ref("Error")
@@ -171,7 +173,7 @@ class TandemAutoSchema(AutoSchema):
         return operation
 
 
-def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Any:
+def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Callable[[F], F]:
     """``extend_schema`` for a view method, built on TandemAutoSchema, with ``errors``
     (status codes, or status -> description) added to ``responses`` in the error shape."""
     responses = dict(kwargs.pop("responses", {}) or {})
@@ -181,10 +183,10 @@ def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Any
     if responses:
         kwargs["responses"] = responses
 
-    def decorator(func: Any) -> Any:
+    def decorator(func: F) -> F:
         # extend_schema builds its schema class on ``func.schema`` when there is one,
         # else on REST_FRAMEWORK's DEFAULT_SCHEMA_CLASS (DRF's, not drf-spectacular's).
-        func.schema = TandemAutoSchema
+        func.schema = TandemAutoSchema  # type: ignore[attr-defined]
         return extend_schema(**kwargs)(func)
 
     return decorator
@@ -201,7 +203,7 @@ class TandemSchemaGenerator(SchemaGenerator):
             or isinstance(cls.schema, AutoSchema)
             or OpenApiViewExtension.get_match(callback) is not None  # replaced there
         ):
-            return super().create_view(callback, method, request)
+            return super().create_view(callback, method, request)  # type: ignore[no-untyped-call]
         # Like drf-spectacular's own view replacement: a throwaway subclass for the
         # duration of the inspection, so the URLconf's class is never changed.
         callback.cls = type(
@@ -210,7 +212,7 @@ class TandemSchemaGenerator(SchemaGenerator):
             {"schema": TandemAutoSchema(), "__module__": cls.__module__, "__doc__": cls.__doc__},
         )
         try:
-            view = super().create_view(callback, method, request)
+            view = super().create_view(callback, method, request)  # type: ignore[no-untyped-call]
         finally:
             callback.cls = cls
         if not isinstance(view.schema, AutoSchema) or isinstance(view.schema, DRFAutoSchema):
@@ -296,12 +298,15 @@ class StrictSerializerExtension(OpenApiSerializerExtension):
             # drf-spectacular leaves out the bounds of nested lists (``many=True``).
             if not isinstance(field, serializers.ListSerializer) or prop.get("type") != "array":
                 continue
+            # (set by ListSerializer.__init__, which the stubs do not declare)
+            min_length: int | None = getattr(field, "min_length", None)
+            max_length: int | None = getattr(field, "max_length", None)
             if not field.allow_empty:
-                prop.setdefault("minItems", max(1, field.min_length or 1))
-            elif field.min_length is not None:
-                prop.setdefault("minItems", field.min_length)
-            if field.max_length is not None:
-                prop.setdefault("maxItems", field.max_length)
+                prop.setdefault("minItems", max(1, min_length or 1))
+            elif min_length is not None:
+                prop.setdefault("minItems", min_length)
+            if max_length is not None:
+                prop.setdefault("maxItems", max_length)
         return schema
 
 
@@ -524,22 +529,6 @@ def components() -> dict[str, dict[str, Any]]:
         "TokenPair": _object({"access": STRING, "refresh": STRING}),
         "AccessToken": _object({"access": STRING}),
         "Ticket": _object({"ticket": STRING, "expires_in": {"type": "integer", "minimum": 1}}),
-        "EventPublishRequest": _object(
-            {
-                "type": {
-                    **CUSTOM_TYPE,
-                    "description": "Lowercase words joined by dots; the prefixes "
-                    + ", ".join(f"`{p}`" for p in RESERVED_PREFIXES)
-                    + " are reserved.",
-                },
-                "properties": {
-                    **OBJECT,
-                    "description": "Anything but `published_by`, which the server sets.",
-                },
-            },
-            ["type"],
-            additionalProperties=False,
-        ),
         "EventPage": _object(
             {
                 "events": {"type": "array", "items": ref("Event")},
@@ -557,16 +546,6 @@ def components() -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- events
-
-_RESERVED = "|".join(re.escape(p.rstrip(".")) for p in RESERVED_PREFIXES)
-CUSTOM_TYPE_PATTERN = rf"^(?!({_RESERVED})\.)[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$"
-CUSTOM_TYPE = {
-    "type": "string",
-    "maxLength": CUSTOM_TYPE_MAX,
-    "pattern": CUSTOM_TYPE_PATTERN,
-    "not": {"enum": sorted(EVENT_TYPES)},
-}
-
 
 def event_component_name(type_name: str) -> str:
     return "".join(word.capitalize() for word in re.split(r"[._]", type_name)) + "Event"
@@ -754,7 +733,7 @@ def _stream_operation(*, session: bool) -> dict[str, Any]:
     }
 
 
-STREAM_PATHS = {
+STREAM_PATHS: dict[str, Callable[[], dict[str, Any]]] = {
     "/api/sessions/{session_id}/stream/": lambda: {"get": _stream_operation(session=True)},
     "/api/stream/": lambda: {"get": _stream_operation(session=False)},
 }
@@ -900,7 +879,7 @@ class SchemaView(SpectacularAPIView):
         auth=[],
     )
     def get(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return super().get(request, *args, **kwargs)
+        return super().get(request, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class SwaggerView(SpectacularSwaggerView):

@@ -10,7 +10,17 @@ from django.contrib.auth.validators import UnicodeUsernameValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from events_app.types import ANY, ID, TIME, TOOL_STATUS, iso, one_of, ref
+from events_app.types import (
+    ANY,
+    CUSTOM_TYPE,
+    ID,
+    RESERVED_PREFIXES,
+    TIME,
+    TOOL_STATUS,
+    iso,
+    one_of,
+    ref,
+)
 from sessions_app.models import Membership, Message, Part, PermissionRequest, Role, Session
 
 
@@ -41,7 +51,7 @@ class StrictCharField(serializers.CharField):
             data.encode("utf-8")
         except UnicodeEncodeError:
             self.fail("surrogate")
-        return super().to_internal_value(data)  # type: ignore[no-any-return]
+        return super().to_internal_value(data)
 
 
 class CredentialsSerializer(StrictSerializer):
@@ -85,12 +95,27 @@ class TextPartSerializer(StrictSerializer):
 
 
 class MessagePostSerializer(StrictSerializer):
-    parts = TextPartSerializer(many=True, allow_empty=False, max_length=64)
+    parts = TextPartSerializer(many=True, allow_empty=False, max_length=64)  # type: ignore[call-arg]  # (ListSerializer takes it; the stubs omit it)
+
+
+@extend_schema_field(
+    {
+        **CUSTOM_TYPE,
+        "description": "Lowercase words joined by dots; the prefixes "
+        + ", ".join(f"`{p}`" for p in RESERVED_PREFIXES)
+        + " are reserved.",
+    }
+)
+class CustomTypeField(StrictCharField):
+    """A custom event type (the publishing service says what is wrong with one)."""
 
 
 class EventPublishSerializer(StrictSerializer):
-    type = StrictCharField(max_length=200, trim_whitespace=False)  # names are exact
-    properties = serializers.DictField(required=False, default=dict)
+    # Up to 200 here, so that a longer type gets the service's message rather than DRF's.
+    type = CustomTypeField(max_length=200, trim_whitespace=False)  # names are exact
+    properties = serializers.DictField(
+        required=False, default=dict, help_text="Anything but `published_by`, which the server sets."
+    )
 
 
 # ---------------------------------------------------------------- output shapes
@@ -284,11 +309,12 @@ _SESSION = SessionSerializer()
 _MEMBER = MemberSerializer()
 _PART = PartSerializer()
 _MESSAGE = MessageSerializer()
+del _MESSAGE.fields["parts"]  # message_data adds them: its caller may have them at hand
 _PERMISSION = PermissionSerializer()
 
 
 def user_data(user: AbstractBaseUser | None) -> dict[str, Any] | None:
-    return None if user is None else _USER.to_representation(user)  # type: ignore[no-any-return]
+    return None if user is None else _USER.to_representation(user)
 
 
 def session_data(session: Session, role: str | None = None) -> dict[str, Any]:
@@ -299,7 +325,7 @@ def session_data(session: Session, role: str | None = None) -> dict[str, Any]:
 
 
 def member_data(membership: Membership) -> dict[str, Any]:
-    return _MEMBER.to_representation(membership)  # type: ignore[no-any-return]
+    return _MEMBER.to_representation(membership)
 
 
 def part_data(part: Part) -> dict[str, Any]:
@@ -307,12 +333,9 @@ def part_data(part: Part) -> dict[str, Any]:
 
 
 def message_data(message: Message, parts: list[Part] | None = None) -> dict[str, Any]:
-    if parts is not None:
-        # Django's own prefetch cache: ``message.parts.all()`` then reads these.
-        message._prefetched_objects_cache = {
-            **getattr(message, "_prefetched_objects_cache", {}), "parts": parts,
-        }
-    return _MESSAGE.to_representation(message)
+    data: dict[str, Any] = _MESSAGE.to_representation(message)
+    data["parts"] = [part_data(p) for p in (message.parts.all() if parts is None else parts)]
+    return data
 
 
 def resolver_data(permission: PermissionRequest) -> dict[str, Any] | str | None:
@@ -322,7 +345,7 @@ def resolver_data(permission: PermissionRequest) -> dict[str, Any] | str | None:
 
 
 def permission_data(permission: PermissionRequest) -> dict[str, Any]:
-    return _PERMISSION.to_representation(permission)  # type: ignore[no-any-return]
+    return _PERMISSION.to_representation(permission)
 
 
 class PermissionReplySerializer(StrictSerializer):

@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from events_app import presence
+from events_app.types import ref
 from project.auth import issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
@@ -25,7 +26,6 @@ from project.openapi import (
     USERNAME,
     doc,
     json_body,
-    ref,
 )
 from sessions_app import permissions, runs, services
 from sessions_app.access import session_for
