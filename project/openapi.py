@@ -37,20 +37,16 @@ from rest_framework import serializers
 from rest_framework.schemas.openapi import AutoSchema as DRFAutoSchema
 
 from events_app.types import (
-    BOOLEAN,
     CURSOR,
     CUSTOM_TYPE,
     CUSTOM_TYPE_MAX,
     EVENT_TYPES,
     ID,
-    OBJECT,
     SEQ,
     STRING,
     TIME,
-    TRANSPORT,
     EventType,
     nullable,
-    one_of,
     ref,
     referenced_components,
 )
@@ -482,34 +478,6 @@ def components() -> dict[str, dict[str, Any]]:
             },
             description="Every non-2xx JSON response.",
         ),
-        "Presence": _object(
-            {
-                "user": ref("User"),
-                "connections": {"type": "integer", "minimum": 1},
-                "transports": {"type": "array", "items": TRANSPORT},
-                "state": OBJECT,
-            }
-        ),
-        "Health": _object(
-            {
-                "status": ref("SessionStatus"),
-                "last_seq": SEQ,
-                "connections": nullable({
-                    **SEQ, "description": "`null` while Redis is unreachable: unknown.",
-                }),
-                "run": nullable(_object({
-                    "message_id": ID,
-                    "state": one_of(
-                        "queued", "running",
-                        description="`queued` until a runner (an agents worker, or the "
-                        "server in inline mode) takes the reply.",
-                    ),
-                    "queued_at": TIME,
-                    "started_at": nullable({**TIME, "description": "`null` while queued."}),
-                })),
-            }
-        ),
-        "AbortResult": _object({"aborted": BOOLEAN}),
         "TokenObtainRequest": _object(
             {
                 "username": {"type": "string", "minLength": 1, "pattern": NO_NUL},
@@ -528,7 +496,6 @@ def components() -> dict[str, dict[str, Any]]:
         },
         "TokenPair": _object({"access": STRING, "refresh": STRING}),
         "AccessToken": _object({"access": STRING}),
-        "Ticket": _object({"ticket": STRING, "expires_in": {"type": "integer", "minimum": 1}}),
         "EventPage": _object(
             {
                 "events": {"type": "array", "items": ref("Event")},

@@ -17,6 +17,7 @@ from events_app.types import (
     RESERVED_PREFIXES,
     TIME,
     TOOL_STATUS,
+    TRANSPORT,
     iso,
     one_of,
     ref,
@@ -298,10 +299,54 @@ class MessagePostedSerializer(serializers.Serializer):  # type: ignore[type-arg]
     reply_id = _id()
 
 
+@extend_schema_field(UserSerializer)
+class UserDataField(serializers.JSONField):
+    """A user already in its JSON shape (``user_data``), as presence stores it."""
+
+
+class PresenceSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    user = UserDataField()
+    connections = serializers.IntegerField(min_value=1)
+    transports = serializers.ListField(child=_enum(TRANSPORT))
+    state = serializers.DictField()
+
+
+class RunSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The reply in progress."""
+
+    message_id = _id()
+    state = _enum(
+        one_of("queued", "running"),
+        help_text="`queued` until a runner (an agents worker, or the server in inline mode) "
+        "takes the reply.",
+    )
+    queued_at = TimeField()
+    started_at = TimeField(allow_null=True, help_text="`null` while queued.")
+
+
+class HealthSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    status = SessionStatusSerializer()
+    last_seq = serializers.IntegerField(min_value=0)
+    connections = serializers.IntegerField(
+        min_value=0, allow_null=True, help_text="`null` while Redis is unreachable: unknown."
+    )
+    run = RunSerializer(allow_null=True)
+
+
+class TicketSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    ticket = serializers.CharField()
+    expires_in = serializers.IntegerField(min_value=1)
+
+
+class AbortResultSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    aborted = serializers.BooleanField()
+
+
 # The components the OpenAPI document takes from here (project/openapi.py).
 OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-arg]
     UserSerializer, SessionSerializer, MemberSerializer, MessageSerializer, PartSerializer,
     PermissionSerializer, SessionPageSerializer, MessagePageSerializer, MessagePostedSerializer,
+    PresenceSerializer, HealthSerializer, TicketSerializer, AbortResultSerializer,
 ]
 
 _USER = UserSerializer()
@@ -346,6 +391,12 @@ def resolver_data(permission: PermissionRequest) -> dict[str, Any] | str | None:
 
 def permission_data(permission: PermissionRequest) -> dict[str, Any]:
     return _PERMISSION.to_representation(permission)
+
+
+def out(serializer_class: type[serializers.Serializer], data: Any, many: bool = False) -> Any:  # type: ignore[type-arg]
+    """``data`` in the shape of ``serializer_class``: for the REST responses made of plain
+    values (health, presence, a ticket), which the serializer then defines."""
+    return serializer_class(data, many=many).data
 
 
 class PermissionReplySerializer(StrictSerializer):

@@ -31,15 +31,20 @@ from sessions_app import permissions, runs, services
 from sessions_app.access import session_for
 from sessions_app.models import Membership, Message, Role, Session
 from sessions_app.serializers import (
+    AbortResultSerializer,
     CredentialsSerializer,
+    HealthSerializer,
     MemberAddSerializer,
     MessagePostSerializer,
     PermissionListQuerySerializer,
     PermissionReplySerializer,
+    PresenceSerializer,
     SessionCreateSerializer,
     SessionUpdateSerializer,
+    TicketSerializer,
     member_data,
     message_data,
+    out,
     permission_data,
     session_data,
     user_data,
@@ -124,7 +129,7 @@ class TicketView(APIView):
         if request.data:  # parsing also refuses malformed JSON and other media types
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
         return Response(
-            {"ticket": issue_ticket(request.user.pk), "expires_in": settings.TANDEM_TICKET_SECONDS}
+            out(TicketSerializer, {"ticket": issue_ticket(request.user.pk), "expires_in": settings.TANDEM_TICKET_SECONDS})
         )
 
 
@@ -286,7 +291,7 @@ class PresenceView(APIView):
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)
-        return Response(presence.summary(session.id))
+        return Response(out(PresenceSerializer, presence.summary(session.id), many=True))
 
 
 class HealthView(APIView):
@@ -300,12 +305,15 @@ class HealthView(APIView):
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(request.user, session_id)
         return Response(
-            {
-                "status": session.status,
-                "last_seq": session.last_seq,
-                "connections": presence.connection_count(session.id),
-                "run": runs.current_run(session.id),
-            }
+            out(
+                HealthSerializer,
+                {
+                    "status": session.status,
+                    "last_seq": session.last_seq,
+                    "connections": presence.connection_count(session.id),
+                    "run": runs.current_run(session.id),
+                },
+            )
         )
 
 
@@ -376,7 +384,7 @@ class AbortView(APIView):
         session, _ = session_for(request.user, session_id, Role.EDITOR)
         if request.data:
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
-        return Response({"aborted": services.abort(session, request.user)})
+        return Response(out(AbortResultSerializer, {"aborted": services.abort(session, request.user)}))
 
 
 # ---------------------------------------------------------------- permissions
