@@ -1,11 +1,14 @@
 """The OpenAPI description of the API (drf-spectacular), served at ``/api/schema/``.
 
-What DRF's introspection cannot see is added here:
+Nothing is described twice. What DRF's introspection does not reach is added here:
 
-- the resource shapes and the one error shape, as reusable components (the views build
-  plain dicts, not serializers);
-- every event type, generated from ``events_app.types.EVENT_TYPES``, and the envelope
-  as a ``oneOf`` over them;
+- the resources (``User``, ``Session``, ``Message``, ``Permission``...), resolved from the
+  output serializers of ``sessions_app/serializers.py`` that also make the responses and
+  the events' properties;
+- every event type, generated from its one declaration in ``events_app.types.EVENT_TYPES``
+  (properties and value schemas), and the envelope as a ``oneOf`` over them;
+- by hand, only what neither says: the one error shape, the empty body, the bodies of
+  simplejwt's token views, and the page of pre-encoded envelopes (``EventPage``);
 - the SSE stream endpoints, which are Channels consumers rather than DRF views;
 - the error responses every operation can give (401, 429, 400/413/415 for bodies, 500),
   on top of those each view declares with ``doc(errors=...)``.
@@ -449,9 +452,8 @@ def cached_components() -> dict[str, dict[str, Any]]:
 
 
 def components() -> dict[str, dict[str, Any]]:
-    """What no serializer or event declaration says: the error shape, the bodies of the
-    views that build plain dicts, and simplejwt's bodies (strict here, unlike its own
-    serializers)."""
+    """The components no serializer or event declaration defines (see the module's
+    docstring), and the event components generated from the declarations."""
     return {
         "Error": _object(
             {

@@ -172,6 +172,7 @@ def test_every_event_type_is_described(schema: dict[str, Any]) -> None:
         assert event["properties"]["type"]["enum"] == [name]
         props = event["properties"]["properties"]
         assert set(props["properties"]) == definition.required | definition.optional
+        assert props["properties"] == dict(definition.properties)  # the declared value schemas
         assert set(props.get("required", [])) == definition.required
         assert ("minimum" in event["properties"]["seq"]) == definition.persisted
     assert "#/components/schemas/CustomEvent" in branches
@@ -179,6 +180,13 @@ def test_every_event_type_is_described(schema: dict[str, Any]) -> None:
     assert page == {"$ref": "#/components/schemas/Event"}
     ok = schema["paths"]["/api/sessions/{session_id}/events/"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EventPage"}
+
+
+def test_every_reference_names_a_component(schema: dict[str, Any]) -> None:
+    # Views and event declarations name components ("Session", "Permission"...) that the
+    # output serializers define: a renamed serializer must not leave a dangling $ref.
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema)))
+    assert refs and refs <= set(schema["components"]["schemas"]), refs - set(schema["components"]["schemas"])
 
 
 def test_each_envelope_matches_exactly_one_branch(schema: dict[str, Any]) -> None:
