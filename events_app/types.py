@@ -6,9 +6,10 @@ persisted, which properties it has, which may be absent, and the schema of each 
 the test suite validates every envelope ``encode`` makes against them.
 
 A built-in event whose property names do not match its declaration is a bug in the code
-that sent it, so ``encode`` refuses it loudly (values are checked by the tests only: the
-check would cost every event a schema validation). Custom events (published by clients) are checked
-for their *name* here and for their size by the service that publishes them.
+that sent it, so ``encode`` refuses it loudly. Values are checked by the tests only
+(``tests/envelopes.py``): in production the check would cost every event a schema
+validation. Custom events (published by clients) are checked for their *name* here and
+for their size by the service that publishes them.
 """
 from __future__ import annotations
 

@@ -101,7 +101,15 @@ def checked_encode(**kwargs: Any) -> str:
     return envelope
 
 
+MARKER = "bad_envelopes"
+
+
 def pytest_configure(config: Any) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}: the test makes envelopes its schema refuses on purpose (data stored before "
+        "a rule existed); tests/envelopes.py does not fail it for them",
+    )
     # ``encode`` is looked up in events_app.types (Frame.make) or imported by name
     # (events_app.services): replace it wherever it already is; later imports get this one.
     for module in list(sys.modules.values()):
@@ -110,11 +118,11 @@ def pytest_configure(config: Any) -> None:
     types.encode = checked_encode
 
 
-def _check_phase(when: str) -> Generator[None, None, None]:
+def _check_phase(item: Any, when: str) -> Generator[None, None, None]:
     start = len(problems)
     result = yield
     new = problems[start:]
-    if new:
+    if new and item.get_closest_marker(MARKER) is None:
         pytest.fail(
             f"{len(new)} envelope(s) encoded during {when} do not match the OpenAPI "
             "document:\n" + "\n".join(new),
@@ -125,14 +133,14 @@ def _check_phase(when: str) -> Generator[None, None, None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: Any) -> Generator[None, None, None]:
-    return (yield from _check_phase("setup"))
+    return (yield from _check_phase(item, "setup"))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: Any) -> Generator[None, None, None]:
-    return (yield from _check_phase("the test"))
+    return (yield from _check_phase(item, "the test"))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: Any, nextitem: Any) -> Generator[None, None, None]:
-    return (yield from _check_phase("teardown"))
+    return (yield from _check_phase(item, "teardown"))

@@ -73,6 +73,7 @@ def test_encode_is_replaced_everywhere_and_records_what_is_wrong() -> None:
 
 def test_a_test_that_encodes_a_wrong_envelope_fails(tmp_path: Path) -> None:
     (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
         "from events_app.types import encode\n"
         "def encoded(role):\n"
         "    return encode(seq=4, session_id='ses_1', type_name='member.added', time='2025-01-01T00:00:00Z',\n"
@@ -81,14 +82,19 @@ def test_a_test_that_encodes_a_wrong_envelope_fails(tmp_path: Path) -> None:
         "    encoded('editor')\n"
         "def test_bad():\n"
         "    encoded('admin')\n"
+        "@pytest.mark.bad_envelopes\n"
+        "def test_bad_on_purpose():\n"
+        "    encoded('admin')\n"
     )
     run = subprocess.run(
         [sys.executable, "-m", "pytest", str(tmp_path / "test_sample.py"), "-p", "tests.envelopes",
          "-p", "no:cacheprovider", "-q", "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert "1 failed, 1 passed" in run.stdout, run.stdout + run.stderr
-    assert "FAILED" in run.stdout and "test_bad" in run.stdout and "properties/role" in run.stdout
+    assert "1 failed, 2 passed" in run.stdout, run.stdout + run.stderr
+    failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].split(" ")[1].endswith("::test_bad"), run.stdout
+    assert "properties/role" in run.stdout
 
 
 def test_the_declared_enums_are_the_models_choices() -> None:
