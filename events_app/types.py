@@ -1,55 +1,162 @@
 """Every event type, declared once, and the single wire encoding of an event.
 
-A built-in event whose properties do not match its declaration is a bug in the code that
-sent it, so ``encode`` refuses it loudly. Custom events (published by clients) are checked
-for their *name* here and for their size by the service that publishes them.
+An event type's declaration (``EVENT_TYPES``) is the one place that says whether it is
+persisted, which properties it has, which may be absent, and the schema of each value:
+``project/openapi.py`` generates the event components of the OpenAPI document from it, and
+the test suite validates every envelope ``encode`` makes against them.
+
+A built-in event whose property names do not match its declaration is a bug in the code
+that sent it, so ``encode`` refuses it loudly. Values are checked by the tests only
+(``tests/envelopes.py``): in production the check would cost every event a schema
+validation. Custom events (published by clients) are checked for their *name* here and
+for their size by the service that publishes them.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+Schema = dict[str, Any]
+"""An OpenAPI 3.0 schema object (JSON Schema plus ``nullable``)."""
+
+
+# ---------------------------------------------------------------- value schemas
+
+
+def ref(name: str) -> Schema:
+    """A named component of the OpenAPI document. The resources (``User``, ``Session``,
+    ``Message``, ``Part``, ``Permission``...) are generated from the output serializers of
+    the sessions domain, which this layer cannot import: it names them."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: Schema) -> Schema:
+    """OpenAPI 3.0 cannot put ``nullable`` next to a ``$ref``: wrap it."""
+    if "$ref" in schema:
+        return {"allOf": [schema], "nullable": True}
+    return {**schema, "nullable": True}
+
+
+def one_of(*values: str, **extra: Any) -> Schema:
+    return {"type": "string", "enum": list(values), **extra}
+
+
+ID: Schema = {"type": "string", "description": "An opaque id."}
+TIME: Schema = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC, `Z` suffix."}
+ANY: Schema = {"description": "Any JSON value."}
+OBJECT: Schema = {"type": "object", "additionalProperties": True}
+STRING: Schema = {"type": "string"}
+BOOLEAN: Schema = {"type": "boolean"}
+SEQ: Schema = {"type": "integer", "minimum": 0}
+ROLE = one_of("owner", "editor", "viewer")
+MESSAGE_STATUS = one_of("streaming", "completed", "cancelled", "error")
+TOOL_STATUS = one_of("pending", "running", "completed", "error")
+TRANSPORT = one_of("sse", "ws")
+
+
+@dataclass(frozen=True)
+class Omittable:
+    """A property an event may leave out."""
+
+    schema: Schema
+
 
 @dataclass(frozen=True)
 class EventType:
+    """One event type: whether it is persisted, and each property with the schema of its
+    value. The OpenAPI components and ``encode``'s check both come from here."""
+
     name: str
     persisted: bool
-    required: frozenset[str]
-    optional: frozenset[str] = field(default_factory=frozenset)
+    properties: Mapping[str, Schema]
+    optional: frozenset[str] = frozenset()
+    required: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "required", frozenset(self.properties) - self.optional)
 
 
-def _t(name: str, persisted: bool, required: str = "", optional: str = "") -> EventType:
-    return EventType(name, persisted, frozenset(required.split()), frozenset(optional.split()))
+def _t(name: str, persisted: bool, **properties: Schema | Omittable) -> EventType:
+    return EventType(
+        name,
+        persisted,
+        {k: v.schema if isinstance(v, Omittable) else v for k, v in properties.items()},
+        frozenset(k for k, v in properties.items() if isinstance(v, Omittable)),
+    )
 
+
+_PRESENCE: dict[str, Schema | Omittable] = {
+    "user": ref("User"), "connection_id": ID, "transport": TRANSPORT, "state": Omittable(OBJECT),
+}
+CURSOR: Schema = {"type": "string", "description": "A position in every session (user-level stream)."}
 
 EVENT_TYPES: dict[str, EventType] = {
     t.name: t
     for t in [
-        _t("server.connected", False, "connection_id last_seq resumed", "cursor"),
+        _t(
+            "server.connected", False,
+            connection_id=ID,
+            last_seq=nullable({**SEQ, "description": "The head at connect; null on the user-level stream."}),
+            resumed=BOOLEAN,
+            cursor=Omittable(CURSOR),
+        ),
         _t("server.heartbeat", False),
-        _t("stream.reset", False, "reason last_seq"),
+        _t("stream.reset", False, reason=one_of("history_expired", "unknown_position"), last_seq=SEQ),
         _t("auth.expired", False),
-        _t("session.created", True, "session"),
-        _t("session.updated", True, "session"),
-        _t("session.deleted", False, "session_id"),
-        _t("session.status", True, "status"),
-        _t("member.added", True, "user role"),
-        _t("member.removed", True, "user role"),
-        _t("message.created", True, "message"),
-        _t("message.part.updated", True, "message_id part", "delta"),
-        _t("message.completed", True, "message_id status", "error"),
-        _t("tool.status", True, "message_id call_id tool status", "input output error"),
-        _t("permission.requested", True, "permission"),
-        _t("permission.resolved", True, "permission_id approved reason resolved_by"),
-        _t("presence.joined", False, "user connection_id transport", "state"),
-        _t("presence.left", False, "user connection_id transport", "state"),
-        _t("presence.updated", False, "user connection_id transport", "state"),
+        _t("session.created", True, session=ref("Session")),
+        _t("session.updated", True, session=ref("Session")),
+        _t("session.deleted", False, session_id=ID),
+        _t("session.status", True, status=ref("SessionStatus")),
+        _t("member.added", True, user=ref("User"), role=ROLE),
+        _t("member.removed", True, user=ref("User"), role=ROLE),
+        _t("message.created", True, message=ref("Message")),
+        _t(
+            "message.part.updated", True,
+            message_id=ID,
+            part=ref("Part"),
+            delta=Omittable({"type": "string", "description": "Text to append to the part."}),
+        ),
+        _t("message.completed", True, message_id=ID, status=MESSAGE_STATUS, error=Omittable(ref("MessageError"))),
+        _t(
+            "tool.status", True,
+            message_id=ID, call_id=ID, tool=STRING, status=TOOL_STATUS,
+            input=Omittable(ANY), output=Omittable(ANY), error=Omittable(STRING),
+        ),
+        _t("permission.requested", True, permission=ref("Permission")),
+        _t(
+            "permission.resolved", True,
+            permission_id=ID, approved=BOOLEAN, reason=nullable(STRING), resolved_by=ref("Resolver"),
+        ),
+        _t("presence.joined", False, **_PRESENCE),
+        _t("presence.left", False, **_PRESENCE),
+        _t("presence.updated", False, **_PRESENCE),
     ]
 }
+
+
+def referenced_components() -> set[str]:
+    """The components the event declarations name, which the OpenAPI document must define."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                found.add(node["$ref"].rsplit("/", 1)[-1])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for event in EVENT_TYPES.values():
+        walk(dict(event.properties))
+    return found
+
 
 RESERVED_PREFIXES = (
     "server.", "stream.", "session.", "message.", "permission.", "presence.", "auth.", "member.",
@@ -58,6 +165,13 @@ RESERVED_PREFIXES = (
 # in "\n" would break the "event:" line of every named SSE stream.
 CUSTOM_TYPE_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 CUSTOM_TYPE_MAX = 64
+_RESERVED = "|".join(re.escape(p.rstrip(".")) for p in RESERVED_PREFIXES)
+CUSTOM_TYPE: Schema = {
+    "type": "string",
+    "maxLength": CUSTOM_TYPE_MAX,
+    "pattern": rf"^(?!({_RESERVED})\.)[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$",
+    "not": {"enum": sorted(EVENT_TYPES)},
+}
 # Control events pass every ?types= filter: a client must always learn about its stream.
 ALWAYS_DELIVERED_PREFIXES = ("server.", "stream.")
 

@@ -10,10 +10,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from events_app.services import history, parse_position, publish_custom
-from events_app.types import TypeFilter
+from events_app.types import TypeFilter, ref
 from project.auth import caller
 from project.errors import BadRequest
-from project.openapi import EVENTS_PARAMETERS, SESSION_ID, doc, json_body, ref
+from project.openapi import EVENTS_PARAMETERS, SESSION_ID, doc
 from sessions_app.access import session_for
 from sessions_app.models import Role
 from sessions_app.serializers import EventPublishSerializer
@@ -63,7 +63,7 @@ class EventListView(APIView):
         "streamed like any other.",
         tags=["events"],
         parameters=[SESSION_ID],
-        request=json_body(ref("EventPublishRequest")),
+        request=EventPublishSerializer,
         responses={201: OpenApiResponse(ref("CustomEvent"), description="The event's envelope.")},
         errors={
             400: "`bad_request` (malformed JSON) or `validation_error`: a malformed or "

@@ -1,11 +1,14 @@
 """The OpenAPI description of the API (drf-spectacular), served at ``/api/schema/``.
 
-What DRF's introspection cannot see is added here:
+Nothing is described twice. What DRF's introspection does not reach is added here:
 
-- the resource shapes and the one error shape, as reusable components (the views build
-  plain dicts, not serializers);
-- every event type, generated from ``events_app.types.EVENT_TYPES``, and the envelope
-  as a ``oneOf`` over them;
+- the resources (``User``, ``Session``, ``Message``, ``Permission``...), resolved from the
+  output serializers of ``sessions_app/serializers.py`` that also make the responses and
+  the events' properties;
+- every event type, generated from its one declaration in ``events_app.types.EVENT_TYPES``
+  (properties and value schemas), and the envelope as a ``oneOf`` over them;
+- by hand, only what neither says: the one error shape, the empty body, the bodies of
+  simplejwt's token views, and the page of pre-encoded envelopes (``EventPage``);
 - the SSE stream endpoints, which are Channels consumers rather than DRF views;
 - the error responses every operation can give (401, 429, 400/413/415 for bodies, 500),
   on top of those each view declares with ``doc(errors=...)``.
@@ -26,41 +29,38 @@ from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.extensions import (
     OpenApiAuthenticationExtension,
     OpenApiSerializerExtension,
+    OpenApiSerializerFieldExtension,
     OpenApiViewExtension,
 )
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.plumbing import ComponentRegistry
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.schemas.openapi import AutoSchema as DRFAutoSchema
 
 from events_app.types import (
+    CURSOR,
+    CUSTOM_TYPE,
     CUSTOM_TYPE_MAX,
     EVENT_TYPES,
-    RESERVED_PREFIXES,
+    ID,
+    SEQ,
+    STRING,
+    TIME,
     EventType,
+    nullable,
+    ref,
+    referenced_components,
 )
+from sessions_app.agents import registry
+from sessions_app.serializers import OUTPUT_SERIALIZERS
 
 # ---------------------------------------------------------------- helpers
 
-
-def ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI 3.0 cannot put ``nullable`` next to a ``$ref``: wrap it."""
-    if "$ref" in schema:
-        return {"allOf": [schema], "nullable": True}
-    return {**schema, "nullable": True}
-
+F = TypeVar("F", bound=Callable[..., Any])
 
 NO_NUL = r"^[^\x00]*$"  # DRF's CharField refuses NUL characters
-TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC, `Z` suffix."}
-ANY: dict[str, Any] = {"description": "Any JSON value."}
-OBJECT = {"type": "object", "additionalProperties": True}
-ID = {"type": "string", "description": "An opaque id."}
-
 ERROR = ref("Error")
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
@@ -172,10 +172,7 @@ class TandemAutoSchema(AutoSchema):
         return operation
 
 
-_View = TypeVar("_View", bound=Callable[..., Any])
-
-
-def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Callable[[_View], _View]:
+def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Callable[[F], F]:
     """``extend_schema`` for a view method, built on TandemAutoSchema, with ``errors``
     (status codes, or status -> description) added to ``responses`` in the error shape."""
     responses = dict(kwargs.pop("responses", {}) or {})
@@ -185,12 +182,11 @@ def doc(*, errors: Mapping[int, str] | Iterable[int] = (), **kwargs: Any) -> Cal
     if responses:
         kwargs["responses"] = responses
 
-    def decorator(func: _View) -> _View:
+    def decorator(func: F) -> F:
         # extend_schema builds its schema class on ``func.schema`` when there is one,
         # else on REST_FRAMEWORK's DEFAULT_SCHEMA_CLASS (DRF's, not drf-spectacular's).
         func.schema = TandemAutoSchema  # type: ignore[attr-defined]
-        decorated: _View = extend_schema(**kwargs)(func)
-        return decorated
+        return extend_schema(**kwargs)(func)
 
     return decorator
 
@@ -206,7 +202,7 @@ class TandemSchemaGenerator(SchemaGenerator):
             or isinstance(cls.schema, AutoSchema)
             or OpenApiViewExtension.get_match(callback) is not None  # replaced there
         ):
-            return super().create_view(callback, method, request)
+            return super().create_view(callback, method, request)  # type: ignore[no-untyped-call]
         # Like drf-spectacular's own view replacement: a throwaway subclass for the
         # duration of the inspection, so the URLconf's class is never changed.
         callback.cls = type(
@@ -215,7 +211,7 @@ class TandemSchemaGenerator(SchemaGenerator):
             {"schema": TandemAutoSchema(), "__module__": cls.__module__, "__doc__": cls.__doc__},
         )
         try:
-            view = super().create_view(callback, method, request)
+            view = super().create_view(callback, method, request)  # type: ignore[no-untyped-call]
         finally:
             callback.cls = cls
         if not isinstance(view.schema, AutoSchema) or isinstance(view.schema, DRFAutoSchema):
@@ -301,12 +297,15 @@ class StrictSerializerExtension(OpenApiSerializerExtension):
             # drf-spectacular leaves out the bounds of nested lists (``many=True``).
             if not isinstance(field, serializers.ListSerializer) or prop.get("type") != "array":
                 continue
+            # (set by ListSerializer.__init__, which the stubs do not declare)
+            min_length: int | None = getattr(field, "min_length", None)
+            max_length: int | None = getattr(field, "max_length", None)
             if not field.allow_empty:
-                prop.setdefault("minItems", max(1, field.min_length or 1))
-            elif field.min_length is not None:
-                prop.setdefault("minItems", field.min_length)
-            if field.max_length is not None:
-                prop.setdefault("maxItems", field.max_length)
+                prop.setdefault("minItems", max(1, min_length or 1))
+            elif min_length is not None:
+                prop.setdefault("minItems", min_length)
+            if max_length is not None:
+                prop.setdefault("maxItems", max_length)
         return schema
 
 
@@ -414,11 +413,6 @@ EVENTS_PARAMETERS = [
 
 # ---------------------------------------------------------------- components
 
-ROLE = {"type": "string", "enum": ["owner", "editor", "viewer"]}
-MESSAGE_STATUS = {"type": "string", "enum": ["streaming", "completed", "cancelled", "error"]}
-TOOL_STATUS = {"type": "string", "enum": ["pending", "running", "completed", "error"]}
-PERMISSION_STATUS = {"type": "string", "enum": ["pending", "approved", "rejected", "expired"]}
-
 
 def _object(properties: dict[str, Any], required: Iterable[str] | None = None, **extra: Any) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object", "properties": properties}
@@ -429,25 +423,27 @@ def _object(properties: dict[str, Any], required: Iterable[str] | None = None, *
     return schema
 
 
-def _session_component() -> dict[str, Any]:
-    try:
-        from sessions_app.agents import registry
+class AgentFieldSchema(OpenApiSerializerFieldExtension):
+    """A session's agent: one of the agents registered when the document is made."""
 
-        agents: dict[str, Any] = {"type": "string", "enum": registry.names()}
-    except Exception:  # pragma: no cover - the schema must still build
-        agents = {"type": "string"}
-    props = {
-        "id": ID,
-        "title": {"type": "string", "maxLength": 200},
-        "agent": {**agents, "description": "The backend that writes the replies."},
-        "status": ref("SessionStatus"),
-        "owner": ref("User"),
-        "role": {**ROLE, "description": "The caller's role. Absent inside events."},
-        "last_seq": {"type": "integer", "minimum": 0, "description": "The head of the event log."},
-        "created_at": TIME,
-        "updated_at": TIME,
-    }
-    return _object(props, [k for k in props if k != "role"])
+    target_class = "sessions_app.serializers.AgentField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> Any:
+        return {"type": "string", "enum": registry.names()}
+
+
+def resource_components() -> dict[str, dict[str, Any]]:
+    """The resources (``User``, ``Session``, ``Message``, ``Permission``...) from their
+    output serializers. Resolved outside the views' registry, after drf-spectacular's enum
+    hook, so their enums stay inline as in the event declarations."""
+    auto = TandemAutoSchema()
+    auto.registry = ComponentRegistry()
+    auto.method, auto.path = "GET", "/"
+    for serializer in OUTPUT_SERIALIZERS:
+        # A non-empty context: drf-spectacular would otherwise ask the view for one.
+        auto.resolve_serializer(serializer(context={"openapi": True}), "response")
+    built: dict[str, dict[str, Any]] = auto.registry.build({}).get("schemas", {})
+    return built
 
 
 @functools.lru_cache(maxsize=1)
@@ -456,6 +452,8 @@ def cached_components() -> dict[str, dict[str, Any]]:
 
 
 def components() -> dict[str, dict[str, Any]]:
+    """The components no serializer or event declaration defines (see the module's
+    docstring), and the event components generated from the declarations."""
     return {
         "Error": _object(
             {
@@ -482,114 +480,6 @@ def components() -> dict[str, dict[str, Any]]:
             },
             description="Every non-2xx JSON response.",
         ),
-        "User": _object({"id": {"type": "integer"}, "username": {"type": "string"}}),
-        "SessionStatus": _object(
-            {
-                "type": {"type": "string", "enum": ["idle", "busy", "retry"]},
-                "attempt": {"type": "integer", "description": "`retry` only."},
-                "message": {"type": "string", "description": "`retry` only."},
-                "next_at": {**TIME, "description": "`retry` only."},
-            },
-            ["type"],
-        ),
-        "Session": _session_component(),
-        "SessionPage": _object(
-            {"results": {"type": "array", "items": ref("Session")}, "next": nullable({"type": "string"})},
-            description="A page; follow `next` (null on the last page).",
-        ),
-        "Member": _object({"user": ref("User"), "role": ROLE}),
-        "Presence": _object(
-            {
-                "user": ref("User"),
-                "connections": {"type": "integer", "minimum": 1},
-                "transports": {"type": "array", "items": {"type": "string", "enum": ["sse", "ws"]}},
-                "state": OBJECT,
-            }
-        ),
-        "Health": _object(
-            {
-                "status": ref("SessionStatus"),
-                "last_seq": {"type": "integer", "minimum": 0},
-                "connections": nullable({
-                    "type": "integer", "minimum": 0,
-                    "description": "`null` while Redis is unreachable: unknown.",
-                }),
-                "run": nullable(_object({
-                    "message_id": ID,
-                    "state": {
-                        "type": "string", "enum": ["queued", "running"],
-                        "description": "`queued` until a runner (an agents worker, or the "
-                        "server in inline mode) takes the reply.",
-                    },
-                    "queued_at": TIME,
-                    "started_at": nullable({**TIME, "description": "`null` while queued."}),
-                })),
-            }
-        ),
-        "ToolState": _object(
-            {"status": TOOL_STATUS, "input": ANY, "output": ANY, "error": {"type": "string"}},
-            ["status"],
-        ),
-        "Part": _object(
-            {
-                "id": ID,
-                "type": {"type": "string", "enum": ["text", "reasoning", "tool"]},
-                "text": {"type": "string", "description": "`text` and `reasoning` parts."},
-                "tool": {"type": "string", "description": "`tool` parts."},
-                "call_id": {"type": "string", "description": "`tool` parts."},
-                "state": ref("ToolState"),
-            },
-            ["id", "type"],
-            description="A message part. Inside a `message.part.updated` that carries a "
-            "`delta` it is only `{id, type}`.",
-        ),
-        "MessageError": _object(
-            {"code": {"type": "string"}, "message": {"type": "string"}},
-            ["code", "message"],
-            additionalProperties=True,
-        ),
-        "Message": _object(
-            {
-                "id": ID,
-                "session_id": ID,
-                "role": {"type": "string", "enum": ["user", "assistant"]},
-                "author": nullable(ref("User")),
-                "status": MESSAGE_STATUS,
-                "created_at": TIME,
-                "completed_at": nullable(TIME),
-                "parts": {"type": "array", "items": ref("Part")},
-                "error": ref("MessageError"),
-                "usage": {**OBJECT, "description": "Token usage, when the agent reports it."},
-            },
-            ["id", "session_id", "role", "author", "status", "created_at", "completed_at", "parts"],
-        ),
-        "MessagePage": _object(
-            {"results": {"type": "array", "items": ref("Message")}, "next": nullable({"type": "string"})},
-            description="A page; follow `next` (null on the last page).",
-        ),
-        "MessagePosted": _object({"message": ref("Message"), "reply_id": ID}),
-        "AbortResult": _object({"aborted": {"type": "boolean"}}),
-        "Resolver": {
-            "oneOf": [ref("User"), {"type": "string", "enum": ["timeout"]}],
-            "nullable": True,
-            "description": "Who answered: a user, `\"timeout\"` when it expired, or null.",
-        },
-        "Permission": _object(
-            {
-                "id": ID,
-                "session_id": ID,
-                "message_id": ID,
-                "call_id": ID,
-                "tool": {"type": "string"},
-                "input": ANY,
-                "status": PERMISSION_STATUS,
-                "created_at": TIME,
-                "expires_at": TIME,
-                "resolved_by": ref("Resolver"),
-                "approved": nullable({"type": "boolean"}),
-                "reason": nullable({"type": "string"}),
-            }
-        ),
         "TokenObtainRequest": _object(
             {
                 "username": {"type": "string", "minLength": 1, "pattern": NO_NUL},
@@ -606,35 +496,12 @@ def components() -> dict[str, dict[str, Any]]:
             "maxProperties": 0,
             "description": "No fields: send no body, or `{}`. Any field is `400 validation_error`.",
         },
-        "TokenPair": _object({"access": {"type": "string"}, "refresh": {"type": "string"}}),
-        "AccessToken": _object({"access": {"type": "string"}}),
-        "Ticket": _object(
-            {"ticket": {"type": "string"}, "expires_in": {"type": "integer", "minimum": 1}}
-        ),
-        "EventPublishRequest": _object(
-            {
-                "type": {
-                    "type": "string",
-                    "maxLength": CUSTOM_TYPE_MAX,
-                    "pattern": CUSTOM_TYPE_PATTERN,
-                    "not": {"enum": sorted(EVENT_TYPES)},
-                    "description": "Lowercase words joined by dots; the prefixes "
-                    + ", ".join(f"`{p}`" for p in RESERVED_PREFIXES)
-                    + " are reserved.",
-                },
-                "properties": {
-                    "type": "object",
-                    "additionalProperties": True,
-                    "description": "Anything but `published_by`, which the server sets.",
-                },
-            },
-            ["type"],
-            additionalProperties=False,
-        ),
+        "TokenPair": _object({"access": STRING, "refresh": STRING}),
+        "AccessToken": _object({"access": STRING}),
         "EventPage": _object(
             {
                 "events": {"type": "array", "items": ref("Event")},
-                "last_seq": {"type": "integer", "minimum": 0},
+                "last_seq": SEQ,
                 "reset": {
                     "type": "boolean",
                     "description": "True, with no events, when the events after `after` were "
@@ -649,57 +516,12 @@ def components() -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------- events
 
-_RESERVED = "|".join(re.escape(p.rstrip(".")) for p in RESERVED_PREFIXES)
-CUSTOM_TYPE_PATTERN = rf"^(?!({_RESERVED})\.)[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$"
-
-# A property's schema by name, and where one name means different things, by event type.
-PROPERTY_SCHEMAS: dict[str, dict[str, Any]] = {
-    "connection_id": ID,
-    "last_seq": {"type": "integer", "minimum": 0},
-    "resumed": {"type": "boolean"},
-    "cursor": {"type": "string", "description": "A position in every session (user-level stream)."},
-    "session": ref("Session"),
-    "session_id": ID,
-    "user": ref("User"),
-    "role": ROLE,
-    "message": ref("Message"),
-    "message_id": ID,
-    "part": ref("Part"),
-    "delta": {"type": "string", "description": "Text to append to the part."},
-    "call_id": ID,
-    "tool": {"type": "string"},
-    "input": ANY,
-    "output": ANY,
-    "permission": ref("Permission"),
-    "permission_id": ID,
-    "approved": {"type": "boolean"},
-    "resolved_by": ref("Resolver"),
-    "transport": {"type": "string", "enum": ["sse", "ws"]},
-    "state": OBJECT,
-}
-PROPERTY_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
-    ("server.connected", "last_seq"): nullable(
-        {"type": "integer", "minimum": 0, "description": "The head at connect; null on the user-level stream."}
-    ),
-    ("stream.reset", "reason"): {"type": "string", "enum": ["history_expired", "unknown_position"]},
-    ("session.status", "status"): ref("SessionStatus"),
-    ("message.completed", "status"): MESSAGE_STATUS,
-    ("message.completed", "error"): ref("MessageError"),
-    ("tool.status", "status"): TOOL_STATUS,
-    ("tool.status", "error"): {"type": "string"},
-    ("permission.resolved", "reason"): nullable({"type": "string"}),
-}
-
-
 def event_component_name(type_name: str) -> str:
     return "".join(word.capitalize() for word in re.split(r"[._]", type_name)) + "Event"
 
 
 def _event_schema(event: EventType) -> dict[str, Any]:
-    properties = {
-        name: PROPERTY_OVERRIDES.get((event.name, name), PROPERTY_SCHEMAS.get(name, ANY))
-        for name in sorted(event.required | event.optional)
-    }
+    properties = {name: event.properties[name] for name in sorted(event.properties)}
     props_schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
@@ -723,7 +545,7 @@ def _event_schema(event: EventType) -> dict[str, Any]:
             "type": {"type": "string", "enum": [event.name]},
             "time": TIME,
             "properties": props_schema,
-            "cursor": PROPERTY_SCHEMAS["cursor"],
+            "cursor": CURSOR,
         },
         ["seq", "session_id", "type", "time", "properties"],
         description=f"`{event.name}`. {kind}"
@@ -737,12 +559,7 @@ def event_components() -> dict[str, dict[str, Any]]:
         {
             "seq": {"type": "integer", "minimum": 1},
             "session_id": ID,
-            "type": {
-                "type": "string",
-                "maxLength": CUSTOM_TYPE_MAX,
-                "pattern": CUSTOM_TYPE_PATTERN,
-                "not": {"enum": sorted(EVENT_TYPES)},
-            },
+            "type": CUSTOM_TYPE,
             "time": TIME,
             "properties": {
                 "type": "object",
@@ -750,7 +567,7 @@ def event_components() -> dict[str, dict[str, Any]]:
                 "required": ["published_by"],
                 "additionalProperties": True,
             },
-            "cursor": PROPERTY_SCHEMAS["cursor"],
+            "cursor": CURSOR,
         },
         ["seq", "session_id", "type", "time", "properties"],
         description="A custom event published by a client (`POST …/events/`, WebSocket "
@@ -885,7 +702,7 @@ def _stream_operation(*, session: bool) -> dict[str, Any]:
     }
 
 
-STREAM_PATHS = {
+STREAM_PATHS: dict[str, Callable[[], dict[str, Any]]] = {
     "/api/sessions/{session_id}/stream/": lambda: {"get": _stream_operation(session=True)},
     "/api/stream/": lambda: {"get": _stream_operation(session=False)},
 }
@@ -976,13 +793,15 @@ def postprocess(result: dict[str, Any], generator: Any, request: Any, public: bo
     """drf-spectacular postprocessing hook: components, stream paths, tags."""
     comps = result.setdefault("components", {})
     schemas = comps.setdefault("schemas", {})
-    for name, schema in copy.deepcopy(cached_components()).items():
-        schemas.setdefault(name, schema)
+    for name, schema in {**resource_components(), **copy.deepcopy(cached_components())}.items():
+        if schemas.setdefault(name, schema) != schema:
+            raise ValueError(f"Two definitions of the component {name}.")
+    missing = referenced_components() - set(schemas)
+    if missing:
+        raise ValueError(f"The event declarations name undefined components: {sorted(missing)}")
     create = schemas.get("SessionCreateRequest", {}).get("properties", {}).get("agent")
     if create is not None:
-        create["enum"] = list(cached_components()["Session"]["properties"]["agent"].get("enum", [])) or None
-        if create["enum"] is None:
-            del create["enum"]
+        create["enum"] = registry.names()
     comps["schemas"] = dict(sorted(schemas.items()))
     security = comps.setdefault("securitySchemes", {})
     security.update(STREAM_SECURITY_SCHEMES)
@@ -1029,7 +848,7 @@ class SchemaView(SpectacularAPIView):
         auth=[],
     )
     def get(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return super().get(request, *args, **kwargs)
+        return super().get(request, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class SwaggerView(SpectacularSwaggerView):

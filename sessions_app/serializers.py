@@ -1,15 +1,28 @@
 """Input validation (DRF serializers that refuse unknown fields) and the one JSON shape
-of each resource, shared by REST responses and event properties."""
+of each resource (output serializers), shared by REST responses, event properties and
+the OpenAPI document."""
 from __future__ import annotations
 
 from typing import Any
 
 from django.contrib.auth.models import User
 from django.contrib.auth.validators import UnicodeUsernameValidator
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from events_app.types import iso
-from sessions_app.models import Message, Part, PermissionRequest, Role, Session
+from events_app.types import (
+    ANY,
+    CUSTOM_TYPE,
+    ID,
+    RESERVED_PREFIXES,
+    TIME,
+    TOOL_STATUS,
+    TRANSPORT,
+    iso,
+    one_of,
+    ref,
+)
+from sessions_app.models import Membership, Message, Part, PermissionRequest, Role, Session
 
 
 class StrictSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -88,62 +101,290 @@ class MessagePostSerializer(StrictSerializer):
     )
 
 
+@extend_schema_field(
+    {
+        **CUSTOM_TYPE,
+        "description": "Lowercase words joined by dots; the prefixes "
+        + ", ".join(f"`{p}`" for p in RESERVED_PREFIXES)
+        + " are reserved.",
+    }
+)
+class CustomTypeField(StrictCharField):
+    """A custom event type (the publishing service says what is wrong with one)."""
+
+
 class EventPublishSerializer(StrictSerializer):
-    type = StrictCharField(max_length=200, trim_whitespace=False)  # names are exact
-    properties = serializers.DictField(required=False, default=dict)
+    # Up to 200 here, so that a longer type gets the service's message rather than DRF's.
+    type = CustomTypeField(max_length=200, trim_whitespace=False)  # names are exact
+    properties = serializers.DictField(
+        required=False, default=dict, help_text="Anything but `published_by`, which the server sets."
+    )
 
 
 # ---------------------------------------------------------------- output shapes
+#
+# Each resource's one JSON shape. REST responses and event properties are made by the
+# ``*_data`` functions below, from one module-level instance of each serializer (an
+# instance builds its fields once: ``to_representation`` on it costs no more than the dicts
+# it replaces). project/openapi.py turns the same serializers into the components
+# ``User``, ``Session``, ``Message``... that the event declarations in events_app/types.py
+# refer to by name.
+
+
+@extend_schema_field(TIME)
+class TimeField(serializers.Field):  # type: ignore[type-arg]
+    """A datetime as RFC 3339 in UTC with a ``Z``; a string (stored already formatted, as
+    in a session's status) is given as it is."""
+
+    def to_representation(self, value: Any) -> str:
+        return value if isinstance(value, str) else iso(value)
+
+
+def _id(**kwargs: Any) -> serializers.CharField:
+    return serializers.CharField(help_text=ID["description"], **kwargs)
+
+
+def _enum(schema: dict[str, Any], **kwargs: Any) -> serializers.CharField:
+    """A string from a fixed set: the schema says which (an inline enum, as the event
+    declarations use, rather than a ChoiceField's separate enum component)."""
+    field_class = type("EnumField", (serializers.CharField,), {"__module__": __name__})
+    return extend_schema_field(schema)(field_class)(**kwargs)  # type: ignore[no-any-return]
+
+
+@extend_schema_field(ANY)
+class AnyField(serializers.JSONField):
+    pass
+
+
+class UserSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    id = serializers.IntegerField(source="pk")
+    username = serializers.CharField(source="get_username")
+
+
+class SessionStatusSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    type = _enum(one_of("idle", "busy", "retry"))
+    attempt = serializers.IntegerField(required=False, help_text="`retry` only.")
+    message = serializers.CharField(required=False, help_text="`retry` only.")
+    next_at = TimeField(required=False, help_text="`retry` only.")
+
+
+class AgentField(serializers.CharField):
+    """The agent's name; the schema lists the agents registered when it is generated."""
+
+
+class SessionSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    id = _id()
+    title = serializers.CharField(max_length=200)
+    agent = AgentField(help_text="The backend that writes the replies.")
+    status = SessionStatusSerializer()
+    owner = UserSerializer()
+    last_seq = serializers.IntegerField(min_value=0, help_text="The head of the event log.")
+    created_at = TimeField()
+    updated_at = TimeField()
+    role = _enum(one_of(*Role.values), required=False, help_text="The caller's role. Absent inside events.")
+
+
+class MemberSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    user = UserSerializer()
+    role = _enum(one_of(*Role.values))
+
+
+class ToolStateSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    status = _enum(TOOL_STATUS)
+    input = AnyField(required=False)
+    output = AnyField(required=False)
+    error = serializers.CharField(required=False)
+
+
+_TOOL_ONLY = ("tool", "call_id", "state")
+
+
+class PartSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """A message part. Inside a `message.part.updated` that carries a `delta` it is only
+    `{id, type}`."""
+
+    id = _id()
+    type = _enum(one_of(*Part.PartType.values))
+    text = serializers.CharField(required=False, help_text="`text` and `reasoning` parts.")
+    tool = serializers.CharField(required=False, help_text="`tool` parts.")
+    call_id = serializers.CharField(required=False, help_text="`tool` parts.")
+    state = ToolStateSerializer(required=False)
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        data: dict[str, Any] = super().to_representation(instance)
+        for name in ("text",) if instance.type == Part.PartType.TOOL else _TOOL_ONLY:
+            data.pop(name, None)
+        return data
+
+
+@extend_schema_field(
+    {
+        "type": "object",
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        "required": ["code", "message"],
+        "additionalProperties": True,
+    },
+    component_name="MessageError",
+)
+class MessageErrorField(serializers.JSONField):
+    """Why a reply failed, as the agent or the runner recorded it (open: agents may add
+    keys)."""
+
+
+class MessageSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    id = _id()
+    session_id = _id()
+    role = _enum(one_of(*Message.MessageRole.values))
+    author = UserSerializer(allow_null=True)
+    status = _enum(one_of(*Message.Status.values))
+    created_at = TimeField()
+    completed_at = TimeField(allow_null=True)
+    parts = PartSerializer(many=True)
+    error = MessageErrorField(required=False)
+    usage = serializers.DictField(required=False, help_text="Token usage, when the agent reports it.")
+
+    def to_representation(self, instance: Any) -> dict[str, Any]:
+        data: dict[str, Any] = super().to_representation(instance)
+        for name in ("error", "usage"):  # present only when there is something to say
+            if not data.get(name):
+                data.pop(name, None)
+        return data
+
+
+@extend_schema_field(
+    {
+        "oneOf": [ref("User"), one_of("timeout")],
+        "nullable": True,
+        "description": 'Who answered: a user, `"timeout"` when it expired, or null.',
+    },
+    component_name="Resolver",
+)
+class ResolverField(serializers.Field):  # type: ignore[type-arg]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(source="*", **kwargs)
+
+    def to_representation(self, value: PermissionRequest) -> dict[str, Any] | str | None:
+        return resolver_data(value)
+
+
+class PermissionSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    id = _id()
+    session_id = _id()
+    message_id = _id()
+    call_id = _id()
+    tool = serializers.CharField()
+    input = AnyField()
+    status = _enum(one_of(*PermissionRequest.Status.values))
+    created_at = TimeField()
+    expires_at = TimeField()
+    resolved_by = ResolverField()
+    approved = serializers.BooleanField(allow_null=True)
+    reason = serializers.CharField(allow_null=True)
+
+
+class SessionPageSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """A page; follow `next` (null on the last page)."""
+
+    results = SessionSerializer(many=True)
+    next = serializers.CharField(allow_null=True)
+
+
+class MessagePageSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """A page; follow `next` (null on the last page)."""
+
+    results = MessageSerializer(many=True)
+    next = serializers.CharField(allow_null=True)
+
+
+class MessagePostedSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    message = MessageSerializer()
+    reply_id = _id()
+
+
+@extend_schema_field(UserSerializer)
+class UserDataField(serializers.JSONField):
+    """A user already in its JSON shape (``user_data``), as presence stores it."""
+
+
+class PresenceSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    user = UserDataField()
+    connections = serializers.IntegerField(min_value=1)
+    transports = serializers.ListField(child=_enum(TRANSPORT))
+    state = serializers.DictField()
+
+
+class RunSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The reply in progress."""
+
+    message_id = _id()
+    state = _enum(
+        one_of("queued", "running"),
+        help_text="`queued` until a runner (an agents worker, or the server in inline mode) "
+        "takes the reply.",
+    )
+    queued_at = TimeField()
+    started_at = TimeField(allow_null=True, help_text="`null` while queued.")
+
+
+class HealthSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    status = SessionStatusSerializer()
+    last_seq = serializers.IntegerField(min_value=0)
+    connections = serializers.IntegerField(
+        min_value=0, allow_null=True, help_text="`null` while Redis is unreachable: unknown."
+    )
+    run = RunSerializer(allow_null=True)
+
+
+class TicketSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    ticket = serializers.CharField()
+    expires_in = serializers.IntegerField(min_value=1)
+
+
+class AbortResultSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    aborted = serializers.BooleanField()
+
+
+# The components the OpenAPI document takes from here (project/openapi.py).
+OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-arg]
+    UserSerializer, SessionSerializer, MemberSerializer, MessageSerializer, PartSerializer,
+    PermissionSerializer, SessionPageSerializer, MessagePageSerializer, MessagePostedSerializer,
+    PresenceSerializer, HealthSerializer, TicketSerializer, AbortResultSerializer,
+]
+
+_USER = UserSerializer()
+_SESSION = SessionSerializer()
+_MEMBER = MemberSerializer()
+_PART = PartSerializer()
+_MESSAGE = MessageSerializer()
+del _MESSAGE.fields["parts"]  # message_data adds them: its caller may have them at hand
+_PERMISSION = PermissionSerializer()
 
 
 def user_data(user: User | None) -> dict[str, Any] | None:
     if user is None:
         return None
     return {"id": user.pk, "username": user.get_username()}
+    return None if user is None else _USER.to_representation(user)
 
 
 def session_data(session: Session, role: str | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": session.id,
-        "title": session.title,
-        "agent": session.agent,
-        "status": session.status,
-        "owner": user_data(session.owner),
-        "last_seq": session.last_seq,
-        "created_at": iso(session.created_at),
-        "updated_at": iso(session.updated_at),
-    }
+    data: dict[str, Any] = _SESSION.to_representation(session)
     if role is not None:
         data["role"] = role
     return data
 
 
+def member_data(membership: Membership) -> dict[str, Any]:
+    return _MEMBER.to_representation(membership)
+
+
 def part_data(part: Part) -> dict[str, Any]:
-    data: dict[str, Any] = {"id": part.id, "type": part.type}
-    if part.type == Part.PartType.TOOL:
-        data.update({"tool": part.tool, "call_id": part.call_id, "state": part.state or {}})
-    else:
-        data["text"] = part.text
-    return data
+    return _PART.to_representation(part)
 
 
 def message_data(message: Message, parts: list[Part] | None = None) -> dict[str, Any]:
-    if parts is None:
-        parts = list(message.parts.all())
-    data: dict[str, Any] = {
-        "id": message.id,
-        "session_id": message.session_id,
-        "role": message.role,
-        "author": user_data(message.author),
-        "status": message.status,
-        "created_at": iso(message.created_at),
-        "completed_at": iso(message.completed_at) if message.completed_at else None,
-        "parts": [part_data(p) for p in parts],
-    }
-    if message.error:
-        data["error"] = message.error
-    if message.usage:
-        data["usage"] = message.usage
+    data: dict[str, Any] = _MESSAGE.to_representation(message)
+    data["parts"] = [part_data(p) for p in (message.parts.all() if parts is None else parts)]
     return data
 
 
@@ -154,20 +395,13 @@ def resolver_data(permission: PermissionRequest) -> dict[str, Any] | str | None:
 
 
 def permission_data(permission: PermissionRequest) -> dict[str, Any]:
-    return {
-        "id": permission.id,
-        "session_id": permission.session_id,
-        "message_id": permission.message_id,
-        "call_id": permission.call_id,
-        "tool": permission.tool,
-        "input": permission.input,
-        "status": permission.status,
-        "created_at": iso(permission.created_at),
-        "expires_at": iso(permission.expires_at),
-        "resolved_by": resolver_data(permission),
-        "approved": permission.approved,
-        "reason": permission.reason,
-    }
+    return _PERMISSION.to_representation(permission)
+
+
+def out(serializer_class: type[serializers.Serializer], data: Any, many: bool = False) -> Any:  # type: ignore[type-arg]
+    """``data`` in the shape of ``serializer_class``: for the REST responses made of plain
+    values (health, presence, a ticket), which the serializer then defines."""
+    return serializer_class(data, many=many).data
 
 
 class PermissionReplySerializer(StrictSerializer):

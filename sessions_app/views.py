@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from events_app import presence
+from events_app.types import ref
 from project.auth import caller, issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
@@ -25,20 +26,25 @@ from project.openapi import (
     USERNAME,
     doc,
     json_body,
-    ref,
 )
 from sessions_app import permissions, runs, services
 from sessions_app.access import session_for
 from sessions_app.models import Membership, Message, Role, Session
 from sessions_app.serializers import (
+    AbortResultSerializer,
     CredentialsSerializer,
+    HealthSerializer,
     MemberAddSerializer,
     MessagePostSerializer,
     PermissionListQuerySerializer,
     PermissionReplySerializer,
+    PresenceSerializer,
     SessionCreateSerializer,
     SessionUpdateSerializer,
+    TicketSerializer,
+    member_data,
     message_data,
+    out,
     permission_data,
     session_data,
     user_data,
@@ -123,7 +129,7 @@ class TicketView(APIView):
         if request.data:  # parsing also refuses malformed JSON and other media types
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
         return Response(
-            {"ticket": issue_ticket(caller(request).pk), "expires_in": settings.TANDEM_TICKET_SECONDS}
+            out(TicketSerializer, {"ticket": issue_ticket(caller(request).pk), "expires_in": settings.TANDEM_TICKET_SECONDS})
         )
 
 
@@ -224,7 +230,7 @@ class MemberListView(APIView):
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(caller(request), session_id)
         rows = Membership.objects.filter(session=session).select_related("user").order_by("created_at")
-        return Response([{"user": user_data(m.user), "role": m.role} for m in rows])
+        return Response([member_data(m) for m in rows])
 
     @doc(
         summary="Add a member",
@@ -245,10 +251,7 @@ class MemberListView(APIView):
         session, _ = session_for(caller(request), session_id, Role.OWNER)
         data = validated(MemberAddSerializer, request.data)
         membership = services.add_member(session, username=data["username"], role=data["role"])
-        return Response(
-            {"user": user_data(membership.user), "role": membership.role},
-            status=status.HTTP_201_CREATED,
-        )
+        return Response(member_data(membership), status=status.HTTP_201_CREATED)
 
 
 class MemberDetailView(APIView):
@@ -288,7 +291,7 @@ class PresenceView(APIView):
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(caller(request), session_id)
-        return Response(presence.summary(session.id))
+        return Response(out(PresenceSerializer, presence.summary(session.id), many=True))
 
 
 class HealthView(APIView):
@@ -302,12 +305,15 @@ class HealthView(APIView):
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(caller(request), session_id)
         return Response(
-            {
-                "status": session.status,
-                "last_seq": session.last_seq,
-                "connections": presence.connection_count(session.id),
-                "run": runs.current_run(session.id),
-            }
+            out(
+                HealthSerializer,
+                {
+                    "status": session.status,
+                    "last_seq": session.last_seq,
+                    "connections": presence.connection_count(session.id),
+                    "run": runs.current_run(session.id),
+                },
+            )
         )
 
 
@@ -378,7 +384,7 @@ class AbortView(APIView):
         session, _ = session_for(caller(request), session_id, Role.EDITOR)
         if request.data:
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
-        return Response({"aborted": services.abort(session, caller(request))})
+        return Response(out(AbortResultSerializer, {"aborted": services.abort(session, caller(request))}))
 
 
 # ---------------------------------------------------------------- permissions

@@ -94,6 +94,7 @@ def test_register_refuses_a_username_with_a_trailing_newline(db: None) -> None:
     assert "username" in body["details"]
 
 
+@pytest.mark.bad_envelopes  # the stored type is one the schema (and the server now) refuses
 async def test_named_sse_never_carries_a_line_break_in_an_event_line(session: Any, alice: Any, bob: Any) -> None:
     """Even an event stored with such a type (before this check existed) goes out with no
     line break inside its ``event:`` line; the rest of the stream is intact."""

@@ -14,7 +14,6 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import jsonschema
 import pytest
 import yaml
 from django.urls import URLPattern, URLResolver, get_resolver
@@ -23,6 +22,7 @@ from events_app.routing import sse_urlpatterns
 from events_app.types import EVENT_TYPES
 from project.openapi import TandemSchemaGenerator, event_component_name
 from tests.conftest import token_for
+from tests.envelopes import validator_for
 
 HTML_PAGES = {"/api/docs/"}  # the browsable docs (Swagger UI): a page, not API
 STREAM_PATHS = {"/api/sessions/{session_id}/stream/", "/api/stream/"}
@@ -65,30 +65,6 @@ def operations(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         for method, op in item.items()
         if method in {"get", "post", "put", "patch", "delete"}
     ]
-
-
-def to_json_schema(node: Any) -> Any:
-    """OpenAPI 3.0 schema objects -> JSON Schema (``nullable`` is the one difference
-    that matters here)."""
-    if isinstance(node, list):
-        return [to_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-")}
-    if out.pop("nullable", False):
-        if isinstance(out.get("type"), str):
-            out["type"] = [out["type"], "null"]
-            if "enum" in out and None not in out["enum"]:
-                out["enum"] = [*out["enum"], None]
-        else:
-            out = {"anyOf": [out, {"type": "null"}]}
-    return out
-
-
-def validator_for(schema: dict[str, Any], name: str) -> jsonschema.Validator:
-    root = to_json_schema({"components": {"schemas": schema["components"]["schemas"]}})
-    root["$ref"] = f"#/components/schemas/{name}"
-    return jsonschema.Draft7Validator(root)
 
 
 # ---------------------------------------------------------------- the document
@@ -196,6 +172,7 @@ def test_every_event_type_is_described(schema: dict[str, Any]) -> None:
         assert event["properties"]["type"]["enum"] == [name]
         props = event["properties"]["properties"]
         assert set(props["properties"]) == definition.required | definition.optional
+        assert props["properties"] == dict(definition.properties)  # the declared value schemas
         assert set(props.get("required", [])) == definition.required
         assert ("minimum" in event["properties"]["seq"]) == definition.persisted
     assert "#/components/schemas/CustomEvent" in branches
@@ -203,6 +180,13 @@ def test_every_event_type_is_described(schema: dict[str, Any]) -> None:
     assert page == {"$ref": "#/components/schemas/Event"}
     ok = schema["paths"]["/api/sessions/{session_id}/events/"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EventPage"}
+
+
+def test_every_reference_names_a_component(schema: dict[str, Any]) -> None:
+    # Views and event declarations name components ("Session", "Permission"...) that the
+    # output serializers define: a renamed serializer must not leave a dangling $ref.
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema)))
+    assert refs and refs <= set(schema["components"]["schemas"]), refs - set(schema["components"]["schemas"])
 
 
 def test_each_envelope_matches_exactly_one_branch(schema: dict[str, Any]) -> None:
