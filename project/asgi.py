@@ -42,6 +42,7 @@ from project.logfilters import redact  # noqa: E402
 
 _access_log = logging.getLogger("tandem.access")
 
+
 def _start(loop: asyncio.AbstractEventLoop) -> None:
     """The server's loop is this process's main loop; its runtime starts housekeeping
     once. Cheap after the first call: it runs for every request."""

@@ -1,12 +1,13 @@
 """Where replies run.
 
 A pool claims queued replies (``ReplyRun`` rows) from the database and runs each on this
-process's runtime (one pool per runtime); it renews their leases and stops the ones asked to abort. In
-``inline`` mode every server process has a pool; in ``worker`` mode the
-``run_agents`` processes do, and server processes only queue the reply and wake the
-workers through the channel layer. Either way the database row is the queue, so a reply
-posted while no runner is up waits for one instead of being lost, and the lease tells a
-dead runner from a slow one (``reap_forever`` ends the replies of dead ones).
+process's runtime (the pool is one of its components); it renews their leases and stops
+the ones asked to abort. In ``inline`` mode every server process has a pool; in
+``worker`` mode the ``run_agents`` processes do, and server processes only queue the
+reply and wake the workers through the channel layer. Either way the database row is the
+queue, so a reply posted while no runner is up waits for one instead of being lost, and
+the lease tells a dead runner from a slow one (``reap_forever`` ends the replies of dead
+ones).
 """
 from __future__ import annotations
 
