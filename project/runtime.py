@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,17 +101,17 @@ class Component(Generic[T]):
         """This component of ``runtime`` (by default the caller's, ``current()``)."""
         rt = runtime if runtime is not None else current()
         try:
-            return rt._components[self]  # type: ignore[no-any-return]
+            return cast(T, rt._components[self])
         except KeyError:
             pass
         with rt._lock:
             if self not in rt._components:
                 rt._components[self] = self._make(rt)
-            return rt._components[self]  # type: ignore[no-any-return]
+            return cast(T, rt._components[self])
 
     def find(self, runtime: Runtime) -> T | None:
         """This component of ``runtime`` if it has been made; never makes it."""
-        return runtime._components.get(self)
+        return cast("T | None", runtime._components.get(self))
 
 
 _lock = threading.Lock()
