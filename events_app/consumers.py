@@ -21,9 +21,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from events_app import commands
-from events_app.runtime import off_loop
 from events_app.streams import Connection, prepare, serving
 from project.errors import ApiError, BadRequest, InternalError
+from project.runtime import off_loop
 
 log = logging.getLogger(__name__)
 

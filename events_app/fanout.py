@@ -5,7 +5,7 @@ a FIFO drained by one task on the main loop, so events leave in the order they c
 in this process (``group_send`` calls racing each other would reorder them); each round
 trip to the channel layer carries everything queued meanwhile.
 
-Receiving side — one ``Hub`` per process (per event loop) holds **one** channel-layer
+Receiving side — one ``Hub`` per process (per runtime) holds **one** channel-layer
 channel and adds it to a session's group when the first local connection of that session
 opens, so a process holds one subscription per session however many clients it serves.
 For each event the hub makes one ``Frame`` (encoded once) and hands the same object to
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -30,9 +29,10 @@ from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
-from events_app import groups, runtime
+from events_app import groups
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
 from events_app.types import Frame
+from project import runtime
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,12 @@ class _Outbox:
     trips of all the events before it: a worker streaming a thousand replies fell seconds
     behind (docs/PERFORMANCE.md)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rt: runtime.Runtime) -> None:
         self.queue: deque[tuple[str, Mapping[str, Any]]] = deque()
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
-        self.task = asyncio.get_running_loop().create_task(self._drain(), name="tandem-outbox")
+        self.task = rt.spawn(self._drain(), name="tandem-outbox")
 
     def put(self, group: str, message: Mapping[str, Any]) -> None:
         self.queue.append((group, message))
@@ -107,17 +107,18 @@ async def _send_batch(batch: list[tuple[str, Mapping[str, Any]]]) -> None:
         await layer.group_send(group, message)
 
 
-_outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
-    weakref.WeakKeyDictionary()
-)
+OUTBOX = runtime.Component("outbox", _Outbox)
 
 
 def _enqueue(group: str, message: Mapping[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    outbox = _outboxes.get(loop)
-    if outbox is None:
-        outbox = _outboxes[loop] = _Outbox()
-    outbox.put(group, message)
+    OUTBOX.get().put(group, message)
+
+
+async def drained() -> None:
+    """Every message put on this loop's outbox so far has been sent (or given up on)."""
+    outbox = OUTBOX.find(runtime.current())
+    if outbox is not None:
+        await outbox.drained()
 
 
 def send_to_group(group: str, message: Mapping[str, Any]) -> None:
@@ -151,7 +152,8 @@ def heads(session_ids: list[str]) -> dict[str, int]:
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.runtime = rt
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.groups: dict[str, set[Listener]] = {}
@@ -163,18 +165,14 @@ class Hub:
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: defaultdict[str, int] = defaultdict(int)
         self._start_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def _ensure_started(self) -> str:
         if self.channel is None:
             async with self._start_lock:
                 if self.channel is None:
                     channel = await self.layer.new_channel(groups.HUB_CHANNEL_PREFIX)
-                    loop = asyncio.get_running_loop()
-                    self._tasks = [
-                        loop.create_task(self._read(channel), name="tandem-hub-reader"),
-                        loop.create_task(self._check_heads(), name="tandem-hub-heads"),
-                    ]
+                    self.runtime.spawn(self._read(channel), name="tandem-hub-reader")
+                    self.runtime.spawn(self._check_heads(), name="tandem-hub-heads")
                     self.channel = channel
         return self.channel
 
@@ -331,23 +329,15 @@ async def subscribe_eventually(hub: Hub, group: str, listener: Listener) -> None
             delay = min(delay * 2, 2.0)
 
 
-def local_subscriptions() -> tuple[int, int]:
-    """(channel-layer groups held, listeners in them) by every hub of this process."""
-    hubs = list(_hubs.values())
-    return sum(len(h.groups) for h in hubs), sum(len(m) for h in hubs for m in h.groups.values())
-
-
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+HUB = runtime.Component("hub", Hub)
 
 
 def get_hub() -> Hub:
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    # The layer only changes when settings do (tests switching to Redis and back); a hub
-    # left on the old one would hear nothing the outbox sends through the new one.
-    if hub is None or hub.layer is not get_channel_layer():
-        if hub is not None:
-            for task in hub._tasks:
-                task.cancel()
-        hub = _hubs[loop] = Hub()
-    return hub
+    """The hub of the running loop's runtime."""
+    return HUB.get()
+
+
+def local_subscriptions() -> tuple[int, int]:
+    """(channel-layer groups held, listeners in them) by every hub of this process."""
+    hubs = [hub for rt in runtime.every() if (hub := HUB.find(rt)) is not None]
+    return sum(len(h.groups) for h in hubs), sum(len(m) for h in hubs for m in h.groups.values())

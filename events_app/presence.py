@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from project import runtime
 from project.errors import Unavailable
 from project.limits import STREAM_RETRY_AFTER, renew_stream_slots
 
@@ -91,18 +92,20 @@ class RedisPresence:
         return live
 
 
-_store: LocalPresence | RedisPresence | None = None
-_store_lock = threading.Lock()
-# This process's own connections, re-announced periodically so their entries stay alive.
-_local: dict[tuple[str, str], Entry] = {}
+class _Presence:
+    """A runtime's presence: the store, and its own connections, re-announced
+    periodically so their entries stay alive."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.store = RedisPresence(settings.REDIS_URL) if settings.REDIS_URL else LocalPresence()
+        self.local: dict[tuple[str, str], Entry] = {}
+
+
+PRESENCE = runtime.Component("presence", _Presence)
 
 
 def store() -> LocalPresence | RedisPresence:
-    global _store
-    with _store_lock:
-        if _store is None:
-            _store = RedisPresence(settings.REDIS_URL) if settings.REDIS_URL else LocalPresence()
-        return _store
+    return PRESENCE.get().store
 
 
 def _entries(session_id: str) -> list[Entry]:
@@ -142,13 +145,15 @@ def connection_count(session_id: str) -> int | None:
 
 
 def _put(session_id: str, connection_id: str, entry: Entry) -> None:
-    _local[(session_id, connection_id)] = entry
-    store().put(session_id, connection_id, entry)
+    presence = PRESENCE.get()
+    presence.local[(session_id, connection_id)] = entry
+    presence.store.put(session_id, connection_id, entry)
 
 
 def _remove(session_id: str, connection_id: str) -> None:
-    _local.pop((session_id, connection_id), None)
-    store().remove(session_id, connection_id)
+    presence = PRESENCE.get()
+    presence.local.pop((session_id, connection_id), None)
+    presence.store.remove(session_id, connection_id)
 
 
 aput = sync_to_async(_put, thread_sensitive=False)
@@ -159,9 +164,10 @@ async def refresh_forever() -> None:
     interval = max(1.0, settings.TANDEM_PRESENCE_TTL_SECONDS / 3)
     while True:
         await asyncio.sleep(interval)
-        items = [(s, c, e) for (s, c), e in list(_local.items())]
+        presence = PRESENCE.get()
+        items = [(s, c, e) for (s, c), e in list(presence.local.items())]
         try:
-            await sync_to_async(store().refresh, thread_sensitive=False)(items)
+            await sync_to_async(presence.store.refresh, thread_sensitive=False)(items)
         except Exception:  # Redis down: entries expire, and come back on the next refresh
             pass
         try:

@@ -16,10 +16,11 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from events_app import fanout, groups, runtime
+from events_app import fanout, groups
 from events_app.metrics import EVENTS_PUBLISHED
 from events_app.models import Event
 from events_app.types import Frame, TypeFilter, custom_type_problem, encode, is_persisted, iso
+from project import runtime
 from project.errors import BadRequest, NotFound, PayloadTooLarge, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -178,21 +179,15 @@ def flush(timeout: float = 5.0) -> bool:
     channel layer (True), or ``timeout`` passed (False). Not from the runtime's loop."""
     if runtime.in_main_loop():
         raise RuntimeError("flush() would block the loop that does the sending")
-    future = runtime.submit(_outbox_drained())
+    # runtime.submit runs this after every callback scheduled before it (call_soon is
+    # FIFO), so each earlier send is already in the outbox.
+    future = runtime.submit(fanout.drained())
     try:
         future.result(timeout)
     except TimeoutError:
         future.cancel()
         return False
     return True
-
-
-async def _outbox_drained() -> None:
-    # runtime.submit runs this after every callback scheduled before it (call_soon is
-    # FIFO), so each earlier send is already in the outbox.
-    outbox = fanout._outboxes.get(asyncio.get_running_loop())
-    if outbox is not None:
-        await outbox.drained()
 
 
 _exit_flush_lock = threading.Lock()

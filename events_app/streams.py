@@ -27,12 +27,13 @@ from django.utils import timezone
 from events_app import cursors, fanout, groups, presence
 from events_app.history import events_between
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
-from events_app.runtime import off_loop
 from events_app.services import parse_position, reset_reason
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
+from project import runtime
 from project.auth import authenticate_stream, query_params
 from project.errors import BadRequest
 from project.limits import release_stream_slot, take_stream_slot
+from project.runtime import off_loop
 from sessions_app.access import check_member, member_session_ids
 from sessions_app.serializers import user_data
 
@@ -104,34 +105,40 @@ def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> St
 _release_slot = sync_to_async(release_stream_slot, thread_sensitive=False)
 
 
-# The tasks serving streams in this process, so a server that stops can wait for them to
-# end their responses (uvicorn cancels them, then shuts down without waiting).
-_serving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+class _Streams:
+    """The streams of one runtime. Weak sets: a stream whose consumer died without
+    closing it must not be kept alive by being listed here."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.runtime = rt
+        # The tasks serving streams, so a server that stops can wait for them to end
+        # their responses (uvicorn cancels them, then shuts down without waiting).
+        self.serving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        # The open streams that asked to hear of the server stopping (when_server_stops).
+        self.stoppable: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+STREAMS = runtime.Component("streams", _Streams)
 
 
 def serving(task: asyncio.Task[Any] | None) -> None:
     if task is not None:
-        _serving.add(task)
+        STREAMS.get().serving.add(task)
 
 
 async def wait_for_streams(timeout: float) -> None:
-    pending = [t for t in _serving if not t.done() and t is not asyncio.current_task()]
+    pending = [t for t in STREAMS.get().serving if not t.done() and t is not asyncio.current_task()]
     if pending:
         await asyncio.wait(pending, timeout=timeout)
 
 
-# The open streams that asked to hear of the server stopping (Connection.when_server_stops).
-_stoppable: weakref.WeakSet[Connection] = weakref.WeakSet()
-_server_stopping = False
-
-
 def end_all_streams() -> None:
-    """The server is stopping: every open stream ends now (SSE bodies finish, WebSockets
-    close with 4012), and one that opens from here on ends as soon as it is set up.
-    Clients reconnect to another process and resume there. Idempotent."""
-    global _server_stopping
-    _server_stopping = True
-    for conn in list(_stoppable):
+    """The server is stopping: every open stream of this runtime ends now (SSE bodies
+    finish, WebSockets close with 4012), and one that opens from here on ends as soon as
+    it is set up. Clients reconnect to another process and resume there. Idempotent."""
+    streams = STREAMS.get()
+    streams.runtime.stopping = True
+    for conn in list(streams.stoppable):
         conn.server_stops()
 
 
@@ -184,6 +191,7 @@ class Connection:
         self.groups: set[str] = set()
         self.presence_state: dict[str, Any] = {}
         self.hub = fanout.get_hub()
+        self._streams = STREAMS.get()
         self._loop = asyncio.get_running_loop()
         self._expires_at: float | None = None  # loop time
         self._on_server_stop: Callable[[], object] | None = None
@@ -228,13 +236,13 @@ class Connection:
         """``callback`` (the consumer's way to end this stream) runs when the server
         stops, or now if it already is stopping."""
         self._on_server_stop = callback
-        if _server_stopping:
+        if self._streams.runtime.stopping:
             self.server_stops()
         else:
-            _stoppable.add(self)
+            self._streams.stoppable.add(self)
 
     def server_stops(self) -> None:
-        _stoppable.discard(self)
+        self._streams.stoppable.discard(self)
         callback, self._on_server_stop = self._on_server_stop, None
         if callback is not None:
             callback()
@@ -430,7 +438,7 @@ class Connection:
                 await self._broadcast_presence("presence.left")
             except Exception:
                 log.exception("Presence cleanup failed for %s", self.id)
-        _stoppable.discard(self)
+        self._streams.stoppable.discard(self)
         self._on_server_stop = None
         if self._counted_open:
             self._counted_open = False

@@ -1,7 +1,8 @@
 """ASGI entry point: HTTP to the SSE consumers or Django, WebSocket through the origin
-check and the stream auth middleware. Also binds this process's runtime loop and starts
-its housekeeping (retention, presence refresh, recovery of interrupted replies and, in
-inline mode, the agent pool) on first use."""
+check and the stream auth middleware. Also builds this process's runtime on the server's
+loop (``project.runtime``) and starts its housekeeping (retention, presence refresh,
+recovery of interrupted replies and, in inline mode, the agent pool) at start-up: on
+lifespan startup, or on the first request of a server without lifespan."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ adopt_server_loggers()  # the server's own lines: redacted, and JSON like ours
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
-from events_app import presence, runtime  # noqa: E402
+from events_app import presence  # noqa: E402
 from events_app.routing import (  # noqa: E402
     StreamAuthMiddleware,
     StreamOriginValidator,
@@ -36,20 +36,20 @@ from events_app.routing import (  # noqa: E402
 )
 from events_app.services import prune_forever  # noqa: E402
 from events_app.streams import end_all_streams, wait_for_streams  # noqa: E402
+from project import runtime  # noqa: E402
 from project.errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout  # noqa: E402
 from project.logfilters import redact  # noqa: E402
 
 _access_log = logging.getLogger("tandem.access")
 
-_started: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-_housekeeping: set[asyncio.Task[None]] = set()
+
+def _start(loop: asyncio.AbstractEventLoop) -> None:
+    """The server's loop is this process's main loop; its runtime starts housekeeping
+    once. Cheap after the first call: it runs for every request."""
+    _HOUSEKEEPING.get(runtime.bind(loop))
 
 
-def _start_housekeeping(loop: asyncio.AbstractEventLoop) -> None:
-    runtime.bind(loop)
-    if loop in _started:
-        return
-    _started.add(loop)
+def _start_housekeeping(rt: runtime.Runtime) -> list[asyncio.Task[None]]:
     _end_streams_on_exit_signals()
     from django.conf import settings
 
@@ -59,10 +59,10 @@ def _start_housekeeping(loop: asyncio.AbstractEventLoop) -> None:
     jobs: list[Any] = [prune_forever, presence.refresh_forever, pool.reap_forever, liveness.beat_forever]
     if settings.TANDEM_AGENT_MODE == "inline":
         jobs.append(pool.start_inline)
-    for job in jobs:
-        task = loop.create_task(job())
-        _housekeeping.add(task)
-        task.add_done_callback(_housekeeping.discard)
+    return [rt.spawn(job()) for job in jobs]
+
+
+_HOUSEKEEPING = runtime.Component("housekeeping", _start_housekeeping)
 
 
 class Tandem:
@@ -73,7 +73,7 @@ class Tandem:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        _start_housekeeping(asyncio.get_running_loop())
+        _start(asyncio.get_running_loop())
         if not _access_log.isEnabledFor(logging.INFO):
             await self.app(scope, receive, send)
             return
@@ -119,7 +119,7 @@ class Tandem:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                _start_housekeeping(asyncio.get_running_loop())
+                _start(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # Normally every stream ended when the signal came
@@ -130,8 +130,7 @@ class Tandem:
                 return
 
 
-_signals_chained = False
-_stopping = False
+_signals_chained = False  # signal handlers belong to the process, not to a runtime
 
 
 def _end_streams_on_exit_signals() -> None:
@@ -160,19 +159,19 @@ def _end_streams_on_exit_signals() -> None:
             continue
 
         def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-            global _stopping
             loop = runtime.bound_loop()
-            if loop is None or _stopping:
+            rt = None if loop is None else runtime.of(loop)
+            if rt is None or rt.stopping:
                 previous(signum, frame)  # a second signal forces the exit, as before
                 return
-            _stopping = True
+            rt.stopping = True
             # Only schedule: a signal handler runs between any two bytecodes of the loop.
-            loop.call_soon_threadsafe(_end_streams_then, previous, signum, frame)
+            rt.loop.call_soon_threadsafe(_end_streams_then, rt, previous, signum, frame)
 
         signal.signal(sig, handler)
 
 
-def _end_streams_then(previous: Any, signum: int, frame: Any) -> None:
+def _end_streams_then(rt: runtime.Runtime, previous: Any, signum: int, frame: Any) -> None:
     async def run() -> None:
         end_all_streams()
         # The server's own handler only once the streams have ended (briefly bounded):
@@ -180,9 +179,7 @@ def _end_streams_then(previous: Any, signum: int, frame: Any) -> None:
         await wait_for_streams(timeout=1.0)
         previous(signum, frame)
 
-    task = asyncio.get_running_loop().create_task(run())
-    _housekeeping.add(task)
-    task.add_done_callback(_housekeeping.discard)
+    rt.spawn(run())
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -273,23 +270,23 @@ class RequestGate:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-            weakref.WeakKeyDictionary()
-        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        loop = asyncio.get_running_loop()
-        gate = self._gates.get(loop)
-        if gate is None:
-            from django.conf import settings
-
-            gate = self._gates[loop] = asyncio.Semaphore(settings.TANDEM_MAX_CONCURRENT_REQUESTS)
         read = await read_body(scope, receive, send)
         if read is None:
             return
         scope, receive = read
-        async with gate:
+        async with _GATE.get():
             await self.app(scope, receive, send)
+
+
+def _make_gate(rt: runtime.Runtime) -> asyncio.Semaphore:
+    from django.conf import settings
+
+    return asyncio.Semaphore(settings.TANDEM_MAX_CONCURRENT_REQUESTS)
+
+
+_GATE = runtime.Component("request gate", _make_gate)
 
 
 application = Tandem(

@@ -1,8 +1,9 @@
 """Per-user limits (PROTOCOL §8): the write rate, and the number of open streams.
 
 Both are counted where every server process can see them: in Redis when ``REDIS_URL``
-is set, in this process otherwise. Stream slots carry their own expiry and are renewed
-by the process holding them, so the slots of a killed process free themselves.
+is set, in this process otherwise (on its runtime). Stream slots carry their own expiry
+and are renewed by the process holding them, so the slots of a killed process free
+themselves.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework.throttling import BaseThrottle
 
-from project import liveness, redisconn
+from project import liveness, redisconn, runtime
 from project.errors import RateLimited, TooManyConnections, Unavailable
 from project.rates import parse_rate
 
@@ -59,18 +60,6 @@ class _RedisCounter:
         return int(count)
 
 
-_counter: _LocalCounter | _RedisCounter | None = None
-_counter_for: str | None = None
-
-
-def _counters() -> _LocalCounter | _RedisCounter:
-    global _counter, _counter_for
-    if _counter is None or _counter_for != settings.REDIS_URL:
-        _counter = _RedisCounter(settings.REDIS_URL) if settings.REDIS_URL else _LocalCounter()
-        _counter_for = settings.REDIS_URL
-    return _counter
-
-
 def _count(key: str, rate_setting: str, what: str) -> None:
     """Count one hit on ``key`` against a rate such as ``120/min``; RateLimited (with
     Retry-After) past it. A fixed window: one atomic increment, the same on every process."""
@@ -81,7 +70,7 @@ def _count(key: str, rate_setting: str, what: str) -> None:
     now = time.time()
     window = int(now // period)
     try:
-        count = _counters().hit(f"{key}:{window}", period + 1)
+        count = STATE.get().counter.hit(f"{key}:{window}", period + 1)
     except Exception:  # Redis down: serve rather than refuse every request
         return
     if count > allowed:
@@ -323,17 +312,18 @@ class _RedisSlots:
         pipe.execute()
 
 
-_slots: _LocalSlots | _RedisSlots | None = None
-_slots_for: str | None = None
-_held: dict[str, int] = {}  # slot -> user id, this process's open streams
+class _State:
+    """A runtime's limits: where hits and slots are counted (Redis, or here), and the
+    slots of the streams open here."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        url = settings.REDIS_URL
+        self.counter = _RedisCounter(url) if url else _LocalCounter()
+        self.slots = _RedisSlots(url) if url else _LocalSlots()
+        self.held: dict[str, int] = {}  # slot -> user id
 
 
-def _slot_store() -> _LocalSlots | _RedisSlots:
-    global _slots, _slots_for
-    if _slots is None or _slots_for != settings.REDIS_URL:
-        _slots = _RedisSlots(settings.REDIS_URL) if settings.REDIS_URL else _LocalSlots()
-        _slots_for = settings.REDIS_URL
-    return _slots
+STATE = runtime.Component("limits", _State)
 
 
 # Seconds a client is told to wait before reopening a stream refused while Redis is down.
@@ -347,8 +337,9 @@ def slot_ttl() -> float:
 def take_stream_slot(user_id: int, slot: str) -> None:
     """Count a new stream of ``user_id``; TooManyConnections past the limit."""
     limit = settings.TANDEM_MAX_CONNECTIONS_PER_USER
+    state = STATE.get()
     try:
-        taken = _slot_store().take(user_id, slot, limit, slot_ttl())
+        taken = state.slots.take(user_id, slot, limit, slot_ttl())
     except Exception:
         # Redis is down or hung, and a stream's live events come through it: refuse
         # before the stream starts rather than answer 200 and fall silent.
@@ -361,25 +352,20 @@ def take_stream_slot(user_id: int, slot: str) -> None:
             f"At most {limit} open streams per user; close one first.",
             headers={"Retry-After": "5"},
         )
-    _held[slot] = user_id
+    state.held[slot] = user_id
 
 
 def release_stream_slot(slot: str) -> None:
-    user_id = _held.pop(slot, None)
+    state = STATE.get()
+    user_id = state.held.pop(slot, None)
     if user_id is None:
         return
     try:
-        _slot_store().release(user_id, slot)
+        state.slots.release(user_id, slot)
     except Exception:  # it lapses by itself
         pass
 
 
 def renew_stream_slots() -> None:
-    _slot_store().renew([(user_id, slot) for slot, user_id in list(_held.items())], slot_ttl())
-
-
-def forget_local_state() -> None:
-    """Tests: start from no counts and no slots (user ids are reused after a rollback)."""
-    global _counter, _slots
-    _counter = _slots = None
-    _held.clear()
+    state = STATE.get()
+    state.slots.renew([(user_id, slot) for slot, user_id in list(state.held.items())], slot_ttl())

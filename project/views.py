@@ -13,11 +13,11 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from events_app import fanout, runtime
+from events_app import fanout
 from events_app.metrics import ASYNCIO_TASKS, HUB_GROUPS, HUB_LISTENERS
-from events_app.runtime import off_loop
-from project import redisconn
+from project import redisconn, runtime
 from project.errors import Unavailable, error_response
+from project.runtime import off_loop
 
 log = logging.getLogger("tandem.readiness")
 

@@ -14,9 +14,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from events_app import fanout, groups, runtime
+from events_app import fanout, groups
 from events_app.services import publish
 from events_app.types import iso
+from project import runtime
 from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
 from sessions_app.permissions import close_permissions
 from sessions_app.serializers import part_data

@@ -54,9 +54,9 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
 def pytest_runtest_teardown(item: Any, nextitem: Any) -> Iterator[None]:
     # Before any fixture is torn down (the database first of all): a reply a test
     # started must not go on writing into the next test.
-    from sessions_app.agents.pool import stop_local_runs
+    from tests.runtime_control import stop_replies
 
-    stop_local_runs()
+    stop_replies()
     yield
 
 
@@ -67,9 +67,9 @@ def _fast_settings(settings: Any) -> None:
     # Tests publish in bursts; the limits have tests of their own that set them.
     settings.TANDEM_RATE_WRITE = "none"
     settings.TANDEM_RATE_AUTH_IP = settings.TANDEM_RATE_AUTH_USER = settings.TANDEM_RATE_TICKET = "none"
-    from project.limits import forget_local_state
+    from tests.runtime_control import fresh_runtimes
 
-    forget_local_state()
+    fresh_runtimes()
 
 
 def make_user(username: str) -> Any:
@@ -148,8 +148,9 @@ def _require_redis() -> None:
 
 @pytest.fixture
 def redis_layer(settings: Any) -> Iterator[str]:
-    """Switch this process to the real Redis pub/sub channel layer (and Redis presence)."""
-    from events_app import presence
+    """Switch this process to the real Redis pub/sub channel layer (and Redis presence and
+    limits): the runtimes made before the switch are discarded, and again after it."""
+    from tests.runtime_control import fresh_runtimes
 
     _require_redis()
     prefix = f"tandemtest{os.getpid()}x{time.monotonic_ns()}"
@@ -161,10 +162,10 @@ def redis_layer(settings: Any) -> Iterator[str]:
         }
     }
     channel_layers.backends.clear()
-    presence._store = None
+    fresh_runtimes()
     yield prefix
     channel_layers.backends.clear()
-    presence._store = None
+    fresh_runtimes()
 
 
 class PrivateRedis:

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator, WebsocketCommunicator
 
-from events_app import runtime
+from project import runtime
 
 WAIT = 5.0  # the bound on every wait: a test fails when it passes, it never sleeps it out
 

@@ -477,7 +477,7 @@ async def test_a_script_process_publishes_with_publish_event_and_redis_subscribe
 FORK_SCRIPT = """
 import asyncio, os, sys, django
 django.setup()
-from events_app import runtime
+from project import runtime
 from events_app.publishing import publish_event
 runtime.main_loop()  # the parent's runtime loop runs in a thread the child will not have
 pid = os.fork()

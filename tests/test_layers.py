@@ -20,8 +20,8 @@ CLIENTS = ("tandem_client", "bench")
 LAYERS: list[tuple[str, list[str]]] = [
     ("project core", [
         "project.settings", "project.secretkey", "project.rates", "project.redisconn",
-        "project.errors", "project.auth", "project.liveness", "project.limits",
-        "project.logfilters",
+        "project.errors", "project.auth", "project.runtime", "project.liveness",
+        "project.limits", "project.logfilters",
     ]),
     ("agent definitions", [
         "sessions_app.agents.base", "sessions_app.agents.registry", "sessions_app.agents.echo",
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("schema", ["sessions_app.models", "events_app.models"]),
     ("event log", [
-        "events_app.types", "events_app.groups", "events_app.runtime", "events_app.metrics",
+        "events_app.types", "events_app.groups", "events_app.metrics",
         "events_app.history", "events_app.cursors", "events_app.fanout", "events_app.services",
         "events_app.admin",
     ]),

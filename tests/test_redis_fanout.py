@@ -14,34 +14,24 @@ import redis
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
 
-from events_app import fanout, groups, runtime
+from events_app import fanout, groups
 from events_app.services import publish
 from events_app.types import Frame
+from project import runtime
 from project.asgi import application
+from tests import runtime_control
 from tests.conftest import REDIS_URL, token_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-async def live_loop(redis_layer: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+async def live_loop(redis_layer: str) -> AsyncIterator[str]:
     """Make the test's event loop this process's main loop (as the ASGI server's loop is
     in production), so the outbox and the hub both run here on the Redis layer."""
-    loop = asyncio.get_running_loop()
-    monkeypatch.setattr(runtime, "_bound", loop)
+    rt = runtime.bind(asyncio.get_running_loop())
     yield redis_layer
-    hub = fanout._hubs.pop(loop, None)
-    outbox = fanout._outboxes.pop(loop, None)
-    tasks = list(hub._tasks) if hub is not None else []
-    if outbox is not None:
-        tasks.append(outbox.task)
-    # A cancel that lands inside a redis-py command can be swallowed, so keep asking
-    # (bounded) until every background task of this loop has stopped.
-    async with asyncio.timeout(5):
-        while not all(task.done() for task in tasks):
-            for task in tasks:
-                task.cancel()
-            await asyncio.sleep(0.02)
+    await runtime_control.close(rt)  # its hub and outbox stop before Redis goes away
 
 
 class Recorder:
@@ -152,7 +142,7 @@ async def test_many_local_streams_of_one_session_share_one_redis_subscription_th
     streams = [SSEComm(sid, user) for user in (alice, bob, carol) * 4]
     for stream in streams:
         await stream.open()
-    hub = fanout._hubs[asyncio.get_running_loop()]
+    hub = fanout.get_hub()
     group = groups.session_group(sid)
     assert len(hub.groups[group]) == len(streams) == 12
     assert hub.subscription_count() == 1
@@ -222,7 +212,7 @@ async def test_events_from_racing_threads_reach_a_stream_in_seq_order(
     stream = SSEComm(sid, alice)
     connected = await stream.open()
     head = connected["properties"]["last_seq"]
-    hub = fanout._hubs[asyncio.get_running_loop()]
+    hub = fanout.get_hub()
     recorder = Recorder()
     await hub.subscribe(groups.session_group(sid), recorder, sid)
 

@@ -1,12 +1,13 @@
 """Where replies run.
 
 A pool claims queued replies (``ReplyRun`` rows) from the database and runs each on this
-process's runtime loop; it renews their leases and stops the ones asked to abort. In
-``inline`` mode every server process has a pool; in ``worker`` mode the
-``run_agents`` processes do, and server processes only queue the reply and wake the
-workers through the channel layer. Either way the database row is the queue, so a reply
-posted while no runner is up waits for one instead of being lost, and the lease tells a
-dead runner from a slow one (``reap_forever`` ends the replies of dead ones).
+process's runtime (the pool is one of its components); it renews their leases and stops
+the ones asked to abort. In ``inline`` mode every server process has a pool; in
+``worker`` mode the ``run_agents`` processes do, and server processes only queue the
+reply and wake the workers through the channel layer. Either way the database row is the
+queue, so a reply posted while no runner is up waits for one instead of being lost, and
+the lease tells a dead runner from a slow one (``reap_forever`` ends the replies of dead
+ones).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import os
 import secrets
 import socket
 import time
-import weakref
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -26,7 +26,7 @@ from django.conf import settings
 from events_app import groups, metrics
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
-from project import liveness, views
+from project import liveness, runtime, views
 from sessions_app import runs, services
 from sessions_app.agents.runner import Run
 
@@ -35,11 +35,10 @@ log = logging.getLogger(__name__)
 # How often an idle pool looks for queued replies whose wake-up it missed.
 _POLL_SECONDS = 1.0
 
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
-
 
 class Pool:
-    def __init__(self) -> None:
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.runtime = rt
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.runs: dict[str, Run] = {}  # message id -> run
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -57,9 +56,7 @@ class Pool:
 
     def start(self, *, listen: bool = False, persistent: bool = True) -> None:
         if self.serving is None or self.serving.done():
-            self.serving = asyncio.get_running_loop().create_task(
-                self.serve(listen=listen, persistent=persistent)
-            )
+            self.serving = self.runtime.spawn(self.serve(listen=listen, persistent=persistent))
 
     async def serve(self, *, listen: bool, persistent: bool) -> None:
         """Claim and run replies. A pool that is not ``persistent`` (started on demand
@@ -107,7 +104,7 @@ class Pool:
         for claimed in await database_sync_to_async(services.claim_runs)(self.name, free):
             run = Run(claimed.session_id, claimed.message_id, claimed.agent, self.name)
             self.runs[claimed.message_id] = run
-            task = asyncio.get_running_loop().create_task(run.run())
+            task = self.runtime.spawn(run.run())
             self.tasks[claimed.message_id] = task
             task.add_done_callback(lambda _, mid=claimed.message_id: self._ended(mid))
 
@@ -144,41 +141,12 @@ class Pool:
             await database_sync_to_async(services.interrupt_runs)(self.name, left)
 
 
-    async def cancel_all(self) -> None:
-        """Stop every reply here without ending it (the row stays for a reaper)."""
-        for run in list(self.runs.values()):
-            run.abort(lost=True)
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
-            # A cancelled task leaves its database call running in the sync thread; a
-            # no-op queued behind it returns once that call is done.
-            await database_sync_to_async(lambda: None)()
-
-
-def stop_local_runs(timeout: float = 10.0) -> None:
-    """Stop the replies this process runs on loops other than the caller's, and wait
-    for them. For tests: a reply must not outlive the test that started it."""
-    for loop, pool in list(_pools.items()):
-        if not pool.tasks or loop.is_closed() or not loop.is_running():
-            continue
-        try:
-            if asyncio.get_running_loop() is loop:
-                continue
-        except RuntimeError:
-            pass
-        asyncio.run_coroutine_threadsafe(pool.cancel_all(), loop).result(timeout)
+POOL = runtime.Component("agents pool", Pool)
 
 
 def get_pool() -> Pool:
-    """This loop's pool (tests run several loops; a server process has one)."""
-    loop = asyncio.get_running_loop()
-    pool = _pools.get(loop)
-    if pool is None:
-        pool = _pools[loop] = Pool()
-    return pool
+    """The pool of the running loop's runtime."""
+    return POOL.get()
 
 
 def _wake_local() -> None:
@@ -210,7 +178,7 @@ def _set_gauges() -> None:
 
 
 def active_runs() -> int:
-    return sum(len(pool.runs) for pool in list(_pools.values()))
+    return sum(len(pool.runs) for rt in runtime.every() if (pool := POOL.find(rt)) is not None)
 
 
 def agents_report() -> dict[str, Any]:

@@ -11,8 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from events_app import runtime
-from project import liveness
+from project import liveness, runtime
 from sessions_app.agents.pool import active_runs, get_pool, reap_forever
 
 log = logging.getLogger("tandem.worker")
@@ -54,15 +53,15 @@ class Command(BaseCommand):
 
     async def _main(self, drain_seconds: float) -> None:
         loop = asyncio.get_running_loop()
-        runtime.bind(loop)
+        rt = runtime.bind(loop)  # this process's runtime, for the life of the worker
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         pool = get_pool()
         pool.start(listen=True)
-        reaper = loop.create_task(reap_forever())
+        reaper = rt.spawn(reap_forever())
         # /readyz and /metrics of the server processes count the workers that beat.
-        beats = loop.create_task(liveness.beat_forever("workers", pool.name))
+        beats = rt.spawn(liveness.beat_forever("workers", pool.name))
         log.info("Agent worker %s ready (concurrency %d)", pool.name, settings.TANDEM_AGENT_CONCURRENCY)
         if settings.TANDEM_LOG_FORMAT != "json":  # every JSON line is a log record
             self.stdout.write(f"ready {pool.name}", ending="\n")
@@ -77,3 +76,4 @@ class Command(BaseCommand):
         if settings.REDIS_URL:
             with contextlib.suppress(Exception):
                 liveness.forget("workers", pool.name)
+        rt.close()  # the hub and the outbox stop here, not in asyncio.run's clean-up
