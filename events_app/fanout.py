@@ -33,6 +33,7 @@ from django.conf import settings
 from events_app import groups, runtime
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
 from events_app.types import Frame
+from project.thirdparty import GroupPublisher
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +90,26 @@ class _Outbox:
 async def _send_batch(batch: list[tuple[str, Mapping[str, Any]]]) -> None:
     layer = get_channel_layer()
     if isinstance(layer, RedisPubSubChannelLayer):
-        # What RedisPubSubLoopLayer.group_send does for one message, for all of them:
-        # the same channel names and encoding, one pipeline per shard.
-        loop_layer = layer._get_layer()
-        pipes: dict[int, Any] = {}
-        for group, message in batch:
-            channel = loop_layer._get_group_channel_name(group)
-            shard = loop_layer._get_shard(channel)
-            if id(shard) not in pipes:
-                shard._ensure_redis()
-                pipes[id(shard)] = shard._redis.pipeline(transaction=False)
-            pipes[id(shard)].publish(channel, layer.serialize(message))
-        for pipe in pipes.values():
-            await pipe.execute()
+        await _publisher(layer).publish(batch)
         return
     for group, message in batch:
         await layer.group_send(group, message)
+
+
+_publishers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupPublisher] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _publisher(layer: RedisPubSubChannelLayer) -> GroupPublisher:
+    """This loop's publisher for ``layer`` (made again when tests switch layers)."""
+    loop = asyncio.get_running_loop()
+    publisher = _publishers.get(loop)
+    if publisher is None or publisher.layer is not layer:
+        if publisher is not None:
+            loop.create_task(publisher.aclose())
+        publisher = _publishers[loop] = GroupPublisher(layer, settings.CHANNEL_LAYERS["default"].get("CONFIG", {}))
+    return publisher
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
