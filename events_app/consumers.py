@@ -5,7 +5,7 @@ Neither consumer takes a channel-layer channel of its own: the process's hub del
 frames to them directly, so an open stream costs no Redis subscription and no receive
 loop. And neither runs ``aclose_old_connections`` per message (channels >= 4.2 does a
 thread hop for it on every dispatch); they touch the ORM only through
-``runtime.off_loop``, which manages connections itself.
+``project.db.off_loop``, which manages connections itself.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from events_app import commands
-from events_app.runtime import off_loop
 from events_app.streams import Connection, prepare, serving
+from project.db import off_loop
 from project.errors import ApiError, BadRequest, InternalError
 from project.thirdparty import daphne_sends_close_reasons
 

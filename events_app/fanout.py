@@ -33,7 +33,8 @@ from django.conf import settings
 from events_app import groups, runtime
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
 from events_app.types import Frame
-from project.thirdparty import GroupPublisher
+from project import thirdparty
+from project.db import off_loop
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +91,10 @@ class _Outbox:
 async def _send_batch(batch: list[tuple[str, Mapping[str, Any]]]) -> None:
     layer = get_channel_layer()
     if isinstance(layer, RedisPubSubChannelLayer):
-        await _publisher(layer).publish(batch)
+        await thirdparty.publish_group_batch(layer, batch)
         return
     for group, message in batch:
         await layer.group_send(group, message)
-
-
-_publishers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupPublisher] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _publisher(layer: RedisPubSubChannelLayer) -> GroupPublisher:
-    """This loop's publisher for ``layer`` (made again when tests switch layers)."""
-    loop = asyncio.get_running_loop()
-    publisher = _publishers.get(loop)
-    if publisher is None or publisher.layer is not layer:
-        if publisher is not None:
-            loop.create_task(publisher.aclose())
-        publisher = _publishers[loop] = GroupPublisher(layer, settings.CHANNEL_LAYERS["default"].get("CONFIG", {}))
-    return publisher
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
@@ -192,7 +177,7 @@ class Hub:
                 if session_id is not None:
                     # Read after group_add: anything committed before is at or below
                     # this head, anything after will arrive through the group.
-                    found = await runtime.off_loop(heads)([session_id])
+                    found = await off_loop(heads)([session_id])
                     self.heads[group] = found.get(session_id, 0)
                     self.group_session[group] = session_id
                 members = self.groups[group] = set()
@@ -278,7 +263,7 @@ class Hub:
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
         from events_app.history import events_between
 
-        frames = await runtime.off_loop(events_between)(
+        frames = await off_loop(events_between)(
             session_id, after, upto, limit=upto - after
         )
         for frame in frames:
@@ -304,7 +289,7 @@ class Hub:
                 sessions = dict(self.group_session)
                 if not sessions:
                     continue
-                found = await runtime.off_loop(heads)(list(sessions.values()))
+                found = await off_loop(heads)(list(sessions.values()))
                 for group, session_id in sessions.items():
                     head = found.get(session_id)
                     if head is not None and group in self.heads and head > self.heads[group]:

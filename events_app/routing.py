@@ -8,8 +8,8 @@ from channels.security.websocket import WebsocketDenier
 from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
-from events_app.runtime import off_loop
 from project.auth import authenticate_stream, origin_allowed
+from project.db import off_loop
 from project.errors import ApiError, NotFound
 
 

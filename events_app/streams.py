@@ -27,10 +27,10 @@ from django.utils import timezone
 from events_app import cursors, fanout, groups, presence
 from events_app.history import events_between
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
-from events_app.runtime import off_loop
 from events_app.services import parse_position, reset_reason
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project.auth import authenticate_stream, query_params
+from project.db import off_loop
 from project.errors import BadRequest
 from project.limits import release_stream_slot, take_stream_slot
 from sessions_app.access import check_member, member_session_ids
@@ -66,7 +66,7 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
     """Authenticate, authorise and read the parameters of a stream. Synchronous (it
-    queries the database): call through runtime.off_loop. Raises ApiError."""
+    queries the database): call through project.db.off_loop. Raises ApiError."""
     creds = scope.get("stream_auth")
     if isinstance(creds, Exception):
         raise creds

@@ -5,14 +5,16 @@ each one against the installed release (names, signatures and behaviour), so an
 incompatible release fails that test rather than production. ``pyproject.toml`` pins
 these packages exactly (``==``); moving a pin means running that test first.
 
-- **channels-redis** (``RedisPubSubChannelLayer``): its wire convention. A group's
-  messages are PUBLISHed on the Redis channel ``{prefix}__group__{group}``, on the host
-  ``channels_redis.utils._consistent_hash(channel, len(hosts))`` picks, encoded by the
-  layer's (public) ``serialize``. ``GroupPublisher`` publishes a batch that way in one
-  pipeline per host, on Redis clients of its own (made by the layer's own
-  ``decode_hosts``/``create_pool``): the layer's ``group_send`` holds a lock for one
-  round trip per message, which made a burst of events wait seconds
-  (docs/PERFORMANCE.md).
+- **channels-redis** ``RedisPubSubChannelLayer``: ``publish_group_batch`` sends a batch of
+  group messages as the layer's ``group_send`` sends one, in one pipeline per shard: it
+  uses ``layer._get_layer()`` (the per-loop ``RedisPubSubLoopLayer``), its
+  ``_get_group_channel_name(group)`` and ``_get_shard(channel)``, and the shard's
+  ``_ensure_redis()`` and ``_redis`` client (skipping the shard's lock, which only
+  serialises publishes). The layer's ``group_send`` publishes one message per round trip
+  under that lock, which made a burst of events wait seconds (docs/PERFORMANCE.md).
+  Publishing on a Redis client of Tandem's own, with the same channel names and
+  encoding, was tried: an abort sent right after a post then sometimes missed the run on
+  the other process (tests/test_cross_process.py), so the layer's own client stays.
 - **daphne** ``access.AccessLogGenerator.write_entry(self, host, date, request, status,
   length, ident, user)``: replaced so daphne's access log becomes records of the
   ``daphne.access`` logger (redacted, JSON with ``TANDEM_LOG_FORMAT=json``) instead of raw
@@ -34,59 +36,25 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from redis import asyncio as aioredis
-
 # ---------------------------------------------------------------- channels-redis
 
 
-def group_channel_name(prefix: str, group: str) -> str:
-    """The Redis channel a ``RedisPubSubChannelLayer`` with ``prefix`` publishes ``group`` on."""
-    return f"{prefix}__group__{group}"
-
-
-def shard_index(channel: str, shards: int) -> int:
-    """Which of the layer's hosts carries ``channel`` (the layer's own hash)."""
-    from channels_redis.utils import _consistent_hash
-
-    return int(_consistent_hash(channel, shards))
-
-
-class GroupPublisher:
-    """Publishes group messages for a ``RedisPubSubChannelLayer`` as its ``group_send``
-    would, a batch at a time: one pipeline of PUBLISHes per host, in order. Bound to the
-    event loop it is first used on (redis-py's clients are); ``aclose`` when done."""
-
-    def __init__(self, layer: Any, config: Mapping[str, Any]) -> None:
-        from channels_redis.utils import create_pool, decode_hosts
-
-        self.layer = layer
-        self.prefix: str = config.get("prefix", "asgi")
-        self._hosts = decode_hosts(config.get("hosts"))
-        self._create_pool = create_pool
-        self._clients: list[aioredis.Redis | None] = [None] * len(self._hosts)
-
-    def _client(self, index: int) -> aioredis.Redis:
-        client = self._clients[index]
-        if client is None:
-            client = self._clients[index] = aioredis.Redis(connection_pool=self._create_pool(self._hosts[index]))
-        return client
-
-    async def publish(self, batch: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
-        pipes: dict[int, Any] = {}
-        for group, message in batch:
-            channel = group_channel_name(self.prefix, group)
-            index = shard_index(channel, len(self._hosts))
-            if index not in pipes:
-                pipes[index] = self._client(index).pipeline(transaction=False)
-            pipes[index].publish(channel, self.layer.serialize(message))
-        for pipe in pipes.values():
-            await pipe.execute()
-
-    async def aclose(self) -> None:
-        clients, self._clients = self._clients, [None] * len(self._hosts)
-        for client in clients:
-            if client is not None:
-                await client.aclose(close_connection_pool=True)
+async def publish_group_batch(layer: Any, batch: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+    """What ``RedisPubSubChannelLayer.group_send`` does for one message, for a whole batch:
+    the same Redis channels, shards and encoding, on the layer's own per-shard clients, in
+    one pipeline of PUBLISHes per shard, in order. (The layer's own ``group_send`` holds a
+    lock for one round trip per message.)"""
+    loop_layer = layer._get_layer()
+    pipes: dict[int, Any] = {}
+    for group, message in batch:
+        channel = loop_layer._get_group_channel_name(group)
+        shard = loop_layer._get_shard(channel)
+        if id(shard) not in pipes:
+            shard._ensure_redis()
+            pipes[id(shard)] = shard._redis.pipeline(transaction=False)
+        pipes[id(shard)].publish(channel, layer.serialize(message))
+    for pipe in pipes.values():
+        await pipe.execute()
 
 
 # ---------------------------------------------------------------- daphne

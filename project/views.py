@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events_app import fanout, runtime
 from events_app.metrics import ASYNCIO_TASKS, HUB_GROUPS, HUB_LISTENERS
-from events_app.runtime import off_loop
 from project import redisconn
+from project.db import off_loop
 from project.errors import Unavailable, error_response
 
 log = logging.getLogger("tandem.readiness")

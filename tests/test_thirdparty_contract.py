@@ -21,47 +21,70 @@ def _params(func: Any) -> list[str]:
 # ---------------------------------------------------------------- channels-redis
 
 
-def test_channels_redis_names_and_shards_group_channels_as_the_adapter_does() -> None:
-    from channels_redis.pubsub import RedisPubSubLoopLayer
+def test_channels_redis_pubsub_layer_keeps_the_internals_the_batch_publisher_uses() -> None:
+    from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection
+    from redis.asyncio import Redis
 
-    hosts = [f"redis://127.0.0.1:{6379 + i}/0" for i in range(3)]
-    layer = RedisPubSubLoopLayer(hosts=hosts, prefix="pfx")
-    for group in ("tandem.s.abc", "tandem.u.1", "g" * 90):
-        channel = layer._get_group_channel_name(group)
-        assert channel == thirdparty.group_channel_name("pfx", group)
-        assert layer._get_shard(channel) is layer._shards[thirdparty.shard_index(channel, len(hosts))]
-    # And the hash really spreads over the hosts (not always shard 0).
-    assert {thirdparty.shard_index(f"pfx__group__{i}", 3) for i in range(50)} == {0, 1, 2}
-
-
-def test_channels_redis_helpers_the_publisher_uses_keep_their_signatures() -> None:
-    from channels_redis import utils
-    from channels_redis.pubsub import RedisPubSubChannelLayer
-
-    assert _params(utils._consistent_hash) == ["value", "ring_size"]
-    assert _params(utils.create_pool) == ["host"]
-    assert _params(utils.decode_hosts) == ["hosts"]
-    assert utils.decode_hosts(["redis://h:1/0"]) == [{"address": "redis://h:1/0"}]
+    assert _params(RedisPubSubChannelLayer._get_layer) == ["self"]
     assert _params(RedisPubSubChannelLayer.serialize) == ["self", "message"]
+    assert _params(RedisPubSubLoopLayer._get_group_channel_name) == ["self", "group"]
+    assert _params(RedisPubSubLoopLayer._get_shard) == ["self", "channel_or_group_name"]
+    assert _params(RedisSingleShardConnection._ensure_redis) == ["self"]
+
+    loop_layer = RedisPubSubLoopLayer(hosts=["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"], prefix="pfx")
+    channel = loop_layer._get_group_channel_name("tandem.s.abc")
+    # The group's Redis channel carries the prefix and the group (other processes subscribe to it).
+    assert channel.startswith("pfx") and channel.endswith("tandem.s.abc")
+    shard = loop_layer._get_shard(channel)
+    assert shard in loop_layer._shards and shard is loop_layer._get_shard(channel)
+    shard._ensure_redis()  # makes the client; connects only on first use
+    assert isinstance(shard._redis, Redis)
 
 
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
-async def test_a_batch_published_by_the_adapter_reaches_the_layers_group_members_in_order(
-    redis_layer: str, settings: Any,
-) -> None:
+async def test_a_batch_published_through_the_adapter_reaches_group_members_in_order(redis_layer: str) -> None:
     layer = get_channel_layer()
     channel = await layer.new_channel("contract.")
     await layer.group_add("tandem.contract", channel)
-    publisher = thirdparty.GroupPublisher(layer, settings.CHANNEL_LAYERS["default"]["CONFIG"])
     try:
         sent = [{"type": "contract", "n": n, "text": "é" * n} for n in range(20)]
-        await publisher.publish([("tandem.contract", m) for m in sent])
+        await thirdparty.publish_group_batch(layer, [("tandem.contract", m) for m in sent])
         received = [await asyncio.wait_for(layer.receive(channel), 5) for _ in sent]
         assert received == sent
     finally:
-        await publisher.aclose()
         await layer.group_discard("tandem.contract", channel)
+        await layer.flush()
+
+
+@pytest.mark.redis
+async def test_a_batch_spread_over_two_shards_reaches_each_groups_members_in_order() -> None:
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    from tests.conftest import REDIS_URL, _require_redis
+
+    _require_redis()
+    # Two "hosts" on one server (pub/sub ignores the database number): groups hash to both.
+    base = REDIS_URL.rsplit("/", 1)[0]
+    layer = RedisPubSubChannelLayer(hosts=[f"{base}/0", f"{base}/1"], prefix=f"contract{id(object())}")
+    loop_layer = layer._get_layer()
+    by_shard: dict[int, list[str]] = {}
+    for i in range(200):
+        group = f"tandem.contract.{i}-{i * 7919}"
+        by_shard.setdefault(id(loop_layer._get_shard(loop_layer._get_group_channel_name(group))), []).append(group)
+    assert len(by_shard) == 2
+    group_names = [g for groups in by_shard.values() for g in groups[:3]]
+    channels = {}
+    for group in group_names:
+        channels[group] = await layer.new_channel("contract.")
+        await layer.group_add(group, channels[group])
+    try:
+        batch = [(group, {"type": "contract", "group": group, "n": n}) for n in range(5) for group in group_names]
+        await thirdparty.publish_group_batch(layer, batch)
+        for group in group_names:
+            got = [await asyncio.wait_for(layer.receive(channels[group]), 5) for _ in range(5)]
+            assert got == [m for g, m in batch if g == group]
+    finally:
         await layer.flush()
 
 

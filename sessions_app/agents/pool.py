@@ -20,13 +20,13 @@ import time
 import weakref
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from events_app import groups, metrics
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
 from project import liveness, views
+from project.db import off_loop
 from sessions_app import runs, services
 from sessions_app.agents.runner import Run
 
@@ -104,7 +104,7 @@ class Pool:
         free = settings.TANDEM_AGENT_CONCURRENCY - len(self.runs)
         if free <= 0 or not self.accepting:
             return
-        for claimed in await database_sync_to_async(services.claim_runs)(self.name, free):
+        for claimed in await off_loop(services.claim_runs)(self.name, free):
             run = Run(claimed.session_id, claimed.message_id, claimed.agent, self.name)
             self.runs[claimed.message_id] = run
             task = asyncio.get_running_loop().create_task(run.run())
@@ -117,7 +117,7 @@ class Pool:
         self.wake.set()  # room for the next queued reply
 
     async def _renew(self) -> None:
-        lost, aborts = await database_sync_to_async(services.renew_leases)(self.name, list(self.runs))
+        lost, aborts = await off_loop(services.renew_leases)(self.name, list(self.runs))
         for message_id in lost:
             log.warning("Reply %s was ended elsewhere; stopping it here", message_id)
             run = self.runs.get(message_id)
@@ -141,7 +141,7 @@ class Pool:
         for message_id in left:
             self.runs[message_id].abort(lost=True)
         if left:
-            await database_sync_to_async(services.interrupt_runs)(self.name, left)
+            await off_loop(services.interrupt_runs)(self.name, left)
 
 
     async def cancel_all(self) -> None:
@@ -153,9 +153,6 @@ class Pool:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-            # A cancelled task leaves its database call running in the sync thread; a
-            # no-op queued behind it returns once that call is done.
-            await database_sync_to_async(lambda: None)()
 
 
 def stop_local_runs(timeout: float = 10.0) -> None:
@@ -239,7 +236,7 @@ async def reap_forever() -> None:
     interval = max(1.0, settings.TANDEM_RUN_LEASE_SECONDS / 4)
     while True:
         try:
-            ended = await database_sync_to_async(services.reap_expired_runs)()
+            ended = await off_loop(services.reap_expired_runs)()
             if ended:
                 log.warning("Ended %d interrupted repl%s", ended, "y" if ended == 1 else "ies")
         except Exception:
