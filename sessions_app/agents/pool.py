@@ -26,6 +26,7 @@ from events_app import groups, metrics
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
 from project import liveness, views
+from project.db import drain as drain_database_calls
 from project.db import off_loop
 from sessions_app import runs, services
 from sessions_app.agents.runner import Run
@@ -142,7 +143,8 @@ class Pool:
             self.runs[message_id].abort(lost=True)
         if left:
             await off_loop(services.interrupt_runs)(self.name, left)
-
+        # A run aborted above may be in a database call: the worker exits once none is.
+        await drain_database_calls()
 
     async def cancel_all(self) -> None:
         """Stop every reply here without ending it (the row stays for a reaper)."""
@@ -153,6 +155,9 @@ class Pool:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+            # A cancelled run leaves its database call running in its thread (holding
+            # locks until it ends): wait for it.
+            await drain_database_calls(timeout=5)
 
 
 def stop_local_runs(timeout: float = 10.0) -> None:
