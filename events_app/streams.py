@@ -260,8 +260,8 @@ class Connection:
         resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
         if req.resume is not None:
             RESUMES.inc()
-        for _, reason in resets:
-            RESETS.labels(reason).inc()
+        for _, why in resets:
+            RESETS.labels(why).inc()
         if resets:
             connected["resumed"] = False
         if req.session_id is not None:
@@ -275,9 +275,9 @@ class Connection:
             connected["cursor"] = self.cursors.cursor(self.positions)
         first: list[Any] = [SSE_RETRY] if self.sse else []
         first.append(self._render_control(req.session_id, "server.connected", connected))
-        for sid, reason in resets:
+        for sid, why in resets:
             first.append(
-                self._render_control(sid, "stream.reset", {"reason": reason, "last_seq": heads.get(sid, 0)})
+                self._render_control(sid, "stream.reset", {"reason": why, "last_seq": heads.get(sid, 0)})
             )
         await self.send(first)
         if req.session_id is not None:

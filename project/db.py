@@ -27,8 +27,8 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
@@ -50,7 +50,7 @@ def _forget(ticket: concurrent.futures.Future[None]) -> None:
         _in_flight.discard(ticket)
 
 
-def off_loop(func: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+def off_loop(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(func)
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         ticket: concurrent.futures.Future[None] = concurrent.futures.Future()

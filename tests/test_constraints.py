@@ -32,7 +32,7 @@ def _pins() -> dict[str, Version]:
 def _applies(req: Requirement, extras: set[str]) -> bool:
     if req.marker is None:
         return True
-    env = default_environment()
+    env = {str(key): str(value) for key, value in default_environment().items()}
     return any(req.marker.evaluate({**env, "extra": extra}) for extra in extras or {""})
 
 
