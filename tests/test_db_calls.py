@@ -4,9 +4,11 @@ stops work waits for those calls (on PostgreSQL one still running at a test's te
 made the next ``TRUNCATE`` deadlock)."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,3 +106,26 @@ async def test_the_pool_returns_from_stopping_runs_only_once_their_database_call
     assert ended == ["ended"]
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def test_production_code_reaches_the_orm_only_through_off_loop() -> None:
+    # database_sync_to_async would put a call back on the shared thread, untracked by
+    # drain; plain sync_to_async is for blocking calls that are not database work (Redis),
+    # in the modules that make them. A new use elsewhere must choose one of the two.
+    redis_only = {"events_app/streams.py", "events_app/presence.py", "project/liveness.py", "project/db.py"}
+    root = Path(__file__).resolve().parent.parent
+    found: dict[str, set[str]] = {}
+    for package in ("project", "events_app", "sessions_app", "tandem_client"):
+        for path in (root / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            names = {
+                alias.name
+                for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names
+                if node.module in {"channels.db", "asgiref.sync"}
+            }
+            if names:
+                found[str(path.relative_to(root))] = names
+    assert all("database_sync_to_async" not in names for names in found.values()), found
+    assert {path for path, names in found.items() if "sync_to_async" in names} <= redis_only
+    assert "project/db.py" in found  # the scan sees imports at all
