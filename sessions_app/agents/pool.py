@@ -157,7 +157,7 @@ class Pool:
             await asyncio.wait(tasks, timeout=5)
             # A cancelled run leaves its database call running in its thread (holding
             # locks until it ends): wait for it.
-            await drain_database_calls(timeout=5)
+            await drain_database_calls(timeout=4)  # within stop_local_runs' 10 s
 
 
 def stop_local_runs(timeout: float = 10.0) -> None:
