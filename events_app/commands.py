@@ -6,12 +6,12 @@ import json
 from typing import Any
 
 import orjson
-from channels.db import database_sync_to_async
 from django.conf import settings
 from rest_framework.utils.json import strict_constant
 
 from events_app.services import publish_custom
 from events_app.streams import Connection
+from project.db import off_loop
 from project.errors import (
     ApiError,
     BadRequest,
@@ -145,7 +145,7 @@ async def handle(conn: Connection, text: str) -> dict[str, Any] | None:
             result = await _presence_update(conn, command)
         else:
             session_id = _session_id(conn, command)
-            result = await database_sync_to_async(_write)(kind, conn.request.user, session_id, command)
+            result = await off_loop(_write)(kind, conn.request.user, session_id, command)
     except Exception as exc:
         err = to_api_error(exc) or InternalError()
         if not isinstance(exc, ApiError) and err.status >= 500:
@@ -166,6 +166,6 @@ async def _presence_update(conn: Connection, command: dict[str, Any]) -> dict[st
         raise ValidationFailed(details={"state": ["Must be a JSON object."]})
     if len(orjson.dumps(state)) > settings.TANDEM_MAX_PRESENCE_BYTES:
         raise ValidationFailed(details={"state": ["At most 4 KiB of JSON."]})
-    await database_sync_to_async(_check_presence)(conn.request.user, conn.request.session_id)
+    await off_loop(_check_presence)(conn.request.user, conn.request.session_id)
     await conn.update_presence(state)
     return {"state": state}

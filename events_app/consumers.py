@@ -5,14 +5,13 @@ Neither consumer takes a channel-layer channel of its own: the process's hub del
 frames to them directly, so an open stream costs no Redis subscription and no receive
 loop. And neither runs ``aclose_old_connections`` per message (channels >= 4.2 does a
 thread hop for it on every dispatch); they touch the ORM only through
-``runtime.off_loop``, which manages connections itself.
+``project.db.off_loop``, which manages connections itself.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import sys
 from typing import Any
 
 import orjson
@@ -22,8 +21,9 @@ from django.conf import settings
 
 from events_app import commands
 from events_app.streams import Connection, prepare, serving
+from project.db import off_loop
 from project.errors import ApiError, BadRequest, InternalError
-from project.runtime import off_loop
+from project.thirdparty import daphne_sends_close_reasons
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +102,8 @@ WS_CLOSE_CODES = {
 }
 
 
-def _daphne_sends_close_reasons() -> None:
-    """daphne 4 drops the reason of a ``websocket.close`` (its ``handle_reply`` passes on
-    the code only), so under daphne every close frame's reason was empty. Where daphne
-    runs this process, pass the reason on too. A no-op under any other server, and if
-    daphne's protocol class no longer looks as expected."""
-    module = sys.modules.get("daphne.ws_protocol")
-    protocol = getattr(module, "WebSocketProtocol", None)
-    original = getattr(protocol, "handle_reply", None)
-    if protocol is None or original is None or getattr(original, "tandem_reasons", False):
-        return
-
-    def handle_reply(self: Any, message: dict[str, Any]) -> None:
-        code, reason = message.get("code"), message.get("reason")
-        if (
-            message.get("type") == "websocket.close" and reason and isinstance(code, int)
-            and 3000 <= code <= 4999 and self.state == self.STATE_OPEN
-        ):
-            self.sendClose(code=code, reason=str(reason)[:120])
-            return
-        original(self, message)
-
-    handle_reply.tandem_reasons = True  # type: ignore[attr-defined]
-    protocol.handle_reply = handle_reply
-
-
-_daphne_sends_close_reasons()
+# daphne drops close reasons unless taught otherwise (project/thirdparty.py).
+daphne_sends_close_reasons()
 
 
 class SSEConsumer(AsyncHttpConsumer):

@@ -32,7 +32,8 @@ from django.conf import settings
 from events_app import groups
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
 from events_app.types import Frame
-from project import runtime
+from project import runtime, thirdparty
+from project.db import off_loop
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +90,7 @@ class _Outbox:
 async def _send_batch(batch: list[tuple[str, Mapping[str, Any]]]) -> None:
     layer = get_channel_layer()
     if isinstance(layer, RedisPubSubChannelLayer):
-        # What RedisPubSubLoopLayer.group_send does for one message, for all of them:
-        # the same channel names and encoding, one pipeline per shard.
-        loop_layer = layer._get_layer()
-        pipes: dict[int, Any] = {}
-        for group, message in batch:
-            channel = loop_layer._get_group_channel_name(group)
-            shard = loop_layer._get_shard(channel)
-            if id(shard) not in pipes:
-                shard._ensure_redis()
-                pipes[id(shard)] = shard._redis.pipeline(transaction=False)
-            pipes[id(shard)].publish(channel, layer.serialize(message))
-        for pipe in pipes.values():
-            await pipe.execute()
+        await thirdparty.publish_group_batch(layer, batch)
         return
     for group, message in batch:
         await layer.group_send(group, message)
@@ -185,7 +174,7 @@ class Hub:
                 if session_id is not None:
                     # Read after group_add: anything committed before is at or below
                     # this head, anything after will arrive through the group.
-                    found = await runtime.off_loop(heads)([session_id])
+                    found = await off_loop(heads)([session_id])
                     self.heads[group] = found.get(session_id, 0)
                     self.group_session[group] = session_id
                 members = self.groups[group] = set()
@@ -271,7 +260,7 @@ class Hub:
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
         from events_app.history import events_between
 
-        frames = await runtime.off_loop(events_between)(
+        frames = await off_loop(events_between)(
             session_id, after, upto, limit=upto - after
         )
         for frame in frames:
@@ -297,7 +286,7 @@ class Hub:
                 sessions = dict(self.group_session)
                 if not sessions:
                     continue
-                found = await runtime.off_loop(heads)(list(sessions.values()))
+                found = await off_loop(heads)(list(sessions.values()))
                 for group, session_id in sessions.items():
                     head = found.get(session_id)
                     if head is not None and group in self.heads and head > self.heads[group]:

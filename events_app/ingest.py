@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events_app.publishing import publish_json
 from project import redisconn
+from project.db import off_loop
 from project.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class RedisIngest:
         self.poll_seconds = poll_seconds
         self.stats = IngestStats()
         self.subscribed = asyncio.Event()  # set while the pattern subscription is confirmed
-        self._publish = database_sync_to_async(publish_json)
+        self._publish = off_loop(publish_json)
 
     async def run(self) -> IngestStats:
         delay = self.backoff_initial

@@ -9,8 +9,8 @@ from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
 from project.auth import authenticate_stream, origin_allowed
+from project.db import off_loop
 from project.errors import ApiError, NotFound
-from project.runtime import off_loop
 
 
 def _has_origin(scope: dict[str, Any]) -> bool:

@@ -21,6 +21,7 @@ from events_app.metrics import EVENTS_PUBLISHED
 from events_app.models import Event
 from events_app.types import Frame, TypeFilter, custom_type_problem, encode, is_persisted, iso
 from project import runtime
+from project.db import off_loop
 from project.errors import BadRequest, NotFound, PayloadTooLarge, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -239,12 +240,10 @@ def prune_session(session_id: str) -> int:
 
 
 async def prune_forever() -> None:
-    from channels.db import database_sync_to_async
-
     while True:
         await asyncio.sleep(settings.TANDEM_PRUNE_INTERVAL_SECONDS)
         try:
-            await database_sync_to_async(prune_expired)()
+            await off_loop(prune_expired)()
         except asyncio.CancelledError:
             raise
         except Exception:

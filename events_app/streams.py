@@ -31,9 +31,9 @@ from events_app.services import parse_position, reset_reason
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project import runtime
 from project.auth import authenticate_stream, query_params
+from project.db import off_loop
 from project.errors import BadRequest
 from project.limits import release_stream_slot, take_stream_slot
-from project.runtime import off_loop
 from sessions_app.access import check_member, member_session_ids
 from sessions_app.serializers import user_data
 
@@ -67,7 +67,7 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
     """Authenticate, authorise and read the parameters of a stream. Synchronous (it
-    queries the database): call through runtime.off_loop. Raises ApiError."""
+    queries the database): call through project.db.off_loop. Raises ApiError."""
     creds = scope.get("stream_auth")
     if isinstance(creds, Exception):
         raise creds
@@ -285,8 +285,8 @@ class Connection:
         resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
         if req.resume is not None:
             RESUMES.inc()
-        for _, reason in resets:
-            RESETS.labels(reason).inc()
+        for _, why in resets:
+            RESETS.labels(why).inc()
         if resets:
             connected["resumed"] = False
         if req.session_id is not None:
@@ -300,9 +300,9 @@ class Connection:
             connected["cursor"] = self.cursors.cursor(self.positions)
         first: list[Any] = [SSE_RETRY] if self.sse else []
         first.append(self._render_control(req.session_id, "server.connected", connected))
-        for sid, reason in resets:
+        for sid, why in resets:
             first.append(
-                self._render_control(sid, "stream.reset", {"reason": reason, "last_seq": heads.get(sid, 0)})
+                self._render_control(sid, "stream.reset", {"reason": why, "last_seq": heads.get(sid, 0)})
             )
         await self.send(first)
         if req.session_id is not None:

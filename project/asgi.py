@@ -37,6 +37,7 @@ from events_app.routing import (  # noqa: E402
 from events_app.services import prune_forever  # noqa: E402
 from events_app.streams import end_all_streams, wait_for_streams  # noqa: E402
 from project import runtime  # noqa: E402
+from project.db import drain as drain_database_calls  # noqa: E402
 from project.errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout  # noqa: E402
 from project.logfilters import redact  # noqa: E402
 
@@ -126,6 +127,9 @@ class Tandem:
                 # (_end_streams_on_exit_signals); this covers a server stopped without one.
                 end_all_streams()
                 await wait_for_streams(timeout=3.0)
+                # A stream's call cancelled above goes on in its thread: let it end
+                # (and close its connection) before the server exits.
+                await drain_database_calls(timeout=3.0)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

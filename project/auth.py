@@ -163,7 +163,7 @@ def origin_allowed(scope: dict[str, Any]) -> bool:
 
 def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamCredentials:
     """Who opens this stream: Bearer header, ``?token=``, ``?ticket=`` or the session
-    cookie, in that order. Runs database queries: call it through database_sync_to_async."""
+    cookie, in that order. Runs database queries: call it through project.db.off_loop."""
     params = query_params(scope)
     header = _header(scope, b"authorization")
     user_id: int | None = None

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import logging.config
 import re
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.orjson import OrjsonFormatter
+
+from project import thirdparty
 
 # A credential in a query string or a header as servers print them: `?token=…`,
 # `&ticket=…`, uvicorn's trace scope (`b'token=…`), a cookie (`sessionid=…`), a bearer
@@ -47,6 +48,17 @@ class RedactSecrets(logging.Filter):
                 pass
         record.msg, record.args = redact(message), ()
         return True
+
+
+class QuietReadinessFailures(logging.Filter):
+    """On ``django.request``: drops Django's own line for a failing ``/readyz``. Django logs
+    every 5xx at ERROR, so a probe every second would log one a second; the view logs each
+    change of state itself (``tandem.readiness``). Uses the ``status_code`` and ``request``
+    Django documents on these records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request = getattr(record, "request", None)
+        return not (getattr(record, "status_code", None) == 503 and getattr(request, "path_info", None) == "/readyz")
 
 
 class PlainFormatter(logging.Formatter):
@@ -107,21 +119,4 @@ def adopt_server_loggers() -> None:
         logger = logging.getLogger(name)
         if logger.handlers:
             logger.handlers = list(root_handlers)
-    access = sys.modules.get("daphne.access")
-    if access is not None and not getattr(access.AccessLogGenerator, "_tandem_adopted", False):
-        access.AccessLogGenerator.write_entry = _daphne_entry
-        access.AccessLogGenerator._tandem_adopted = True
-
-
-_daphne_access = logging.getLogger("daphne.access")
-
-
-def _daphne_entry(
-    self: Any, host: str, date: Any, request: str, status: Any = None, length: Any = None,
-    ident: Any = None, user: Any = None,
-) -> None:
-    method, _, path = request.partition(" ")
-    _daphne_access.info(
-        '%s "%s" %s %s', host, request, status or "-", length or "-",
-        extra={"client": host, "method": method, "path": path, "status": status},
-    )
+    thirdparty.daphne_access_log_to_logging()

@@ -53,6 +53,7 @@ from events_app.types import (
     ref,
     referenced_components,
 )
+from project import thirdparty
 from sessions_app.agents import registry
 from sessions_app.serializers import OUTPUT_SERIALIZERS
 
@@ -281,7 +282,7 @@ class StrictSerializerExtension(OpenApiSerializerExtension):
     match_subclasses = True
 
     def map_serializer(self, auto_schema: Any, direction: str) -> Any:
-        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema = thirdparty.basic_serializer_schema(auto_schema, self.target, direction)
         schema["additionalProperties"] = False
         own_doc = type(self.target).__dict__.get("__doc__")
         schema["description"] = own_doc or "Unknown fields are `400 validation_error`."

@@ -29,7 +29,7 @@ import contextvars
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
@@ -229,12 +229,3 @@ def _log_failure(future: concurrent.futures.Future[Any]) -> None:
     if exc is not None:
         log.error("Background task failed", exc_info=exc)
 
-
-def off_loop(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Database work of streams and of the hub, on the loop's thread pool rather than
-    the one shared "thread-sensitive" thread, where it would queue behind every REST
-    request. Connections are released after each call, so no open stream holds one."""
-    from channels.db import database_sync_to_async
-
-    wrapped: Callable[..., Awaitable[Any]] = database_sync_to_async(func, thread_sensitive=False)
-    return wrapped

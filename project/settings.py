@@ -431,7 +431,10 @@ LOGGING_CONFIG = "project.logfilters.configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "project.logfilters.RedactSecrets"}},
+    "filters": {
+        "redact": {"()": "project.logfilters.RedactSecrets"},
+        "quiet_readiness": {"()": "project.logfilters.QuietReadinessFailures"},
+    },
     "formatters": {
         "plain": {
             "()": "project.logfilters.PlainFormatter",
@@ -447,7 +450,7 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env_str("TANDEM_LOG_LEVEL", "INFO")},
     "loggers": {
-        "django.request": {"level": "ERROR"},
+        "django.request": {"level": "ERROR", "filters": ["quiet_readiness"]},
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         # One line per request and stream, query secrets redacted (project/asgi.py).

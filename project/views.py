@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from events_app import fanout
 from events_app.metrics import ASYNCIO_TASKS, HUB_GROUPS, HUB_LISTENERS
 from project import redisconn, runtime
+from project.db import off_loop
 from project.errors import Unavailable, error_response
-from project.runtime import off_loop
 
 log = logging.getLogger("tandem.readiness")
 
@@ -125,10 +125,8 @@ def readyz(request: HttpRequest) -> HttpResponse:
     _note_state(failing, results)
     if failing:
         err = Unavailable(f"Not ready: {', '.join(failing)} unreachable.", details={"failing": list(failing)})
-        response = error_response(err)
-        # Django logs every 5xx at ERROR: once a probe, every second. _note_state logged it.
-        response._has_been_logged = True  # type: ignore[attr-defined]
-        return response
+        # _note_state logged it; Django's own line is dropped (logfilters.QuietReadinessFailures).
+        return error_response(err)
     # Reported, never failing: without workers replies wait in the queue, but taking
     # every web process out of the load balancer would not bring a worker back.
     reports = {name: report() for name, report in _ready_reports.items()}

@@ -8,6 +8,6 @@ VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check -e .
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e .
 "$VENV/bin/python" manage.py migrate --noinput
 exec "$VENV/bin/python" manage.py runserver "${TANDEM_BIND:-127.0.0.1:8000}"

@@ -8,7 +8,7 @@ VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 
 # Lint and import order ([tool.ruff] in pyproject.toml): findings fail the run before any test.
 echo "== ruff check =="

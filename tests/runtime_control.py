@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-from channels.db import database_sync_to_async
-
 from project import runtime
+from project.db import drain as drain_database_calls
 from sessions_app.agents.pool import POOL, Pool
 
 
@@ -33,10 +32,10 @@ def stop_replies(timeout: float = 10.0) -> None:
         pool = POOL.find(rt)
         if pool is None or not pool.tasks or not rt.loop.is_running():
             continue
-        asyncio.run_coroutine_threadsafe(_stop(pool), rt.loop).result(timeout)
+        asyncio.run_coroutine_threadsafe(stop(pool), rt.loop).result(timeout)
 
 
-async def _stop(pool: Pool) -> None:
+async def stop(pool: Pool) -> None:
     for run in list(pool.runs.values()):
         run.abort(lost=True)  # lost: the row stays as it is, nothing is written on the way out
     tasks = list(pool.tasks.values())
@@ -44,9 +43,9 @@ async def _stop(pool: Pool) -> None:
         task.cancel()
     if tasks:
         await asyncio.wait(tasks, timeout=5)
-        # A cancelled task leaves its database call running in the sync thread; a no-op
-        # queued behind it returns once that call is done.
-        await database_sync_to_async(lambda: None)()
+        # A cancelled run leaves its database call running in its thread (holding locks
+        # until it ends): wait for it, within stop_replies' 10 s.
+        await drain_database_calls(timeout=4)
 
 
 def fresh_runtimes() -> None:

@@ -20,13 +20,14 @@ import socket
 import time
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 
 from events_app import groups, metrics
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame
 from project import liveness, runtime, views
+from project.db import drain as drain_database_calls
+from project.db import off_loop
 from sessions_app import runs, services
 from sessions_app.agents.runner import Run
 
@@ -101,7 +102,7 @@ class Pool:
         free = settings.TANDEM_AGENT_CONCURRENCY - len(self.runs)
         if free <= 0 or not self.accepting:
             return
-        for claimed in await database_sync_to_async(services.claim_runs)(self.name, free):
+        for claimed in await off_loop(services.claim_runs)(self.name, free):
             run = Run(claimed.session_id, claimed.message_id, claimed.agent, self.name)
             self.runs[claimed.message_id] = run
             task = self.runtime.spawn(run.run())
@@ -114,7 +115,7 @@ class Pool:
         self.wake.set()  # room for the next queued reply
 
     async def _renew(self) -> None:
-        lost, aborts = await database_sync_to_async(services.renew_leases)(self.name, list(self.runs))
+        lost, aborts = await off_loop(services.renew_leases)(self.name, list(self.runs))
         for message_id in lost:
             log.warning("Reply %s was ended elsewhere; stopping it here", message_id)
             run = self.runs.get(message_id)
@@ -138,8 +139,9 @@ class Pool:
         for message_id in left:
             self.runs[message_id].abort(lost=True)
         if left:
-            await database_sync_to_async(services.interrupt_runs)(self.name, left)
-
+            await off_loop(services.interrupt_runs)(self.name, left)
+        # A run aborted above may be in a database call: the worker exits once none is.
+        await drain_database_calls()
 
 POOL = runtime.Component("agents pool", Pool)
 
@@ -207,7 +209,7 @@ async def reap_forever() -> None:
     interval = max(1.0, settings.TANDEM_RUN_LEASE_SECONDS / 4)
     while True:
         try:
-            ended = await database_sync_to_async(services.reap_expired_runs)()
+            ended = await off_loop(services.reap_expired_runs)()
             if ended:
                 log.warning("Ended %d interrupted repl%s", ended, "y" if ended == 1 else "ies")
         except Exception:

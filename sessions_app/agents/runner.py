@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from events_app import groups
 from events_app.fanout import get_hub, subscribe_eventually
 from events_app.types import Frame, iso
+from project.db import off_loop
 from sessions_app import services
 from sessions_app.agents import registry, tools
 from sessions_app.agents.base import (
@@ -146,9 +146,9 @@ class Run:
         listening = asyncio.get_running_loop().create_task(subscribe_eventually(hub, group, self))
         status, error = Message.Status.COMPLETED, None
         try:
-            if await database_sync_to_async(services.abort_requested)(self.message_id):
+            if await off_loop(services.abort_requested)(self.message_id):
                 self.aborted.set()  # asked before we were listening
-            context = await database_sync_to_async(services.reply_context)(
+            context = await off_loop(services.reply_context)(
                 self.session_id, self.message_id
             )
             ctx = ReplyContext(
@@ -212,7 +212,7 @@ class Run:
     async def _apply(self, output: Output) -> None:
         if self.retrying and not isinstance(output, Retrying):
             self.retrying = False
-            await database_sync_to_async(services.set_session_status)(self.session_id, {"type": "busy"})
+            await off_loop(services.set_session_status)(self.session_id, {"type": "busy"})
         if isinstance(output, (TextDelta, ReasoningDelta)):
             await self._add_text(output)
         elif isinstance(output, Usage):
@@ -224,7 +224,7 @@ class Run:
                 "type": "retry", "attempt": output.attempt, "message": output.message,
                 "next_at": iso(output.next_at),
             }
-            await database_sync_to_async(services.set_session_status)(self.session_id, status)
+            await off_loop(services.set_session_status)(self.session_id, status)
 
     async def _add_text(self, output: TextDelta | ReasoningDelta) -> None:
         if not output.text:
@@ -233,7 +233,7 @@ class Run:
         part = self.current if self.current and self.current.type == part_type else None
         if part is None:
             await self._flush()
-            created = await database_sync_to_async(services.start_part)(
+            created = await off_loop(services.start_part)(
                 self.message_id, self.session_id, self._next_index(), part_type
             )
             part = _OpenPart(created.id, part_type)
@@ -256,7 +256,7 @@ class Run:
             if part.pending:
                 delta, part.pending = part.pending, ""
                 part.text += delta
-                await database_sync_to_async(services.append_text)(
+                await off_loop(services.append_text)(
                     part.id, part.type, self.message_id, self.session_id, part.text, delta
                 )
 
@@ -269,14 +269,14 @@ class Run:
             return ToolResult(ok=False, error="The reply was aborted.")
         call_id = call.call_id or new_id("call")
         shown_input = call.input if _is_json(call.input) else repr(call.input)
-        part = await database_sync_to_async(services.start_tool_part)(
+        part = await off_loop(services.start_tool_part)(
             self.message_id, self.session_id, self._next_index(), call.name, call_id, shown_input
         )
         self.tool_parts += 1
         self.current = None  # text after the tool starts a new part below it
 
         async def fail(message: str, *, rejected: bool = False) -> ToolResult:
-            await database_sync_to_async(services.set_tool_state)(
+            await off_loop(services.set_tool_state)(
                 part.id, self.session_id, self.message_id, {"status": "error", "error": message}
             )
             return ToolResult(ok=False, error=message, rejected=rejected)
@@ -289,7 +289,7 @@ class Run:
         except tools.ToolFailed as exc:
             return await fail(f"Invalid input: {exc}")
         if tool.needs_permission:
-            permission = await database_sync_to_async(services.request_permission)(
+            permission = await off_loop(services.request_permission)(
                 self.session_id, self.message_id, call_id, tool.name, checked
             )
             decided = await self._await_answer(permission)
@@ -299,7 +299,7 @@ class Run:
                 why = "expired" if decided.status == PermissionRequest.Status.EXPIRED else "rejected"
                 detail = f": {decided.reason}" if decided.reason else "."
                 return await fail(f"Permission {why}{detail}", rejected=True)
-        await database_sync_to_async(services.set_tool_state)(
+        await off_loop(services.set_tool_state)(
             part.id, self.session_id, self.message_id, {"status": "running"}
         )
         try:
@@ -313,7 +313,7 @@ class Run:
             return await fail("The tool failed.")
         if output is _ABORTED:
             return ToolResult(ok=False, error="The reply was aborted.")
-        await database_sync_to_async(services.set_tool_state)(
+        await off_loop(services.set_tool_state)(
             part.id, self.session_id, self.message_id, {"status": "completed", "output": output}
         )
         return ToolResult(ok=True, output=output)
@@ -346,12 +346,12 @@ class Run:
             while True:
                 if self.aborted.is_set():
                     return None
-                current = await database_sync_to_async(services.permission_state)(permission.id)
+                current = await off_loop(services.permission_state)(permission.id)
                 if current.status != PermissionRequest.Status.PENDING:
                     return current
                 left = (current.expires_at - timezone.now()).total_seconds()
                 if left <= 0:
-                    current = await database_sync_to_async(services.expire_permission)(permission.id)
+                    current = await off_loop(services.expire_permission)(permission.id)
                     if current.status != PermissionRequest.Status.PENDING:
                         return current
                     continue
@@ -372,7 +372,7 @@ class Run:
         # Pending text goes out as a last delta, even on abort: the deltas of a part must
         # add up to its final text.
         await self._flush()
-        await database_sync_to_async(services.finish_reply)(
+        await off_loop(services.finish_reply)(
             self.session_id, self.message_id, runner=self.runner, status=status, error=error,
             text_parts=[(p.id, p.text) for p in self.parts],
             usage=self.usage.totals or None,
