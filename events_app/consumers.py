@@ -45,7 +45,8 @@ SSE_HEADERS = [
 ]
 
 def _allowed_origin(scope: dict[str, Any]) -> bytes | None:
-    origin = next((v for k, v in scope.get("headers", []) if k == b"origin"), None)
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    origin = next((v for k, v in headers if k == b"origin"), None)
     if origin is None or origin.decode("latin-1") not in settings.CORS_ALLOWED_ORIGINS:
         return None
     return origin

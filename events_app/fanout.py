@@ -248,7 +248,9 @@ class Hub:
             if seq <= head:
                 return
             if seq > head + 1:
-                await self._fill(group, message["s"], head, seq - 1)
+                session_id = message["s"]
+                assert session_id is not None  # a persisted event names its session
+                await self._fill(group, session_id, head, seq - 1)
                 # The head check may have run meanwhile and passed this event on already.
                 if group not in self.groups or seq <= self.heads.get(group, 0):
                     return

@@ -59,7 +59,8 @@ class StreamRequest:
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None
@@ -282,7 +283,9 @@ class Connection:
         heads, plans = self._opening
         self._opening = None
         connected: dict[str, Any] = {"connection_id": self.id, "resumed": req.resume is not None}
-        resets = [(sid, reason) for sid, (_, reason) in plans.items() if reason is not None]
+        resets: list[tuple[str, str]] = [
+            (sid, reason) for sid, (_, reason) in plans.items() if reason is not None
+        ]
         if req.resume is not None:
             RESUMES.inc()
         for _, why in resets:
@@ -293,8 +296,8 @@ class Connection:
             connected["last_seq"] = heads.get(req.session_id, 0)
         else:
             connected["last_seq"] = None
-        for sid, (position, why) in plans.items():
-            self.positions[sid] = heads.get(sid, 0) if why is not None else position
+        for sid, (position, reset) in plans.items():
+            self.positions[sid] = heads.get(sid, 0) if reset is not None else position
         if self.cursors is not None:
             self.cursors.start(self.positions, req.cursor.snapshot if req.cursor else None)
             connected["cursor"] = self.cursors.cursor(self.positions)
@@ -307,8 +310,8 @@ class Connection:
         await self.send(first)
         if req.session_id is not None:
             await self._announce("presence.joined")
-        for sid, (position, why) in plans.items():
-            if why is None and position < heads.get(sid, 0):
+        for sid, (position, reset) in plans.items():
+            if reset is None and position < heads.get(sid, 0):
                 await self._replay(sid, position, heads[sid])
 
     def _heads_and_plans(
@@ -453,6 +456,7 @@ class Connection:
         await self._announce("presence.updated")
 
     async def _announce(self, type_name: str) -> None:
+        assert self.request.session_id is not None  # presence is per session
         await presence.aput(self.request.session_id, self.id, self._presence_entry())
         await self._broadcast_presence(type_name)
 

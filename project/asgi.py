@@ -187,7 +187,8 @@ def _end_streams_then(rt: runtime.Runtime, previous: Any, signum: int, frame: An
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", []):
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    for key, value in headers:
         if key == name:
             return value
     return None
@@ -258,7 +259,8 @@ async def read_body(scope: dict[str, Any], receive: Any, send: Any) -> tuple[dic
         if not replayed:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # Django listens for http.disconnect while it works
+        message: dict[str, Any] = await receive()  # Django listens for http.disconnect while it works
+        return message
 
     return scope, replay
 
@@ -297,7 +299,8 @@ application = Tandem(
     ProtocolTypeRouter(
         {
             "http": URLRouter(
-                [*sse_urlpatterns, re_path(r"", RequestGate(django_app))]
+                # URLRouter routes to ASGI applications; Django's stubs type re_path for views.
+                [*sse_urlpatterns, re_path(r"", RequestGate(django_app))]  # type: ignore[arg-type]
             ),
             "websocket": StreamOriginValidator(
                 StreamAuthMiddleware(URLRouter(websocket_urlpatterns))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -38,6 +39,9 @@ _POLL_SECONDS = 1.0
 
 
 class Pool:
+    # A hub listener for wake-ups only: no presence.
+    wants_presence = False
+
     def __init__(self, rt: runtime.Runtime) -> None:
         self.runtime = rt
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -107,7 +111,10 @@ class Pool:
             self.runs[claimed.message_id] = run
             task = self.runtime.spawn(run.run())
             self.tasks[claimed.message_id] = task
-            task.add_done_callback(lambda _, mid=claimed.message_id: self._ended(mid))
+            task.add_done_callback(functools.partial(self._when_done, claimed.message_id))
+
+    def _when_done(self, message_id: str, _task: asyncio.Task[None]) -> None:
+        self._ended(message_id)
 
     def _ended(self, message_id: str) -> None:
         self.runs.pop(message_id, None)

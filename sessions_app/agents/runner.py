@@ -70,6 +70,9 @@ class _Usage:
 
 
 class Run:
+    # A hub listener for control messages only (abort, permission answers): no presence.
+    wants_presence = False
+
     def __init__(self, session_id: str, message_id: str, agent_name: str, runner: str) -> None:
         self.session_id = session_id
         self.message_id = message_id
@@ -124,11 +127,11 @@ class Run:
                 # (an open HTTP stream, say) run now, not in the loop's finaliser.
                 await _close(replies)
 
-    async def _use_tool(self, name: str, input: Any, call_id: str | None = None) -> ToolResult:
+    async def _use_tool(self, tool: str, input: dict[str, Any], call_id: str | None = None) -> ToolResult:
         """What agents call as ``ctx.use_tool``: queued behind the agent's earlier
         outputs, so the tool's part comes after the text written before it."""
         result: asyncio.Future[ToolResult] = asyncio.get_running_loop().create_future()
-        await self.outputs.put(_ToolCall(name, input, call_id, result))
+        await self.outputs.put(_ToolCall(tool, input, call_id, result))
         return await result
 
     async def run(self) -> None:
