@@ -45,6 +45,9 @@ class ServerProbe:
         self.samples: dict[str, int] = {}
         self.cpu_start = self.server.cpu_seconds()
 
+    def cpu(self) -> float:
+        return self.server.cpu_seconds() if self.server.pids else 0.0
+
     def sample(self, name: str) -> None:
         if self.server.pids:
             self.samples[name] = self.server.rss_kb()
@@ -129,6 +132,7 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
 
         started = time.time()
         clock = time.monotonic()
+        cpu_before = probe.cpu()
         for k in range(count):
             for s in range(len(target.sessions)):
                 tasks.append(asyncio.create_task(publish(s, next_bn)))
@@ -157,6 +161,9 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             return done
 
         await wait_until(complete, args.drain, step=0.25)
+        # The server's CPU over the phase (publishing requests included): at saturation,
+        # divided by the deliveries, the cost of one delivery (docs/PERFORMANCE.md).
+        cpu_used = probe.cpu() - cpu_before
         stats = by_bn(clients, expected, sent, session_of)
         last = stats.pop("last_delivery") or time.time()
         deliveries = stats["delivered"]
@@ -169,6 +176,9 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             "deliveries_per_s": round(deliveries / max(1e-6, last - started), 1),
             "offered_per_s": round(rate * len(clients), 1),
         }
+        if probe.server.pids:
+            phase["server_cpu_seconds"] = round(cpu_used, 2)
+            phase["server_cpu_us_per_delivery"] = round(1e6 * cpu_used / max(1, deliveries), 1)
         report["phases"].append(phase)
         probe.sample(f"after_rate_{rate:g}")
     report["clients"]["dropped_during_run"] = sum(1 for c in live if c.ended)
