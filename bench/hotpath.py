@@ -5,8 +5,8 @@ fake ASGI server, the hub hands them F events, and the CPU time per delivery is 
 
 The streams are real ``Connection``s behind the real consumers' writers; only the ASGI
 server's ``send`` is a stand-in shaped like uvicorn's (a coroutine that checks for paused
-writing, then hands the bytes to the transport), wrapped like ``project.asgi``'s access
-log wraps it. ``--batch`` events reach the hub per turn of the event loop: 1 is a server
+writing, then hands the bytes to the transport), behind ``project.asgi``'s real access
+log wrapper. ``--batch`` events reach the hub per turn of the event loop: 1 is a server
 keeping up, more is a server behind (the hub reads several messages at once). What it
 leaves out is the system call per write, the HTTP/WebSocket framing and Redis: it is for
 comparing versions of the path quickly (docs/PERFORMANCE.md), the load tool is for what
@@ -45,18 +45,20 @@ class FakeServer:
         self.messages += 1
 
 
-def access_logged(send: Any) -> Any:
-    status: list[int] = []
+async def access_logged(send: Any, scope_type: str) -> Any:
+    """``send`` as the application sees it behind ``project.asgi``'s access log."""
+    import logging
 
-    async def sending(message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            status.append(message["status"])
-        elif kind == "websocket.accept":
-            status.append(101)
-        await send(message)
+    from project.asgi import Tandem
 
-    return sending
+    logging.getLogger("tandem.access").disabled = True  # the wrapper, without the lines
+    seen: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, wrapped: Any) -> None:
+        seen.append(wrapped)
+
+    await Tandem(app)._logged({"type": scope_type, "path": "/bench"}, None, send)
+    return seen[0]
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
@@ -78,7 +80,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         request = StreamRequest(user, None, session_id, args.transport, types, False, None, f"con_{i}")
         server = FakeServer()
         consumer: Any = SSEConsumer() if args.transport == "sse" else StreamSocketConsumer()
-        consumer.base_send = access_logged(server.send)
+        consumer.base_send = await access_logged(
+            server.send, "http" if args.transport == "sse" else "websocket"
+        )
         conn = Connection(request, consumer._write)
         conn.positions[session_id] = 0
         servers.append(server)
