@@ -251,6 +251,7 @@ class Connection:
         self._inflight: _Resume | Awaitable[None] | None = None
         self._failure: BaseException | None = None
         self._named = request.named
+        self._types = request.types
         self._last_write = 0.0
         self._beat_due = False
         self._expired = False
@@ -332,7 +333,7 @@ class Connection:
                     self._inflight = _Resume(it, pending)
                     waiter.set_result(None)
                     return
-        except BaseException as exc:  # noqa: BLE001 - raised by the task, as if it had written
+        except Exception as exc:  # raised by the task, as if it had written
             self._failure = exc
             waiter.set_result(None)
             return
@@ -593,25 +594,30 @@ class Connection:
             await self.hub.unsubscribe(group, self)
 
     def _render(self, frame: Frame) -> bytes | str | None:
-        if frame.seq is not None:
-            position = self.positions.get(frame.session_id or "")
-            if position is None or frame.seq <= position:
+        # Once per event per connection: locals rather than repeated attribute lookups.
+        seq = frame.seq
+        cursors = self.cursors
+        if seq is not None:
+            sid = frame.session_id or ""
+            positions = self.positions
+            position = positions.get(sid)
+            if position is None or seq <= position:
                 return None  # a session this stream does not follow (yet), or a duplicate
-            if frame.seq != position + 1:
+            if seq != position + 1:
                 # Cannot happen while the hub fills gaps; if it does, the client must
                 # resume from what it has rather than read a hole.
                 raise StreamClosed("gap")
-            self.positions[frame.session_id or ""] = frame.seq
-            if self.cursors is not None:
-                self.cursors.advance(frame.session_id or "", frame.seq)
-        types = self.request.types
+            positions[sid] = seq
+            if cursors is not None:
+                cursors.advance(sid, seq)
+        types = self._types
         if types is not None and not types(frame.type):
             return None
-        if self.cursors is not None and frame.seq is not None:
-            cursor = self.cursors.cursor(self.positions)
+        if cursors is not None and seq is not None:
+            cursor = cursors.cursor(self.positions)
             envelope = frame.with_cursor(cursor)
             if self.sse:
-                return sse_bytes(envelope, cursor, frame.type if self.request.named else None)
+                return sse_bytes(envelope, cursor, frame.type if self._named else None)
             return envelope
         if self.sse:
             return frame.sse(self._named)
