@@ -1,7 +1,10 @@
 """Micro-benchmark of the delivery hot path, in one process, no sockets: N streams on a
 fake ASGI server, the hub hands them F events, and the CPU time per delivery is printed.
 
-    python -m bench.hotpath [--clients 5000] [--events 200] [--batch 1] [--transport sse|ws]
+    python scripts/hotpath_bench.py [--clients 5000] [--events 200] [--batch 1] [--transport sse|ws]
+
+Not part of ``bench/`` (the load tool imports nothing of the server): this one runs the
+server's own code in-process.
 
 The streams are real ``Connection``s behind the real consumers' writers; only the ASGI
 server's ``send`` is a stand-in shaped like uvicorn's (a coroutine that checks for paused
@@ -22,8 +25,7 @@ import sys
 import time
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 
