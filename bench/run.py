@@ -57,6 +57,9 @@ class ServerProbe:
         self.samples: dict[str, int] = {}
         self.cpu_start = self.server.cpu_seconds()
 
+    def cpu(self) -> float:
+        return self.server.cpu_seconds() if self.server.pids else 0.0
+
     def sample(self, name: str) -> None:
         if self.server.pids:
             self.samples[name] = self.server.rss_kb()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -107,6 +108,10 @@ WS_CLOSE_CODES = {
 daphne_sends_close_reasons()
 
 
+async def _nothing() -> None:
+    return None
+
+
 class SSEConsumer(AsyncHttpConsumer):
     """``GET /api/sessions/{id}/stream/`` and ``GET /api/stream/``.
 
@@ -178,12 +183,14 @@ class SSEConsumer(AsyncHttpConsumer):
         await conn.start()
         await conn.run()
 
-    async def _write(self, chunks: list[Any]) -> None:
-        # Straight to the server's send: this runs once per frame per connection.
-        if chunks:
-            await self.base_send(
-                {"type": "http.response.body", "body": b"".join(chunks), "more_body": True}
-            )
+    def _write(self, chunks: list[Any]) -> Awaitable[None]:
+        # Straight to the server's send, no coroutine of its own: on the path of every
+        # write to every connection, and Connection._flush drives what this returns by
+        # hand. Several frames are one body chunk (one system call).
+        if not chunks:
+            return _nothing()
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self.base_send({"type": "http.response.body", "body": body, "more_body": True})  # type: ignore[no-any-return]
 
     @staticmethod
     async def _wait_for_disconnect(receive: Any) -> None:
@@ -279,9 +286,17 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             reason = "internal_error"
         await self.close(code=WS_CLOSE_CODES[reason], reason=reason)
 
-    async def _write(self, chunks: list[Any]) -> None:
+    def _write(self, chunks: list[Any]) -> Awaitable[None]:
+        # The ASGI message straight to the server's send, as AsyncWebsocketConsumer.send
+        # would make it, without its two coroutines per frame. One envelope per message.
+        if len(chunks) == 1:
+            return self.base_send({"type": "websocket.send", "text": chunks[0]})  # type: ignore[no-any-return]
+        return self._write_all(chunks)
+
+    async def _write_all(self, chunks: list[Any]) -> None:
+        send = self.base_send
         for text in chunks:
-            await self.send(text_data=text)
+            await send({"type": "websocket.send", "text": text})
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.conn is None:

@@ -15,7 +15,7 @@ import secrets
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,8 @@ class _Streams:
         self.serving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         # The open streams that asked to hear of the server stopping (when_server_stops).
         self.stoppable: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # The idle connections given frames in this turn of the loop (the hot path).
+        self.flusher = _Flusher(rt.loop)
 
 
 STREAMS = runtime.Component("streams", _Streams)
@@ -152,6 +154,65 @@ class StreamClosed(Exception):
 Writer = Callable[[list[Any]], Awaitable[None]]
 
 
+class _Flusher:
+    """One per runtime (its loop): the idle connections that got frames during this turn of the
+    loop, written in one callback once the hub has handed out everything it had. Frames
+    of several events for one connection leave in one write, and no connection's task
+    wakes up for them (docs/PERFORMANCE.md, the delivery hot path)."""
+
+    __slots__ = ("loop", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[Connection] = []
+
+    def add(self, conn: Connection) -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(conn)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        now = self.loop.time()  # once per turn, not once per write
+        for conn in pending:
+            conn._flush(now)
+
+
+class _Resume:
+    """A write that ``Connection._flush`` started by hand and that suspended (the ASGI
+    server paused writing: the client reads slowly). Awaited by the connection's task, it
+    carries on exactly where the write stopped, as if the task had awaited it from the
+    start: the future it waits for goes up to the task, the results and exceptions
+    (cancellation included) come back down."""
+
+    __slots__ = ("it", "first")
+
+    def __init__(self, it: Generator[Any, Any, Any], first: Any) -> None:
+        self.it, self.first = it, first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        it, value = self.it, self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                it.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - passed on to the write, as a task would
+                try:
+                    value = it.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = it.send(sent)
+                except StopIteration:
+                    return
+
+    def close(self) -> None:
+        self.it.close()
+
+
 class Connection:
     """Transport-neutral: it renders frames as ``bytes`` for SSE and ``str`` for
     WebSocket, and hands lists of them to ``write``."""
@@ -182,6 +243,16 @@ class Connection:
         # is the hot path.
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # While the task waits (idle), frames are written from the loop's _Flusher rather
+        # than by waking the task; what the task must then finish or raise is left here.
+        self._streams = STREAMS.get()
+        self._loop = self._streams.runtime.loop
+        self._flusher = self._streams.flusher
+        self._dirty = False  # in the flusher's list for this turn
+        self._inflight: _Resume | Awaitable[None] | None = None
+        self._failure: BaseException | None = None
+        self._named = request.named
+        self._types = request.types
         self._last_write = 0.0
         self._beat_due = False
         self._expired = False
@@ -192,8 +263,6 @@ class Connection:
         self.groups: set[str] = set()
         self.presence_state: dict[str, Any] = {}
         self.hub = fanout.get_hub()
-        self._streams = STREAMS.get()
-        self._loop = asyncio.get_running_loop()
         self._expires_at: float | None = None  # loop time
         self._on_server_stop: Callable[[], object] | None = None
         self.cursors = cursors.CursorTracker(self.user_id) if request.session_id is None else None
@@ -211,16 +280,68 @@ class Connection:
             and not types(frame.type)
         ):
             return  # persisted frames still go through the queue: they move the position
-        self.queue.append(frame)
-        if len(self.queue) > self._queue_limit:
+        queue = self.queue
+        queue.append(frame)
+        if len(queue) > self._queue_limit:
             # Drop the backlog at once: a writer blocked on a stalled socket must not
             # let the queue grow without bound before run() gets to close the stream.
             self.overflowed = True
-            self.queue.clear()
+            queue.clear()
             SLOW_DISCONNECTS.inc()
             if self.on_overflow is not None:
                 self.on_overflow()
-        self._wake()
+            self._wake()
+        elif not self._dirty:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                # Idle: written at the end of this turn of the loop, without the task.
+                # Otherwise the task is awake, or writing, and takes the queue in order.
+                self._dirty = True
+                self._flusher.add(self)
+
+    def _flush(self, now: float) -> None:
+        """Render and write what is queued, from the flusher, while the task waits. The
+        write is driven by hand: when the ASGI server takes the bytes at once (it did
+        not pause writing) it completes here and nothing else runs. When it suspends,
+        or anything needs the task (a control message, a session's deletion, a cursor
+        to store, an error), the task is woken to take over, in order: frames queued
+        from here on wait behind the suspended write, still counted against the limit."""
+        self._dirty = False
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self.overflowed:
+            return  # the task has the queue
+        queue = self.queue
+        batch: list[Any] = []
+        try:
+            while queue:
+                item = queue[0]
+                if not isinstance(item, Frame) or item.type == "session.deleted":
+                    break  # the task's to handle, after this batch
+                queue.popleft()
+                out = self._render(item)
+                if out is not None:
+                    batch.append(out)
+            if batch:
+                if self.cursors is not None and self.cursors.pending:
+                    self._inflight = self.send(batch)  # the cursors are stored first
+                    waiter.set_result(None)
+                    return
+                self._last_write = now
+                it = self.write(batch).__await__()
+                try:
+                    pending = it.send(None)
+                except StopIteration:
+                    pass
+                else:
+                    self._inflight = _Resume(it, pending)
+                    waiter.set_result(None)
+                    return
+        except Exception as exc:  # raised by the task, as if it had written
+            self._failure = exc
+            waiter.set_result(None)
+            return
+        if queue:
+            waiter.set_result(None)
 
     def control(self, message: groups.Control) -> None:
         self.queue.append(message)
@@ -394,6 +515,13 @@ class Connection:
                         await self._waiter
                     finally:
                         self._waiter = None
+                if self._inflight is not None:
+                    inflight = self._inflight
+                    await inflight
+                    self._inflight = None
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise failure
                 if self.overflowed:
                     raise StreamClosed("slow_client")
                 if self._expired:
@@ -425,6 +553,9 @@ class Connection:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            unfinished, self._inflight = self._inflight, None
+            if isinstance(unfinished, _Resume) or asyncio.iscoroutine(unfinished):
+                unfinished.close()  # a write the stream ended before finishing
 
     async def close(self) -> None:
         """Leave the hub and presence; safe to call more than once."""
@@ -484,28 +615,33 @@ class Connection:
             await self.hub.unsubscribe(group, self)
 
     def _render(self, frame: Frame) -> bytes | str | None:
-        if frame.seq is not None:
-            position = self.positions.get(frame.session_id or "")
-            if position is None or frame.seq <= position:
+        # Once per event per connection: locals rather than repeated attribute lookups.
+        seq = frame.seq
+        cursors = self.cursors
+        if seq is not None:
+            sid = frame.session_id or ""
+            positions = self.positions
+            position = positions.get(sid)
+            if position is None or seq <= position:
                 return None  # a session this stream does not follow (yet), or a duplicate
-            if frame.seq != position + 1:
+            if seq != position + 1:
                 # Cannot happen while the hub fills gaps; if it does, the client must
                 # resume from what it has rather than read a hole.
                 raise StreamClosed("gap")
-            self.positions[frame.session_id or ""] = frame.seq
-            if self.cursors is not None:
-                self.cursors.advance(frame.session_id or "", frame.seq)
-        types = self.request.types
+            positions[sid] = seq
+            if cursors is not None:
+                cursors.advance(sid, seq)
+        types = self._types
         if types is not None and not types(frame.type):
             return None
-        if self.cursors is not None and frame.seq is not None:
-            cursor = self.cursors.cursor(self.positions)
+        if cursors is not None and seq is not None:
+            cursor = cursors.cursor(self.positions)
             envelope = frame.with_cursor(cursor)
             if self.sse:
-                return sse_bytes(envelope, cursor, frame.type if self.request.named else None)
+                return sse_bytes(envelope, cursor, frame.type if self._named else None)
             return envelope
         if self.sse:
-            return frame.sse(self.request.named)
+            return frame.sse(self._named)
         return frame.envelope
 
     def _render_control(self, session_id: str | None, type_name: str, props: dict[str, Any]) -> bytes | str:

@@ -280,11 +280,15 @@ def sse_bytes(envelope: str, event_id: int | str | None, event_name: str | None)
 class TypeFilter:
     """``?types=a.b,c.*``: exact types and ``prefix.*`` patterns matching any depth below."""
 
-    __slots__ = ("exact", "prefixes")
+    __slots__ = ("exact", "prefixes", "_memo")
+
+    MEMO_SIZE = 256  # event types are clients' strings: bounded, then started afresh
 
     def __init__(self, exact: frozenset[str], prefixes: tuple[str, ...]) -> None:
         self.exact = exact
         self.prefixes = prefixes  # each ends with "."
+        # Asked once per event per stream: the answer per type is kept.
+        self._memo: dict[str, bool] = {}
 
     @classmethod
     def parse(cls, raw: str | None) -> TypeFilter | None:
@@ -303,11 +307,18 @@ class TypeFilter:
         return cls(frozenset(exact), tuple(prefixes))
 
     def __call__(self, type_name: str) -> bool:
-        return (
-            type_name in self.exact
-            or type_name.startswith(self.prefixes)
-            or type_name.startswith(ALWAYS_DELIVERED_PREFIXES)
-        )
+        memo = self._memo
+        answer = memo.get(type_name)
+        if answer is None:
+            answer = (
+                type_name in self.exact
+                or type_name.startswith(self.prefixes)
+                or type_name.startswith(ALWAYS_DELIVERED_PREFIXES)
+            )
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            memo[type_name] = answer
+        return answer
 
 
 _TYPE_NAME_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
