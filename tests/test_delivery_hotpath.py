@@ -73,7 +73,7 @@ def frame(seq: int | None, type_name: str = "bench.tick", session_id: str = SESS
     if type_name == "session.deleted":
         props = {"session_id": session_id}
     elif type_name.startswith("presence."):
-        props = {"user": None, "connection_id": "con_x", "transport": "ws"}
+        props = {"user": {"id": 1, "username": "alice"}, "connection_id": "con_x", "transport": "ws"}
     envelope = encode(
         seq=seq, session_id=session_id, type_name=type_name, time="2026-01-01T00:00:00Z",
         properties=props,
