@@ -247,12 +247,15 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
             # Before the accept (PROTOCOL §5): every event committed once the client sees
             # `open` must reach it.
             await self.conn.fix_position()
-        except ApiError as err:  # refused after all (fix_position's re-check)
-            await self._refuse(err)
-            return
-        except Exception:
-            log.exception("Opening a stream failed")
-            await self._refuse(None)
+        except Exception as exc:
+            # Its slot and hub places go now, not when the client gets round to leaving.
+            conn, self.conn = self.conn, None
+            await conn.close()
+            if isinstance(exc, ApiError):  # refused after all (fix_position's re-check)
+                await self._refuse(exc)
+            else:
+                log.exception("Opening a stream failed")
+                await self._refuse(None)
             return
         await self.accept()
         self.task = asyncio.ensure_future(self._stream(self.conn))
