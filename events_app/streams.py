@@ -35,7 +35,7 @@ from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, AuthenticationFailed, BadRequest, NotFound
 from project.limits import arelease_stream_slot, atake_stream_slot
-from sessions_app.access import member_pairs, sessions_of_users
+from sessions_app.access import IN_LIST_MAX, member_pairs, sessions_of_users
 from sessions_app.serializers import user_data
 
 log = logging.getLogger(__name__)
@@ -146,13 +146,17 @@ def _recheck(items: list[_Recheck]) -> list[_Rechecked | BaseException]:
     member = member_pairs({(item.user_id, sid) for item in items for sid in item.session_ids})
     wanted = {(sid, after + 1) for item in items for sid, after in item.resumes}
     kept: set[tuple[str, int]] = set()
-    if wanted:
-        # Retention always removes the lowest seqs first, so if after + 1 is kept, all is.
-        kept = set(Event.objects.filter(
-            session_id__in={s for s, _ in wanted}, seq__in={q for _, q in wanted}
-        ).values_list("session_id", "seq")) & wanted
+    # Retention always removes the lowest seqs first, so if after + 1 is kept, all is.
+    sessions = sorted({s for s, _ in wanted})
+    for i in range(0, len(sessions), IN_LIST_MAX):
+        chunk = set(sessions[i:i + IN_LIST_MAX])
+        seqs = {q for s, q in wanted if s in chunk}
+        kept |= set(Event.objects.filter(session_id__in=chunk, seq__in=seqs).values_list("session_id", "seq"))
+    kept &= wanted
     head_ids = sorted({sid for item in items for sid in item.heads})
-    heads = fanout.heads(head_ids) if head_ids else {}
+    heads: dict[str, int] = {}
+    for i in range(0, len(head_ids), IN_LIST_MAX):
+        heads.update(fanout.heads(head_ids[i:i + IN_LIST_MAX]))
     return [
         _Rechecked(
             item.user_id in active,

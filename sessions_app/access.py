@@ -42,15 +42,21 @@ def member_session_ids(user_id: int) -> list[str]:
     return list(Membership.objects.filter(user_id=user_id).values_list("session_id", flat=True))
 
 
+IN_LIST_MAX = 500  # ids in one IN (...) of a batched lookup
+
+
 def member_pairs(asked: set[tuple[int, str]]) -> set[tuple[int, str]]:
     """Which of the (user id, session id) pairs asked about are memberships: one query
     for a whole batch of opening streams."""
     if not asked:
         return set()
-    rows = Membership.objects.filter(
-        user_id__in={u for u, _ in asked}, session_id__in={s for _, s in asked}
-    ).values_list("user_id", "session_id")
-    return set(rows) & asked
+    users, sessions = {u for u, _ in asked}, {s for _, s in asked}
+    rows = Membership.objects.filter(user_id__in=users)
+    if len(sessions) <= IN_LIST_MAX:
+        rows = rows.filter(session_id__in=sessions)
+    # else every membership of those users (user-level streams of many sessions): a
+    # bounded read rather than a statement with too many parameters.
+    return set(rows.values_list("user_id", "session_id")) & asked
 
 
 def sessions_of_users(user_ids: set[int]) -> dict[int, list[str]]:
