@@ -407,19 +407,22 @@ class Connection:
         for sid in checked.removed:
             await self._leave(groups.session_group(sid))
             heads.pop(sid, None)
+        hub_heads = dict(heads)
+        for sid, stored in checked.heads.items():
+            # A client ahead of the hub (events on their way to it): the stored head,
+            # as before; the live frames up to it are dropped as seen.
+            heads[sid] = max(heads[sid], stored)
         plans: dict[str, tuple[int, str | None]] = {}
         for sid, head in heads.items():
             after = wanted.get(sid)
             if after is None:
                 plans[sid] = (head, None)
-            elif after < head:
-                plans[sid] = (after, None if (sid, after) in checked.kept else "history_expired")
-            elif after > head and after > checked.heads.get(sid, head):
+            elif after > head:
                 plans[sid] = (head, "unknown_position")
-            else:
-                # At the head, or ahead of the hub's but not of the stored one (events
-                # on their way): what follows arrives live, the rest is dropped as seen.
+            elif after == head or after >= hub_heads[sid] or (sid, after) in checked.kept:
                 plans[sid] = (after, None)
+            else:
+                plans[sid] = (head, "history_expired")
         unknown = req.session_id is None and req.cursor is not None and not req.cursor.known
         if unknown:
             plans = {sid: (head, "unknown_position") for sid, head in heads.items()}
