@@ -301,3 +301,29 @@ async def test_the_per_user_limit_holds_within_a_batch(alice: Any, bob: Any, car
     assert statuses[8:] == [200] * 3
     await asyncio.gather(*(c.close() for c, s in zip([*bobs, *alices], statuses, strict=True) if s == 200))
     assert limits.STATE.get().held == {}
+
+
+async def test_a_resume_ahead_of_the_hub_but_not_of_the_log_is_no_reset(alice: Any, bob: Any, carol: Any) -> None:
+    """The position is the hub's head, which may trail the stored one while events are on
+    their way to this process: a client that already has those events resumes, with no
+    stream.reset, and gets what follows exactly once."""
+    from events_app import fanout, groups
+
+    bind_runtime()
+    session = await create_shared_session(alice)
+    watcher = SSEClient(stream_path(session.id), params={"token": token_for(alice)})
+    await watcher.connected()
+    seqs = await publish_many(session.id, 3)
+    await watcher.until_seq(seqs[-1])
+    # As if the last two were still on their way through the channel layer.
+    fanout.get_hub().heads[groups.session_group(session.id)] = seqs[0]
+    client = SSEClient(stream_path(session.id), params={"token": token_for(bob), "last_event_id": str(seqs[-1])})
+    hello = await client.connected()
+    assert hello.data is not None
+    props = hello.data["properties"]
+    assert props["resumed"] is True and props["last_seq"] == seqs[-1]
+    [after] = await publish_many(session.id, 1)
+    seen = await client.until_seq(after)
+    assert all(f.type != "stream.reset" for f in seen)
+    assert [f.seq for f in seen if f.seq is not None] == [after]
+    await asyncio.gather(client.close(), watcher.close())
