@@ -59,6 +59,7 @@ SCENARIOS: list[tuple[str, str, list[str], list[str]]] = [
     # Issue 12: opening at once, coming back at once, and the cost of a delivery.
     ("storm-1000", "both", ["storm", "--clients", "1000", "--timeout", "120"], ["storm", "--clients", "20"]),
     ("storm-5000", "both", ["storm", "--clients", "5000", "--timeout", "120"], ["storm", "--clients", "50"]),
+    ("storm-10000", "both", ["storm", "--clients", "10000", "--timeout", "180"], ["storm", "--clients", "100"]),
     ("storm-5000-ws", "tandem", ["storm", "--clients", "5000", "--transport", "ws", "--timeout", "120"],
      ["storm", "--clients", "50", "--transport", "ws"]),
     ("reconnect-kill-5000", "both",

@@ -22,7 +22,6 @@ from django.conf import settings
 
 from events_app import commands
 from events_app.streams import Connection, prepare, serving
-from project.db import off_loop
 from project.errors import ApiError, BadRequest, InternalError
 from project.thirdparty import daphne_sends_close_reasons
 
@@ -136,7 +135,7 @@ class SSEConsumer(AsyncHttpConsumer):
             return
         session_id = scope["url_route"]["kwargs"].get("session_id")
         try:
-            request = await off_loop(prepare)(scope, session_id, "sse")
+            request = await prepare(scope, session_id, "sse")
         except ApiError as err:
             await self._error(err)
             return
@@ -153,6 +152,9 @@ class SSEConsumer(AsyncHttpConsumer):
             await conn.close()  # gives back its slot in the per-user limit
             if not isinstance(exc, Exception):
                 raise
+            if isinstance(exc, ApiError):  # refused after all (fix_position's re-check)
+                await self._error(exc)
+                return
             log.exception("Opening a stream failed")
             await self._error(InternalError())
             return
@@ -239,25 +241,40 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         self.task: asyncio.Task[None] | None = None
         session_id = self.scope["url_route"]["kwargs"].get("session_id")
         try:
-            request = await off_loop(prepare)(self.scope, session_id, "ws")
+            request = await prepare(self.scope, session_id, "ws")
         except ApiError as err:
-            await self.accept()
-            await self.close(code=4000 + err.status if err.status < 1000 else 4500, reason=err.code)
+            await self._refuse(err)
+            return
+        except Exception:
+            log.exception("Opening a stream failed")
+            await self._refuse(None)
             return
         self.conn = Connection(request, self._write)  # from here, disconnect() releases its slot
         try:
             # Before the accept (PROTOCOL §5): every event committed once the client sees
             # `open` must reach it.
             await self.conn.fix_position()
-        except Exception:
-            log.exception("Opening a stream failed")
-            await self.accept()
-            await self.close(code=WS_CLOSE_CODES["internal_error"], reason="internal_error")
+        except Exception as exc:
+            # Its slot and hub places go now, not when the client gets round to leaving.
+            conn, self.conn = self.conn, None
+            await conn.close()
+            if isinstance(exc, ApiError):  # refused after all (fix_position's re-check)
+                await self._refuse(exc)
+            else:
+                log.exception("Opening a stream failed")
+                await self._refuse(None)
             return
         await self.accept()
         self.task = asyncio.ensure_future(self._stream(self.conn))
         self.conn.on_overflow = self._too_slow
         self.conn.when_server_stops(self._server_stops)
+
+    async def _refuse(self, err: ApiError | None) -> None:
+        await self.accept()
+        if err is None:
+            await self.close(code=WS_CLOSE_CODES["internal_error"], reason="internal_error")
+        else:
+            await self.close(code=4000 + err.status if err.status < 1000 else 4500, reason=err.code)
 
     def _too_slow(self) -> None:
         self._end("slow_client")

@@ -33,6 +33,7 @@ from events_app import groups
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
 from events_app.types import Frame
 from project import runtime, thirdparty
+from project.batch import Batcher
 from project.db import off_loop
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,11 @@ def heads(session_ids: list[str]) -> dict[str, int]:
     return dict(Session.objects.filter(pk__in=session_ids).values_list("id", "last_seq"))
 
 
+def _heads_in_order(session_ids: list[str]) -> list[int]:
+    found = heads(sorted(set(session_ids)))
+    return [found.get(sid, 0) for sid in session_ids]
+
+
 class Hub:
     def __init__(self, rt: runtime.Runtime) -> None:
         self.runtime = rt
@@ -154,6 +160,9 @@ class Hub:
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: defaultdict[str, int] = defaultdict(int)
         self._start_lock = asyncio.Lock()
+        # The heads of groups being joined for the first time: a burst of opens across
+        # many sessions reads them in one database call, not one each.
+        self._head_reads: Batcher[str, int] = Batcher("hub-heads", off_loop(_heads_in_order), limit=500)
 
     async def _ensure_started(self) -> str:
         if self.channel is None:
@@ -174,8 +183,7 @@ class Hub:
                 if session_id is not None:
                     # Read after group_add: anything committed before is at or below
                     # this head, anything after will arrive through the group.
-                    found = await off_loop(heads)([session_id])
-                    self.heads[group] = found.get(session_id, 0)
+                    self.heads[group] = await self._head_reads.submit(session_id)
                     self.group_session[group] = session_id
                 members = self.groups[group] = set()
                 self.presence[group] = set()

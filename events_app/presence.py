@@ -18,6 +18,7 @@ from django.conf import settings
 from redis.exceptions import RedisError
 
 from project import runtime
+from project.batch import Batcher
 from project.errors import Unavailable
 from project.limits import STREAM_RETRY_AFTER, renew_stream_slots
 
@@ -55,6 +56,8 @@ class RedisPresence:
 
         # Short timeouts: a hung Redis must not hold a request (or its thread) for long.
         self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
+        self._url = url
+        self._aredis: Any = None
         self._ttl = settings.TANDEM_PRESENCE_TTL_SECONDS
         # The channel layer's prefix: deployments sharing one Redis see only their own.
         self._prefix = str(settings.TANDEM_CHANNEL_PREFIX)
@@ -78,6 +81,30 @@ class RedisPresence:
     def remove(self, session_id: str, connection_id: str) -> None:
         self._redis.hdel(self._key(session_id), connection_id)
 
+    def _async(self) -> Any:
+        if self._aredis is None:
+            from project import redisconn
+
+            self._aredis = redisconn.async_client(self._url, socket_timeout=2, socket_connect_timeout=2)
+        return self._aredis
+
+    async def put_many(self, items: list[tuple[str, str, Entry]]) -> list[None]:
+        """``put`` for a burst of streams opening at once: one pipeline, from the loop."""
+        expires = time.time() + self._ttl
+        pipe = self._async().pipeline(transaction=False)
+        for session_id, connection_id, entry in items:
+            pipe.hset(self._key(session_id), connection_id, orjson.dumps({**entry, "exp": expires}))
+            pipe.expire(self._key(session_id), self._ttl)
+        await pipe.execute()
+        return [None] * len(items)
+
+    async def remove_many(self, items: list[tuple[str, str]]) -> list[None]:
+        pipe = self._async().pipeline(transaction=False)
+        for session_id, connection_id in items:
+            pipe.hdel(self._key(session_id), connection_id)
+        await pipe.execute()
+        return [None] * len(items)
+
     def entries(self, session_id: str) -> list[Entry]:
         now = time.time()
         live, stale = [], []
@@ -99,6 +126,11 @@ class _Presence:
     def __init__(self, rt: runtime.Runtime) -> None:
         self.store = RedisPresence(settings.REDIS_URL) if settings.REDIS_URL else LocalPresence()
         self.local: dict[tuple[str, str], Entry] = {}
+        self.puts: Batcher[tuple[str, str, Entry], None] | None = None
+        self.removes: Batcher[tuple[str, str], None] | None = None
+        if isinstance(self.store, RedisPresence):
+            self.puts = Batcher("presence-put", self.store.put_many)
+            self.removes = Batcher("presence-remove", self.store.remove_many)
 
 
 PRESENCE = runtime.Component("presence", _Presence)
@@ -156,8 +188,24 @@ def _remove(session_id: str, connection_id: str) -> None:
     presence.store.remove(session_id, connection_id)
 
 
-aput = sync_to_async(_put, thread_sensitive=False)
-aremove = sync_to_async(_remove, thread_sensitive=False)
+async def aput(session_id: str, connection_id: str, entry: Entry) -> None:
+    """``_put`` from the runtime's loop: with Redis, the entries of a burst of opening
+    streams go in one pipeline, without a thread hop."""
+    presence = PRESENCE.get()
+    if presence.puts is None:
+        _put(session_id, connection_id, entry)  # in this process: no I/O
+        return
+    presence.local[(session_id, connection_id)] = entry
+    await presence.puts.submit((session_id, connection_id, entry))
+
+
+async def aremove(session_id: str, connection_id: str) -> None:
+    presence = PRESENCE.get()
+    if presence.removes is None:
+        _remove(session_id, connection_id)
+        return
+    presence.local.pop((session_id, connection_id), None)
+    await presence.removes.submit((session_id, connection_id))
 
 
 async def refresh_forever() -> None:

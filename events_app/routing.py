@@ -8,8 +8,7 @@ from channels.security.websocket import WebsocketDenier
 from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
-from project.auth import authenticate_stream, origin_allowed
-from project.db import off_loop
+from project.auth import origin_allowed, read_stream_claim
 from project.errors import ApiError, NotFound
 
 
@@ -31,7 +30,9 @@ class StreamAuthMiddleware:
         # proves nothing, only tokens and tickets count.
         allow_cookie = scope["type"] == "http" or _has_origin(scope)
         try:
-            auth: Any = await off_loop(authenticate_stream)(scope, allow_cookie=allow_cookie)
+            # The signature and expiry only: the user and the membership are checked in
+            # one batch with every stream opening meanwhile (events_app.streams.prepare).
+            auth: Any = read_stream_claim(scope, allow_cookie=allow_cookie)
         except ApiError as err:
             auth = err
         return await self.app({**scope, "stream_auth": auth}, receive, send)

@@ -16,10 +16,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
@@ -27,14 +26,16 @@ from django.utils import timezone
 from events_app import cursors, fanout, groups, presence
 from events_app.history import events_between
 from events_app.metrics import EVENTS_DELIVERED, OPEN_STREAMS, RESETS, RESUMES, SLOW_DISCONNECTS
-from events_app.services import parse_position, reset_reason
+from events_app.models import Event
+from events_app.services import parse_position
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project import runtime
-from project.auth import authenticate_stream, query_params
+from project.auth import StreamClaim, query_params, read_stream_claim, resolve_claims
+from project.batch import Batcher
 from project.db import off_loop
-from project.errors import BadRequest
-from project.limits import release_stream_slot, take_stream_slot
-from sessions_app.access import check_member, member_session_ids
+from project.errors import ApiError, AuthenticationFailed, BadRequest, NotFound
+from project.limits import arelease_stream_slot, atake_stream_slot
+from sessions_app.access import IN_LIST_MAX, member_pairs, sessions_of_users
 from sessions_app.serializers import user_data
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class StreamRequest:
     resume: int | dict[str, int] | None
     connection_id: str = ""  # also the stream's slot in the per-user limit
     cursor: cursors.Resume | None = None  # the user-level stream's, when resuming
+    session_ids: list[str] = field(default_factory=list)  # the user-level stream's, at open
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -66,44 +68,160 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
-def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
-    """Authenticate, authorise and read the parameters of a stream. Synchronous (it
-    queries the database): call through project.db.off_loop. Raises ApiError."""
+def _session_id_ok(session_id: str) -> bool:
+    # Ids are printable ASCII of at most 32 characters (sessions_app.access.check_member).
+    return len(session_id) <= 32 and session_id.isascii() and session_id.isprintable()
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """What one opening stream asks the database before it is admitted."""
+
+    claim: StreamClaim
+    scope: dict[str, Any]
+    session_id: str | None  # None: the user-level stream, which needs its sessions
+    raw_cursor: str | None  # the user-level stream's resume cursor, decoded per user
+
+
+@dataclass(frozen=True)
+class _Found:
+    user: Any
+    session_ids: list[str]  # the user-level stream's sessions
+    cursor: cursors.Resume | ApiError | None
+
+
+def _lookup(items: list[_Lookup]) -> list[_Found | BaseException]:
+    """Every open of a batch at once: the users (one query for every token and ticket),
+    the memberships asked about (one query), the user-level streams' sessions (one
+    query), and their cursors. Synchronous: the opener runs it through off_loop."""
+    users = resolve_claims([(item.claim, item.scope) for item in items])
+    pairs = member_pairs({
+        (u.pk, item.session_id) for item, u in zip(items, users, strict=True)
+        if item.session_id is not None and not isinstance(u, ApiError) and _session_id_ok(item.session_id)
+    })
+    sessions_of = sessions_of_users({
+        u.pk for item, u in zip(items, users, strict=True)
+        if item.session_id is None and not isinstance(u, ApiError)
+    })
+    out: list[_Found | BaseException] = []
+    for item, user in zip(items, users, strict=True):
+        if isinstance(user, ApiError):
+            out.append(user)
+        elif item.session_id is not None:
+            out.append(_Found(user, [], None) if (user.pk, item.session_id) in pairs else NotFound())
+        else:
+            cursor: cursors.Resume | ApiError | None = None
+            if item.raw_cursor:
+                try:
+                    cursor = cursors.decode(item.raw_cursor, user.pk)
+                except ApiError as err:
+                    cursor = err
+            out.append(_Found(user, sessions_of.get(user.pk, []), cursor))
+    return out
+
+
+@dataclass(frozen=True)
+class _Recheck:
+    """What an opening stream asks the database once it listens on its groups."""
+
+    user_id: int
+    session_ids: list[str]  # is the user still a member of each?
+    resumes: list[tuple[str, int]]  # (session, after) behind the head: is after + 1 kept?
+    heads: list[str]  # sessions whose stored head is needed (a resume ahead of the hub's)
+
+
+@dataclass(frozen=True)
+class _Rechecked:
+    active: bool
+    removed: list[str]
+    kept: set[tuple[str, int]]
+    heads: dict[str, int]
+
+
+def _recheck(items: list[_Recheck]) -> list[_Rechecked | BaseException]:
+    user_ids = {item.user_id for item in items}
+    active = set(
+        get_user_model().objects.filter(pk__in=user_ids, is_active=True).values_list("pk", flat=True)
+    )
+    member = member_pairs({(item.user_id, sid) for item in items for sid in item.session_ids})
+    wanted = {(sid, after + 1) for item in items for sid, after in item.resumes}
+    kept: set[tuple[str, int]] = set()
+    # Retention always removes the lowest seqs first, so if after + 1 is kept, all is.
+    sessions = sorted({s for s, _ in wanted})
+    for i in range(0, len(sessions), IN_LIST_MAX):
+        chunk = set(sessions[i:i + IN_LIST_MAX])
+        seqs = {q for s, q in wanted if s in chunk}
+        kept |= set(Event.objects.filter(session_id__in=chunk, seq__in=seqs).values_list("session_id", "seq"))
+    kept &= wanted
+    head_ids = sorted({sid for item in items for sid in item.heads})
+    heads: dict[str, int] = {}
+    for i in range(0, len(head_ids), IN_LIST_MAX):
+        heads.update(fanout.heads(head_ids[i:i + IN_LIST_MAX]))
+    return [
+        _Rechecked(
+            item.user_id in active,
+            [sid for sid in item.session_ids if (item.user_id, sid) not in member],
+            {(sid, after) for sid, after in item.resumes if (sid, after + 1) in kept},
+            {sid: heads[sid] for sid in item.heads if sid in heads},
+        )
+        for item in items
+    ]
+
+
+class _Opener:
+    """A runtime's batchers for opening streams: however many open at once, each step
+    is one database call (one thread hop, one connection) for all of them."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.lookups: Batcher[_Lookup, _Found] = Batcher("stream-lookup", off_loop(_lookup))
+        self.rechecks: Batcher[_Recheck, _Rechecked] = Batcher("stream-recheck", off_loop(_recheck))
+
+
+OPENER = runtime.Component("opener", _Opener)
+
+
+async def prepare(scope: dict[str, Any], session_id: str | None, transport: str) -> StreamRequest:
+    """Authenticate, authorise and read the parameters of a stream; take its slot in
+    the per-user limit. The signature and expiry of its credential are checked here; the
+    user (active) and the membership in the database, batched with every stream opening
+    meanwhile (``_lookup``). Raises ApiError, in the order: credentials, membership,
+    parameters, the limit."""
     creds = scope.get("stream_auth")
     if isinstance(creds, Exception):
         raise creds
-    if creds is None:  # not behind StreamAuthMiddleware
-        creds = authenticate_stream(scope, allow_cookie=transport == "sse")
-    if session_id is not None:
-        check_member(creds.user, session_id)
+    claim = creds if isinstance(creds, StreamClaim) else read_stream_claim(
+        scope, allow_cookie=transport == "sse"
+    )
     params = query_params(scope)
+    raw_resume = _header(scope, b"last-event-id")
+    if raw_resume is None or raw_resume == "":
+        raw_resume = params.get("last_event_id")
+    found = await OPENER.get().lookups.submit(
+        _Lookup(claim, scope, session_id, (raw_resume or None) if session_id is None else None)
+    )
     try:
         types = TypeFilter.parse(params.get("types"))
     except ValueError as exc:
         raise BadRequest(str(exc), details={"types": params.get("types", "")[:200]}) from None
     named = params.get("named", "0") in ("1", "true")
-    raw_resume = _header(scope, b"last-event-id")
-    if raw_resume is None or raw_resume == "":
-        raw_resume = params.get("last_event_id")
     resume: int | dict[str, int] | None
     cursor: cursors.Resume | None = None
     if session_id is not None:
         resume = parse_position(raw_resume, "last_event_id")
-    elif raw_resume:
-        cursor = cursors.decode(raw_resume, creds.user.pk)
+    elif isinstance(found.cursor, ApiError):
+        raise found.cursor
+    elif found.cursor is not None:
+        cursor = found.cursor
         resume = cursor.positions
     else:
         resume = None
     connection_id = f"con_{secrets.token_hex(8)}"
     # Last, so a refused request never holds a slot; Connection.close gives it back.
-    take_stream_slot(creds.user.pk, connection_id)
+    await atake_stream_slot(found.user.pk, connection_id)
     return StreamRequest(
-        creds.user, creds.expires_at, session_id, transport, types, named, resume, connection_id,
-        cursor,
+        found.user, claim.expires_at, session_id, transport, types, named, resume, connection_id,
+        cursor, found.session_ids,
     )
-
-
-_release_slot = sync_to_async(release_stream_slot, thread_sensitive=False)
 
 
 class _Streams:
@@ -267,6 +385,7 @@ class Connection:
         self._on_server_stop: Callable[[], object] | None = None
         self.cursors = cursors.CursorTracker(self.user_id) if request.session_id is None else None
         # Between fix_position and start: the heads read and each session's plan.
+        self._announced = False  # in presence (start): close() must say it left
         self._opening: tuple[dict[str, int], dict[str, tuple[int, str | None]]] | None = None
 
     # ------------------------------------------------------------ hub callbacks
@@ -375,27 +494,72 @@ class Connection:
         await self.start()
 
     async def fix_position(self) -> None:
-        """Join the hub and read the heads: from here on every committed event reaches
+        """Join the hub and fix the position: from here on every committed event reaches
         this connection (queued until ``start``). The consumers call it before the SSE
         response headers or the WebSocket accept go out (PROTOCOL §5): a client that
-        acts on ``open`` must not miss what commits after it."""
+        acts on ``open`` must not miss what commits after it.
+
+        The position in each session is the hub's head once this connection listens:
+        the hub passes on every later seq, in order, and the ones up to it were passed on
+        before. Then one batched database call (``_recheck``) closes the race with the
+        admission check: a user deactivated, or removed from a session, after that check
+        but before this connection listened, may have had the control message that ends
+        the stream pass unheard. Still before the headers, such a stream is refused
+        (AuthenticationFailed, NotFound) as it would have been a moment earlier; a
+        user-level stream just stops following the sessions the user left."""
         req = self.request
         if not self._counted_open:
             self._counted_open = True
             self._open_gauge.inc()
-        if req.session_id is not None:
-            session_ids = [req.session_id]
-        else:
-            session_ids = await off_loop(member_session_ids)(self.user_id)
+        session_ids = [req.session_id] if req.session_id is not None else list(req.session_ids)
+        if req.session_id is None:
             await self._join(groups.user_group(self.user_id), None)
         for session_id in session_ids:
             await self._join(groups.session_group(session_id), session_id)
-        heads, plans, active = await off_loop(self._heads_and_plans)(session_ids)
-        if not active:
-            # Deactivated or deleted between authentication and joining the hub: the
-            # control message that ends their streams may have passed before we listened.
-            self.control(groups.UserDisabled(self.user_id))
+        heads = {sid: self.hub.heads.get(groups.session_group(sid), 0) for sid in session_ids}
+        wanted = self._wanted(heads)
+        resumes = [(sid, after) for sid, after in wanted.items() if after < heads[sid]]
+        ahead = [sid for sid, after in wanted.items() if after > heads[sid]]
+        checked = await OPENER.get().rechecks.submit(_Recheck(self.user_id, session_ids, resumes, ahead))
+        if not checked.active:
+            raise AuthenticationFailed()
+        if checked.removed and req.session_id is not None:
+            raise NotFound()
+        for sid in checked.removed:
+            await self._leave(groups.session_group(sid))
+            heads.pop(sid, None)
+        hub_heads = dict(heads)
+        for sid, stored in checked.heads.items():
+            # A client ahead of the hub (events on their way to it): the stored head,
+            # as before; the live frames up to it are dropped as seen.
+            heads[sid] = max(heads[sid], stored)
+        plans: dict[str, tuple[int, str | None]] = {}
+        for sid, head in heads.items():
+            after = wanted.get(sid)
+            if after is None:
+                plans[sid] = (head, None)
+            elif after > head:
+                plans[sid] = (head, "unknown_position")
+            elif after == head or after >= hub_heads[sid] or (sid, after) in checked.kept:
+                plans[sid] = (after, None)
+            else:
+                plans[sid] = (head, "history_expired")
+        unknown = req.session_id is None and req.cursor is not None and not req.cursor.known
+        if unknown:
+            plans = {sid: (head, "unknown_position") for sid, head in heads.items()}
         self._opening = (heads, plans)
+
+    def _wanted(self, heads: dict[str, int]) -> dict[str, int]:
+        """Per session, the position the client resumes from, if it resumes."""
+        req = self.request
+        if req.session_id is not None:
+            return {req.session_id: req.resume} if isinstance(req.resume, int) else {}
+        if req.cursor is not None and not req.cursor.known:
+            return {}
+        if isinstance(req.resume, dict):
+            # Joined since the cursor: from the start.
+            return {sid: req.resume.get(sid, 0) for sid in heads}
+        return {}
 
     async def start(self) -> None:
         """Send server.connected, any reset and the replay (after ``fix_position``)."""
@@ -434,33 +598,6 @@ class Connection:
         for sid, (position, reset) in plans.items():
             if reset is None and position < heads.get(sid, 0):
                 await self._replay(sid, position, heads[sid])
-
-    def _heads_and_plans(
-        self, session_ids: list[str]
-    ) -> tuple[dict[str, int], dict[str, tuple[int, str | None]], bool]:
-        heads = fanout.heads(session_ids)
-        active = get_user_model().objects.filter(pk=self.user_id, is_active=True).exists()
-        return heads, self._plan(heads), active
-
-    def _plan(self, heads: dict[str, int]) -> dict[str, tuple[int, str | None]]:
-        """Per session: (position to resume from, reset reason or None)."""
-        req = self.request
-        plans: dict[str, tuple[int, str | None]] = {}
-        for sid, head in heads.items():
-            if req.session_id is not None:
-                after = req.resume if isinstance(req.resume, int) else None
-            elif req.cursor is not None and not req.cursor.known:
-                plans[sid] = (head, "unknown_position")  # its snapshot is gone
-                continue
-            elif isinstance(req.resume, dict):
-                after = req.resume.get(sid, 0)  # joined since the cursor: from the start
-            else:
-                after = None
-            if after is None:
-                plans[sid] = (head, None)
-            else:
-                plans[sid] = (after, reset_reason(sid, head, after))
-        return plans
 
     async def _replay(self, session_id: str, after: int, upto: int) -> None:
         while after < upto:
@@ -565,7 +702,7 @@ class Connection:
                 await self.hub.unsubscribe(group, self)
             except Exception:
                 log.exception("Leaving %s failed", group)
-        if self.request.session_id is not None and self.closed_reason is None:
+        if self.request.session_id is not None and self.closed_reason is None and self._announced:
             self.closed_reason = "closed"
             try:
                 await presence.aremove(self.request.session_id, self.id)
@@ -577,7 +714,7 @@ class Connection:
         if self._counted_open:
             self._counted_open = False
             self._open_gauge.dec()
-        await _release_slot(self.id)
+        await arelease_stream_slot(self.id)
 
     # ------------------------------------------------------------ presence
 
@@ -588,6 +725,7 @@ class Connection:
 
     async def _announce(self, type_name: str) -> None:
         assert self.request.session_id is not None  # presence is per session
+        self._announced = True  # from here, close() takes the entry back and says so
         await presence.aput(self.request.session_id, self.id, self._presence_entry())
         await self._broadcast_presence(type_name)
 

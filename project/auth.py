@@ -21,7 +21,7 @@ from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenRefreshSerializer
 from rest_framework_simplejwt.tokens import AccessToken
 
-from project.errors import AuthenticationFailed, NotAuthenticated
+from project.errors import ApiError, AuthenticationFailed, NotAuthenticated
 
 _TICKET_SALT = "tandem.stream-ticket"
 
@@ -161,9 +161,23 @@ def origin_allowed(scope: dict[str, Any]) -> bool:
     return origin in settings.CSRF_TRUSTED_ORIGINS or origin == _same_origin(scope)
 
 
-def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamCredentials:
-    """Who opens this stream: Bearer header, ``?token=``, ``?ticket=`` or the session
-    cookie, in that order. Runs database queries: call it through project.db.off_loop."""
+@dataclass(frozen=True)
+class StreamClaim:
+    """Who a stream's credentials say opens it, read without the database: the signature
+    and expiry of a token or ticket are checked here; whether that user still exists and
+    is active is the database's to say (``resolve_claims``). A cookie names a Django
+    session, which only the session store can read: ``cookie`` is then True and
+    ``user_id`` None."""
+
+    user_id: int | None
+    expires_at: float | None  # set when the stream must end with auth.expired
+    cookie: bool = False
+
+
+def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamClaim:
+    """Bearer header, ``?token=``, ``?ticket=`` or the session cookie, in that order. No
+    database: AuthenticationFailed for a bad or expired token or ticket, NotAuthenticated
+    for no credential at all."""
     params = query_params(scope)
     header = _header(scope, b"authorization")
     user_id: int | None = None
@@ -177,21 +191,50 @@ def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> 
         user_id, expires_at = read_access_token(params["token"])
     elif "ticket" in params:
         user_id = read_ticket(params["ticket"])
-    elif allow_cookie and origin_allowed(scope):
+    elif allow_cookie and origin_allowed(scope) and _header(scope, b"cookie"):
         # A page of a disallowed origin may make the browser send the cookie (an
         # EventSource with credentials, same site): it must not open the user's streams,
         # not even unreadable ones that take their connection slots.
-        user = _user_from_cookie(scope)
-        if user is not None:
-            return StreamCredentials(user, None)
+        return StreamClaim(None, None, cookie=True)
     if user_id is None:
         raise NotAuthenticated()
-    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
-    if user is None:
-        raise AuthenticationFailed()
     if expires_at is not None and expires_at <= time.time():
         raise AuthenticationFailed()
-    return StreamCredentials(user, expires_at)
+    return StreamClaim(user_id, expires_at)
+
+
+def resolve_claims(claims: list[tuple[StreamClaim, dict[str, Any]]]) -> list[User | ApiError]:
+    """The active user each (claim, scope) names, or the error to answer with: one query
+    for every token and ticket of the batch, one session-store read per cookie.
+    Synchronous: call through project.db.off_loop."""
+    ids = {claim.user_id for claim, _ in claims if claim.user_id is not None}
+    users: dict[int, User] = {}
+    if ids:
+        users = {u.pk: u for u in get_user_model().objects.filter(pk__in=ids, is_active=True)}
+    out: list[User | ApiError] = []
+    for claim, scope in claims:
+        if claim.cookie:
+            user = _user_from_cookie(scope)
+            out.append(user if user is not None else NotAuthenticated())
+            continue
+        assert claim.user_id is not None
+        found = users.get(claim.user_id)
+        # Checked again: a token may expire while it waits for the batch.
+        if found is None or (claim.expires_at is not None and claim.expires_at <= time.time()):
+            out.append(AuthenticationFailed())
+        else:
+            out.append(found)
+    return out
+
+
+def authenticate_stream(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamCredentials:
+    """``read_stream_claim`` and ``resolve_claims`` for one stream. Runs database
+    queries: call it through project.db.off_loop."""
+    claim = read_stream_claim(scope, allow_cookie=allow_cookie)
+    found = resolve_claims([(claim, scope)])[0]
+    if isinstance(found, ApiError):
+        raise found
+    return StreamCredentials(found, claim.expires_at)
 
 
 def _refuse_unknown(serializer: Any, data: Any) -> None:

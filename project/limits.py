@@ -20,6 +20,7 @@ from django.conf import settings
 from rest_framework.throttling import BaseThrottle
 
 from project import liveness, redisconn, runtime
+from project.batch import Batcher
 from project.errors import RateLimited, TooManyConnections, Unavailable
 from project.rates import parse_rate
 
@@ -280,6 +281,37 @@ class _RedisSlots:
     def __init__(self, url: str) -> None:
         self._redis = redisconn.client(url, socket_timeout=2, socket_connect_timeout=2)
         self._take = self._redis.register_script(_TAKE)
+        # The server's loop takes and gives back the slots of its streams through an
+        # async client, a burst of them in one pipeline (project.batch): no thread hop.
+        self._url = url
+        self._aredis: Any = None
+        self._atake: Any = None
+
+    def _async(self) -> Any:
+        if self._aredis is None:
+            self._aredis = redisconn.async_client(self._url, socket_timeout=2, socket_connect_timeout=2)
+            self._atake = self._aredis.register_script(_TAKE)
+        return self._aredis
+
+    async def take_many(self, items: list[tuple[int, str]], limit: int, ttl: float) -> list[bool | BaseException]:
+        pipe = self._async().pipeline(transaction=False)
+        now = time.time()
+        for user_id, slot in items:
+            await self._atake(
+                keys=[self._key(user_id), liveness.key("servers")],
+                args=[now, now + ttl, limit, self._member(slot), math.ceil(ttl),
+                      liveness.PROCESS_ID, now + liveness.ttl()],
+                client=pipe,
+            )
+        results = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, BaseException) else bool(r) for r in results]
+
+    async def release_many(self, items: list[tuple[int, str]]) -> list[None]:
+        pipe = self._async().pipeline(transaction=False)
+        for user_id, slot in items:
+            pipe.zrem(self._key(user_id), self._member(slot))
+        await pipe.execute(raise_on_error=False)
+        return [None] * len(items)
 
     @staticmethod
     def _key(user_id: int) -> str:
@@ -321,6 +353,14 @@ class _State:
         self.counter = _RedisCounter(url) if url else _LocalCounter()
         self.slots = _RedisSlots(url) if url else _LocalSlots()
         self.held: dict[str, int] = {}  # slot -> user id
+        self.takes: Batcher[tuple[int, str], bool] | None = None
+        self.releases: Batcher[tuple[int, str], None] | None = None
+        if isinstance(self.slots, _RedisSlots):
+            slots = self.slots
+            self.takes = Batcher(
+                "slot-take", lambda items: slots.take_many(items, settings.TANDEM_MAX_CONNECTIONS_PER_USER, slot_ttl())
+            )
+            self.releases = Batcher("slot-release", slots.release_many)
 
 
 STATE = runtime.Component("limits", _State)
@@ -343,16 +383,55 @@ def take_stream_slot(user_id: int, slot: str) -> None:
     except Exception:
         # Redis is down or hung, and a stream's live events come through it: refuse
         # before the stream starts rather than answer 200 and fall silent.
-        raise Unavailable(
-            "Live events are unavailable for a moment; reconnect shortly.",
-            headers={"Retry-After": str(STREAM_RETRY_AFTER)},
-        ) from None
+        raise _unavailable() from None
     if not taken:
         raise TooManyConnections(
             f"At most {limit} open streams per user; close one first.",
             headers={"Retry-After": "5"},
         )
     state.held[slot] = user_id
+
+
+def _unavailable() -> Unavailable:
+    return Unavailable(
+        "Live events are unavailable for a moment; reconnect shortly.",
+        headers={"Retry-After": str(STREAM_RETRY_AFTER)},
+    )
+
+
+async def atake_stream_slot(user_id: int, slot: str) -> None:
+    """``take_stream_slot`` from the runtime's loop: with Redis, the slots a burst of
+    opens takes go in one pipeline, without a thread hop."""
+    state = STATE.get()
+    if state.takes is None:
+        take_stream_slot(user_id, slot)  # in this process: no I/O
+        return
+    limit = settings.TANDEM_MAX_CONNECTIONS_PER_USER
+    try:
+        taken = await state.takes.submit((user_id, slot))
+    except Exception:
+        raise _unavailable() from None
+    if not taken:
+        raise TooManyConnections(
+            f"At most {limit} open streams per user; close one first.",
+            headers={"Retry-After": "5"},
+        )
+    state.held[slot] = user_id
+
+
+async def arelease_stream_slot(slot: str) -> None:
+    """``release_stream_slot`` from the runtime's loop, batched like the takes."""
+    state = STATE.get()
+    if state.releases is None:
+        release_stream_slot(slot)
+        return
+    user_id = state.held.pop(slot, None)
+    if user_id is None:
+        return
+    try:
+        await state.releases.submit((user_id, slot))
+    except Exception:  # it lapses by itself
+        pass
 
 
 def release_stream_slot(slot: str) -> None:

@@ -40,3 +40,31 @@ def check_member(user: Any, session_id: str) -> None:
 
 def member_session_ids(user_id: int) -> list[str]:
     return list(Membership.objects.filter(user_id=user_id).values_list("session_id", flat=True))
+
+
+IN_LIST_MAX = 500  # ids in one IN (...) of a batched lookup
+
+
+def member_pairs(asked: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """Which of the (user id, session id) pairs asked about are memberships: one query
+    for a whole batch of opening streams."""
+    if not asked:
+        return set()
+    users, sessions = {u for u, _ in asked}, {s for _, s in asked}
+    rows = Membership.objects.filter(user_id__in=users)
+    if len(sessions) <= IN_LIST_MAX:
+        rows = rows.filter(session_id__in=sessions)
+    # else every membership of those users (user-level streams of many sessions): a
+    # bounded read rather than a statement with too many parameters.
+    return set(rows.values_list("user_id", "session_id")) & asked
+
+
+def sessions_of_users(user_ids: set[int]) -> dict[int, list[str]]:
+    """``member_session_ids`` of many users in one query."""
+    out: dict[int, list[str]] = {}
+    if user_ids:
+        for user_id, session_id in Membership.objects.filter(user_id__in=user_ids).values_list(
+            "user_id", "session_id"
+        ):
+            out.setdefault(user_id, []).append(session_id)
+    return out

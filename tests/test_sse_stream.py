@@ -376,7 +376,7 @@ async def test_overflowing_connection_queue_stays_bounded(session: Any, alice: A
 
     settings.TANDEM_STREAM_QUEUE = 10
     scope = {"type": "http", "query_string": f"token={token_for(alice)}".encode(), "headers": []}
-    request = await database_sync_to_async(prepare)(scope, session.id, "sse")
+    request = await prepare(scope, session.id, "sse")
 
     async def never_called(chunks: list[Any]) -> None:
         raise AssertionError("nothing is written")
