@@ -20,6 +20,7 @@ each publish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,10 +129,9 @@ class RedisIngest:
                                 self.pattern, exc, delay)
                 else:  # a bug or an unexpected reply: keep the bridge alive all the same
                     log.exception("Redis ingest failed; retrying in %.2f s", delay)
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.stop.wait()
             delay = min(delay * 2, self.backoff_max)
         return self.stats
 

@@ -91,10 +91,11 @@ class Pool:
                 if not persistent and not self.runs and not self.wake.is_set():
                     return
                 wait = min(_POLL_SECONDS, max(0.0, next_renew - time.monotonic()))
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout rather than wait_for: no task made per wait (wait_for
+                # wraps the wait in one, a new task every poll for as long as the pool runs).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self.wake.wait()
         finally:
             if listening is not None:
                 listening.cancel()
