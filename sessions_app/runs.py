@@ -15,10 +15,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from events_app import fanout, groups
-from events_app.services import publish
+from events_app.services import publish_many
 from events_app.types import iso
 from project import runtime
-from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
+from sessions_app.models import Message, Part, PermissionRequest, ReplyRun
 from sessions_app.permissions import close_permissions
 from sessions_app.serializers import part_data
 
@@ -52,9 +52,13 @@ def set_session_status(session_id: str, status: dict[str, Any]) -> None:
 
 
 def publish_status(session_id: str, status: dict[str, Any]) -> None:
-    """Set the session's status and publish it, in the caller's transaction."""
-    Session.objects.filter(pk=session_id).update(status=status)
-    publish(session_id, "session.status", {"status": status})
+    """Set the session's status and publish it, in the caller's transaction: the status
+    is set by the same statement that takes the event's seq."""
+    publish_many(session_id, [_status_event(status)], session_fields={"status": status})
+
+
+def _status_event(status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return "session.status", {"status": status}
 
 
 # ---------------------------------------------------------------- runs (the runner)
@@ -141,10 +145,20 @@ def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
     return {"history": history}
 
 
-def start_part(message_id: str, session_id: str, index: int, part_type: str) -> Part:
+def start_part(
+    message_id: str, session_id: str, index: int, part_type: str, first_delta: str = ""
+) -> Part:
+    """A new text or reasoning part. With ``first_delta``, its first words too, in the same
+    transaction: the part's (empty) start and the delta are two events of one batch."""
     with transaction.atomic():
-        part = Part.objects.create(message_id=message_id, index=index, type=part_type, text="")
-        publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+        part = Part(message_id=message_id, index=index, type=part_type, text="")
+        started = part_data(part)
+        part.text = first_delta
+        part.save(force_insert=True)
+        events = [("message.part.updated", {"message_id": message_id, "part": started})]
+        if first_delta:
+            events.append(_delta_event(message_id, part.id, part_type, first_delta))
+        publish_many(session_id, events)
     return part
 
 
@@ -152,11 +166,14 @@ def append_text(part_id: str, part_type: str, message_id: str, session_id: str, 
     """Persist the part's text so far and send only the delta (linear, not quadratic)."""
     with transaction.atomic():
         Part.objects.filter(pk=part_id).update(text=text)
-        publish(
-            session_id,
-            "message.part.updated",
-            {"message_id": message_id, "part": {"id": part_id, "type": part_type}, "delta": delta},
-        )
+        publish_many(session_id, [_delta_event(message_id, part_id, part_type, delta)])
+
+
+def _delta_event(message_id: str, part_id: str, part_type: str, delta: str) -> tuple[str, dict[str, Any]]:
+    return (
+        "message.part.updated",
+        {"message_id": message_id, "part": {"id": part_id, "type": part_type}, "delta": delta},
+    )
 
 
 def start_tool_part(
@@ -180,7 +197,11 @@ def set_tool_state(part_id: str, session_id: str, message_id: str, state: dict[s
 
 
 def _publish_tool_state(session_id: str, message_id: str, part: Part) -> None:
-    publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+    publish_many(session_id, _tool_state_events(message_id, part))
+
+
+def _tool_state_events(message_id: str, part: Part) -> list[tuple[str, dict[str, Any]]]:
+    """A tool part's new state: the part, then ``tool.status``."""
     state = part.state or {}
     props: dict[str, Any] = {
         "message_id": message_id, "call_id": part.call_id, "tool": part.tool,
@@ -189,7 +210,10 @@ def _publish_tool_state(session_id: str, message_id: str, part: Part) -> None:
     for key in ("input", "output", "error"):
         if key in state:
             props[key] = state[key]
-    publish(session_id, "tool.status", props)
+    return [
+        ("message.part.updated", {"message_id": message_id, "part": part_data(part)}),
+        ("tool.status", props),
+    ]
 
 
 def finish_reply(
@@ -214,24 +238,29 @@ def finish_reply(
         if run is None:
             return False
         run.delete()
+        # One read of the reply's parts serves both the text parts' final states and the
+        # open tools.
+        parts = {part.id: part for part in Part.objects.filter(message_id=message_id).order_by("index")}
+        events: list[tuple[str, dict[str, Any]]] = []
         for part_id, text in text_parts:
-            Part.objects.filter(pk=part_id).update(text=text)
-            part = Part.objects.get(pk=part_id)
-            publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+            part = parts[part_id]
+            if part.text != text:  # the runner's last flush has usually stored it already
+                Part.objects.filter(pk=part_id).update(text=text)
+                part.text = text
+            events.append(("message.part.updated", {"message_id": message_id, "part": part_data(part)}))
         endings: dict[str, str] = {
             Message.Status.CANCELLED: "The reply was aborted.",
             Message.Status.ERROR: error.get("message", "The reply failed.") if error else "The reply failed.",
         }
         why = endings.get(status, "The reply ended.")
-        open_tools = Part.objects.filter(
-            message_id=message_id, type=Part.PartType.TOOL, state__status__in=["pending", "running"]
-        )
-        for part in open_tools:
+        for part in parts.values():
+            if part.type != Part.PartType.TOOL or (part.state or {}).get("status") not in ("pending", "running"):
+                continue
             part.state = {"input": (part.state or {}).get("input"), "status": "error", "error": why}
             part.save(update_fields=["state"])
-            _publish_tool_state(session_id, message_id, part)
+            events += _tool_state_events(message_id, part)
         by_timeout = status != Message.Status.CANCELLED or run.abort_by is None
-        close_permissions(
+        events += close_permissions(
             session_id, message_id, why,
             resolved_by=None if by_timeout else run.abort_by,
             status=PermissionRequest.Status.EXPIRED if by_timeout else PermissionRequest.Status.REJECTED,
@@ -243,8 +272,10 @@ def finish_reply(
         props: dict[str, Any] = {"message_id": message_id, "status": status}
         if error:
             props["error"] = error
-        publish(session_id, "message.completed", props)
-        publish_status(session_id, {"type": "idle"})
+        idle = {"type": "idle"}
+        # Every last event of the reply in one batch: two statements.
+        events += [("message.completed", props), _status_event(idle)]
+        publish_many(session_id, events, session_fields={"status": idle})
     return True
 
 

@@ -149,11 +149,9 @@ class Run:
         listening = asyncio.get_running_loop().create_task(subscribe_eventually(hub, group, self))
         status, error = Message.Status.COMPLETED, None
         try:
-            if await off_loop(services.abort_requested)(self.message_id):
+            asked, context = await off_loop(_starting)(self.session_id, self.message_id)
+            if asked:
                 self.aborted.set()  # asked before we were listening
-            context = await off_loop(services.reply_context)(
-                self.session_id, self.message_id
-            )
             ctx = ReplyContext(
                 self.session_id, self.message_id, context["history"], use_tool=self._use_tool
             )
@@ -236,18 +234,20 @@ class Run:
         part = self.current if self.current and self.current.type == part_type else None
         if part is None:
             await self._flush()
+            # A part's first words go out at once (time to first token is what a reader
+            # feels), with the part's start: two events, one transaction. What follows
+            # is coalesced.
+            self.last_flush = time.monotonic()
             created = await off_loop(services.start_part)(
-                self.message_id, self.session_id, self._next_index(), part_type
+                self.message_id, self.session_id, self._next_index(), part_type, output.text
             )
-            part = _OpenPart(created.id, part_type)
+            part = _OpenPart(created.id, part_type, text=output.text)
             self.parts.append(part)
             self.current = part
-        first = not part.text and not part.pending
+            return
         part.pending += output.text
         due = time.monotonic() - self.last_flush >= settings.TANDEM_COALESCE_MS / 1000
-        # A part's first words go out at once (time to first token is what a reader
-        # feels); what follows is coalesced.
-        if first or due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
+        if due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
             await self._flush()
 
     def _next_index(self) -> int:
@@ -383,6 +383,11 @@ class Run:
 
 
 _ABORTED = object()
+
+
+def _starting(session_id: str, message_id: str) -> tuple[bool, dict[str, Any]]:
+    """What a run reads before the agent starts, in one trip to a database thread."""
+    return services.abort_requested(message_id), services.reply_context(session_id, message_id)
 
 
 async def _close(replies: Any) -> None:
