@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from events_app import fanout, groups
@@ -69,14 +70,20 @@ def claim_runs(runner: str, limit: int) -> list[ReplyRun]:
     claim: of several runners racing for a row, exactly one changes it."""
     now = timezone.now()
     lease = now + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
-    claimed = []
-    for run in ReplyRun.objects.filter(runner="").order_by("created_at")[:limit]:
-        if ReplyRun.objects.filter(pk=run.pk, runner="").update(
-            runner=runner, lease_until=lease, started_at=now
-        ):
-            run.runner, run.lease_until, run.started_at = runner, lease, now
-            claimed.append(run)
-    return claimed
+    # One statement whatever the number claimed (and when there is none to claim, the
+    # common case of a wake-up another runner won). Rows another runner is claiming are
+    # skipped where the database can (PostgreSQL), else waited for and re-checked by
+    # the outer ``runner = ''``.
+    table = connection.ops.quote_name(ReplyRun._meta.db_table)
+    skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    adapt = connection.ops.adapt_datetimefield_value
+    claimed = ReplyRun.objects.raw(
+        f"UPDATE {table} SET runner = %s, lease_until = %s, started_at = %s "
+        f"WHERE runner = '' AND message_id IN (SELECT message_id FROM {table} WHERE runner = '' "
+        f"ORDER BY created_at LIMIT %s{skip}) RETURNING *",
+        [runner, adapt(lease), adapt(now), limit],
+    )
+    return sorted(claimed, key=lambda run: run.created_at)
 
 
 def reply_counts() -> dict[str, int]:
@@ -145,28 +152,51 @@ def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
     return {"history": history}
 
 
-def start_part(
-    message_id: str, session_id: str, index: int, part_type: str, first_delta: str = ""
-) -> Part:
-    """A new text or reasoning part. With ``first_delta``, its first words too, in the same
-    transaction: the part's (empty) start and the delta are two events of one batch."""
+def start_part(message_id: str, session_id: str, index: int, part_type: str) -> Part:
     with transaction.atomic():
-        part = Part(message_id=message_id, index=index, type=part_type, text="")
-        started = part_data(part)
-        part.text = first_delta
-        part.save(force_insert=True)
-        events = [("message.part.updated", {"message_id": message_id, "part": started})]
-        if first_delta:
-            events.append(_delta_event(message_id, part.id, part_type, first_delta))
-        publish_many(session_id, events)
+        part = Part.objects.create(message_id=message_id, index=index, type=part_type, text="")
+        publish_many(session_id, [("message.part.updated", {"message_id": message_id, "part": part_data(part)})])
     return part
 
 
 def append_text(part_id: str, part_type: str, message_id: str, session_id: str, text: str, delta: str) -> None:
     """Persist the part's text so far and send only the delta (linear, not quadratic)."""
+    write_parts(message_id, session_id, [TextWrite(part_id, part_type, text, delta)])
+
+
+@dataclass(frozen=True)
+class TextWrite:
+    """A runner's coalesced text for one part: ``delta`` is new since its last write,
+    ``text`` the part's whole text so far. ``index`` is set for a part not stored yet:
+    its start and first words are written together."""
+
+    part_id: str
+    part_type: str
+    text: str
+    delta: str
+    index: int | None = None
+
+
+def write_parts(message_id: str, session_id: str, writes: list[TextWrite]) -> None:
+    """Store the runner's coalesced text of one or more parts and send the deltas: one
+    transaction, one batch of events."""
     with transaction.atomic():
-        Part.objects.filter(pk=part_id).update(text=text)
-        publish_many(session_id, [_delta_event(message_id, part_id, part_type, delta)])
+        publish_many(session_id, _text_write_events(message_id, writes))
+
+
+def _text_write_events(message_id: str, writes: list[TextWrite]) -> list[tuple[str, dict[str, Any]]]:
+    events: list[tuple[str, dict[str, Any]]] = []
+    for write in writes:
+        if write.index is not None:
+            part = Part(id=write.part_id, message_id=message_id, index=write.index, type=write.part_type, text="")
+            events.append(("message.part.updated", {"message_id": message_id, "part": part_data(part)}))
+            part.text = write.text
+            part.save(force_insert=True)
+        else:
+            Part.objects.filter(pk=write.part_id).update(text=write.text)
+        if write.delta:
+            events.append(_delta_event(message_id, write.part_id, write.part_type, write.delta))
+    return events
 
 
 def _delta_event(message_id: str, part_id: str, part_type: str, delta: str) -> tuple[str, dict[str, Any]]:
@@ -226,10 +256,13 @@ def finish_reply(
     text_parts: list[tuple[str, str]] = (),  # type: ignore[assignment]
     usage: dict[str, int] | None = None,
     lease_expired_before: Any = None,
+    writes: list[TextWrite] = (),  # type: ignore[assignment]
 ) -> bool:
-    """End a reply: each open part's complete state, open tools and pending permissions
-    closed, then message.completed, then the session idle. Only the runner holding the
-    run may end it, once; returns False when it no longer does."""
+    """End a reply: the runner's last coalesced text (``writes``, as ``write_parts``),
+    each open part's complete state, open tools and pending permissions closed, then
+    message.completed, then the session idle, all in one transaction and one batch of
+    events. Only the runner holding the run may end it, once; returns False when it no
+    longer does (and writes nothing)."""
     with transaction.atomic():
         held = ReplyRun.objects.filter(pk=message_id, runner=runner)
         if lease_expired_before is not None:
@@ -238,10 +271,10 @@ def finish_reply(
         if run is None:
             return False
         run.delete()
+        events = _text_write_events(message_id, list(writes))
         # One read of the reply's parts serves both the text parts' final states and the
         # open tools.
         parts = {part.id: part for part in Part.objects.filter(message_id=message_id).order_by("index")}
-        events: list[tuple[str, dict[str, Any]]] = []
         for part_id, text in text_parts:
             part = parts[part_id]
             if part.text != text:  # the runner's last flush has usually stored it already

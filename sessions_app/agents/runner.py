@@ -32,7 +32,7 @@ from sessions_app.agents.base import (
     ToolResult,
     Usage,
 )
-from sessions_app.models import Message, Part, PermissionRequest, new_id
+from sessions_app.models import Message, Part, PermissionRequest, new_id, new_part_id
 
 log = logging.getLogger(__name__)
 # One line when a reply starts and one when it ends, in whichever process runs it.
@@ -48,8 +48,10 @@ _PERMISSION_POLL_SECONDS = 1.0
 class _OpenPart:
     id: str
     type: str
-    text: str = ""
+    index: int
+    text: str = ""  # written so far
     pending: str = ""
+    stored: bool = False  # its row and start event are written with its first words
 
 
 @dataclass
@@ -232,36 +234,42 @@ class Run:
             return
         part_type = Part.PartType.TEXT if isinstance(output, TextDelta) else Part.PartType.REASONING
         part = self.current if self.current and self.current.type == part_type else None
+        first = part is None
         if part is None:
             await self._flush()
-            # A part's first words go out at once (time to first token is what a reader
-            # feels), with the part's start: two events, one transaction. What follows
-            # is coalesced.
-            self.last_flush = time.monotonic()
-            created = await off_loop(services.start_part)(
-                self.message_id, self.session_id, self._next_index(), part_type, output.text
-            )
-            part = _OpenPart(created.id, part_type, text=output.text)
+            part = _OpenPart(new_part_id(), part_type, self._next_index())
             self.parts.append(part)
             self.current = part
-            return
         part.pending += output.text
         due = time.monotonic() - self.last_flush >= settings.TANDEM_COALESCE_MS / 1000
-        if due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
+        # A part's first words go out at once (time to first token is what a reader
+        # feels), with the part's start — unless the agent has already produced more,
+        # which then goes with them (a short reply may be written whole by the finish).
+        # What follows is coalesced.
+        if (first and self.outputs.empty()) or due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
             await self._flush()
 
     def _next_index(self) -> int:
         return len(self.parts) + self.tool_parts
 
-    async def _flush(self) -> None:
-        self.last_flush = time.monotonic()
+    def _take_writes(self) -> list[services.TextWrite]:
+        """The coalesced text not written yet, marked as written."""
+        writes = []
         for part in self.parts:
-            if part.pending:
+            if part.pending or not part.stored:
                 delta, part.pending = part.pending, ""
                 part.text += delta
-                await off_loop(services.append_text)(
-                    part.id, part.type, self.message_id, self.session_id, part.text, delta
-                )
+                writes.append(services.TextWrite(
+                    part.id, part.type, part.text, delta, None if part.stored else part.index
+                ))
+                part.stored = True
+        return writes
+
+    async def _flush(self) -> None:
+        self.last_flush = time.monotonic()
+        writes = self._take_writes()
+        if writes:
+            await off_loop(services.write_parts)(self.message_id, self.session_id, writes)
 
     # ------------------------------------------------------------ tools
 
@@ -373,12 +381,12 @@ class Run:
 
     async def _finish(self, status: str, error: dict[str, str] | None) -> None:
         # Pending text goes out as a last delta, even on abort: the deltas of a part must
-        # add up to its final text.
-        await self._flush()
+        # add up to its final text. It is written by the finish's own transaction.
+        writes = self._take_writes()
         await off_loop(services.finish_reply)(
             self.session_id, self.message_id, runner=self.runner, status=status, error=error,
             text_parts=[(p.id, p.text) for p in self.parts],
-            usage=self.usage.totals or None,
+            usage=self.usage.totals or None, writes=writes,
         )
 
 
