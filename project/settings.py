@@ -149,12 +149,14 @@ MIDDLEWARE = [
     # Serves static/ from any server (daphne, uvicorn) with no collectstatic step.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "project.errors.ApiErrorMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Django's own, declared sync-only so a request does not hop between the event loop
+    # and its thread for each of them (project/middleware.py).
+    "project.middleware.SessionMiddleware",
+    "project.middleware.CommonMiddleware",
+    "project.middleware.CsrfViewMiddleware",
+    "project.middleware.AuthenticationMiddleware",
+    "project.middleware.MessageMiddleware",
+    "project.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
