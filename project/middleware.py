@@ -1,41 +1,26 @@
-"""Django's own middleware, run synchronously. Under ASGI Django runs an async-capable
-middleware in async mode when the handler inside it is async, and then every
-``process_request``/``process_response`` of it is a ``sync_to_async`` hop to the
-request's thread and back. Below the sync-only middleware (ours, WhiteNoise), the six of
-these made a request cross between the event loop and its thread about twenty times,
-each crossing a GIL hand-off that the server's event loop (every open stream) waits on
-(docs/PERFORMANCE.md, "Issue 12: message posts"). Declared sync-only, they run in the
-request's thread with the rest of the chain, which then enters the loop only to reach
-the view. Their behaviour is Django's, unchanged."""
+"""The innermost middleware: a synchronous boundary. Under ASGI, Django runs an
+async-capable middleware in async mode when the handler inside it is async (the view
+handler always is), and each of its ``process_request``/``process_response`` calls is
+then a ``sync_to_async`` hop to the request's thread and back: Django's six below our
+sync-only middleware made a request cross between the event loop and its thread about
+twenty times, each crossing a GIL hand-off that the server's event loop (every open
+stream) waits on (docs/PERFORMANCE.md, "Issue 12: message posts"). This one is
+sync-only and last in ``MIDDLEWARE``, so every middleware outside it sees a synchronous
+handler and runs in the request's thread; the loop is entered once, to reach the view.
+It does nothing else."""
 from __future__ import annotations
 
-from django.contrib.auth.middleware import AuthenticationMiddleware as _Authentication
-from django.contrib.messages.middleware import MessageMiddleware as _Message
-from django.contrib.sessions.middleware import SessionMiddleware as _Session
-from django.middleware.clickjacking import XFrameOptionsMiddleware as _XFrameOptions
-from django.middleware.common import CommonMiddleware as _Common
-from django.middleware.csrf import CsrfViewMiddleware as _CsrfView
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponseBase
 
 
-class SessionMiddleware(_Session):
+class SyncBoundary:
+    sync_capable = True
     async_capable = False
 
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
 
-class CommonMiddleware(_Common):
-    async_capable = False
-
-
-class CsrfViewMiddleware(_CsrfView):
-    async_capable = False
-
-
-class AuthenticationMiddleware(_Authentication):
-    async_capable = False
-
-
-class MessageMiddleware(_Message):
-    async_capable = False
-
-
-class XFrameOptionsMiddleware(_XFrameOptions):
-    async_capable = False
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        return self.get_response(request)

@@ -149,14 +149,15 @@ MIDDLEWARE = [
     # Serves static/ from any server (daphne, uvicorn) with no collectstatic step.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "project.errors.ApiErrorMiddleware",
-    # Django's own, declared sync-only so a request does not hop between the event loop
-    # and its thread for each of them (project/middleware.py).
-    "project.middleware.SessionMiddleware",
-    "project.middleware.CommonMiddleware",
-    "project.middleware.CsrfViewMiddleware",
-    "project.middleware.AuthenticationMiddleware",
-    "project.middleware.MessageMiddleware",
-    "project.middleware.XFrameOptionsMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: every middleware above runs synchronously in the request's thread instead of
+    # hopping to it and back for each of its calls (project/middleware.py).
+    "project.middleware.SyncBoundary",
 ]
 
 ROOT_URLCONF = "project.urls"
