@@ -152,18 +152,6 @@ def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
     return {"history": history}
 
 
-def start_part(message_id: str, session_id: str, index: int, part_type: str) -> Part:
-    with transaction.atomic():
-        part = Part.objects.create(message_id=message_id, index=index, type=part_type, text="")
-        publish_many(session_id, [("message.part.updated", {"message_id": message_id, "part": part_data(part)})])
-    return part
-
-
-def append_text(part_id: str, part_type: str, message_id: str, session_id: str, text: str, delta: str) -> None:
-    """Persist the part's text so far and send only the delta (linear, not quadratic)."""
-    write_parts(message_id, session_id, [TextWrite(part_id, part_type, text, delta)])
-
-
 @dataclass(frozen=True)
 class TextWrite:
     """A runner's coalesced text for one part: ``delta`` is new since its last write,

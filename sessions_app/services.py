@@ -32,7 +32,6 @@ from sessions_app.permissions import permission_state as permission_state
 from sessions_app.permissions import request_permission as request_permission
 from sessions_app.runs import TextWrite as TextWrite
 from sessions_app.runs import abort_requested as abort_requested
-from sessions_app.runs import append_text as append_text
 from sessions_app.runs import claim_runs as claim_runs
 from sessions_app.runs import dispatch
 from sessions_app.runs import finish_reply as finish_reply
@@ -43,7 +42,6 @@ from sessions_app.runs import reply_context as reply_context
 from sessions_app.runs import reply_counts as reply_counts
 from sessions_app.runs import set_session_status as set_session_status
 from sessions_app.runs import set_tool_state as set_tool_state
-from sessions_app.runs import start_part as start_part
 from sessions_app.runs import start_tool_part as start_tool_part
 from sessions_app.runs import write_parts as write_parts
 from sessions_app.serializers import message_data, session_data, user_data

@@ -5,6 +5,9 @@ delta, and a short reply's every event are each one batch: one seq ``UPDATE`` an
 raise a bound only knowingly."""
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -14,9 +17,10 @@ from django.test.utils import CaptureQueriesContext
 
 from events_app.models import Event
 from sessions_app import services
+from sessions_app.agents.base import AGENTS, Agent, Output, ReplyContext, TextDelta
 from sessions_app.agents.runner import _starting
-from sessions_app.models import Part, new_part_id
-from tests.replies import head, post
+from sessions_app.models import Part, Session, new_part_id
+from tests.replies import head, log_after, post, wait_for_completed, wait_for_event, wait_idle
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -93,3 +97,47 @@ def test_a_streamed_delta_costs_three_statements(shared_session: Any, bob: Any) 
     assert len(statements(first)) == 3, statements(first)
     assert len(statements(later)) == 3, statements(later)
     assert Part.objects.get(pk=part_id).text == "hello there"
+
+
+_release = threading.Event()
+
+
+class _SlowAfterFirstWords(Agent):
+    """Says its first words, then waits for the test before saying the rest."""
+
+    name = "test-first-words"
+
+    async def reply(self, ctx: ReplyContext) -> AsyncIterator[Output]:
+        yield TextDelta("first ")
+        await asyncio.to_thread(_release.wait, 10)
+        yield TextDelta("and the rest")
+
+
+def test_a_streaming_agents_first_words_are_written_while_it_is_still_working(
+    shared_session: Any, bob: Any
+) -> None:
+    """Writing a short reply whole with its finish must not hold back a streaming
+    agent's first words until it finishes (time to first token)."""
+    AGENTS[_SlowAfterFirstWords.name] = _SlowAfterFirstWords
+    _release.clear()
+    try:
+        Session.objects.filter(pk=shared_session.pk).update(agent=_SlowAfterFirstWords.name)
+        before = head(shared_session.id)
+        response = post(bob, shared_session.id, "go")
+        assert response.status_code == 202, response.content
+        reply_id = response.json()["reply_id"]
+        first = wait_for_event(
+            shared_session.id, before, "message.part.updated", lambda e: "delta" in e["properties"]
+        )
+        assert first["properties"]["delta"] == "first " and not _release.is_set()
+        _release.set()
+        wait_for_completed(shared_session.id, before, reply_id)
+        deltas = [
+            e["properties"]["delta"] for e in log_after(shared_session.id, before)
+            if e["type"] == "message.part.updated" and "delta" in e["properties"]
+        ]
+        assert "".join(deltas) == "first and the rest"
+        wait_idle(shared_session.id)
+    finally:
+        _release.set()
+        AGENTS.pop(_SlowAfterFirstWords.name, None)
