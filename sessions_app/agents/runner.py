@@ -17,7 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from events_app import groups
-from events_app.fanout import get_hub, subscribe_eventually
+from events_app.fanout import Hub, get_hub, subscribe_eventually
 from events_app.types import Frame, iso
 from project.db import off_loop
 from sessions_app import services
@@ -148,7 +148,7 @@ class Run:
         # events go to the database, and readers catch up from there). So a reply starts
         # at once, and listens as soon as Redis lets it; meanwhile abort arrives through
         # the lease renewal and permission answers through polling.
-        listening = asyncio.get_running_loop().create_task(subscribe_eventually(hub, group, self))
+        listening = asyncio.get_running_loop().create_task(self._listen(hub, group))
         status, error = Message.Status.COMPLETED, None
         try:
             asked, context = await off_loop(_starting)(self.session_id, self.message_id)
@@ -208,6 +208,13 @@ class Run:
                     f" error={error['code']}" if error and not self.lost else "",
                     time.monotonic() - started,
                 )
+
+    async def _listen(self, hub: Hub, group: str) -> None:
+        await subscribe_eventually(hub, group, self)
+        # An abort asked after the check at the start and before this subscription sent
+        # its control message to no one: look once more, now that the next one reaches us.
+        if not self.aborted.is_set() and await off_loop(services.abort_requested)(self.message_id):
+            self.abort()
 
     def _has_pending(self) -> bool:
         return any(p.pending for p in self.parts)
