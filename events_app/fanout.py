@@ -120,6 +120,23 @@ def send_frame(group: str, frame: Frame) -> None:
     send_to_group(group, groups.encode_event(group, frame, time.time()))
 
 
+def send_frames(group: str, frames: list[Frame]) -> None:
+    """``send_frame`` for several events of one group, in order: one wake-up of the main
+    loop (a thread-safe call writes to its self-pipe) for the lot."""
+    if len(frames) == 1:
+        send_frame(group, frames[0])
+        return
+    now = time.time()
+    messages = [groups.encode_event(group, frame, now) for frame in frames]
+    runtime.call_soon(_enqueue_all, group, messages)
+
+
+def _enqueue_all(group: str, messages: list[Mapping[str, Any]]) -> None:
+    outbox = OUTBOX.get()
+    for message in messages:
+        outbox.put(group, message)
+
+
 def send_control(group: str, control: groups.Control) -> None:
     send_to_group(group, groups.encode_control(group, control))
 

@@ -155,6 +155,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: every middleware above runs synchronously in the request's thread instead of
+    # hopping to it and back for each of its calls (project/middleware.py).
+    "project.middleware.SyncBoundary",
 ]
 
 ROOT_URLCONF = "project.urls"

@@ -89,10 +89,13 @@ def list_permissions(session: Session, status: str | None) -> list[PermissionReq
 
 def close_permissions(
     session_id: str, message_id: str, reason: str, *, resolved_by: Any, status: str
-) -> None:
+) -> list[tuple[str, dict[str, Any]]]:
+    """Resolve the reply's pending requests; returns their ``permission.resolved`` events
+    for the caller to publish (in its transaction, with the reply's other last events)."""
     pending = PermissionRequest.objects.filter(
         message_id=message_id, status=PermissionRequest.Status.PENDING
     )
+    events = []
     for permission in pending.select_for_update():
         permission.status = status
         permission.approved = False
@@ -101,12 +104,12 @@ def close_permissions(
         permission.resolved_by_timeout = resolved_by is None
         permission.resolved_at = timezone.now()
         permission.save()
-        _publish_resolution(permission, notify=False)
+        events.append(_resolution_event(permission))
+    return events
 
 
-def _publish_resolution(permission: PermissionRequest, *, notify: bool = True) -> None:
-    publish(
-        permission.session_id,
+def _resolution_event(permission: PermissionRequest) -> tuple[str, dict[str, Any]]:
+    return (
         "permission.resolved",
         {
             "permission_id": permission.id,
@@ -115,6 +118,10 @@ def _publish_resolution(permission: PermissionRequest, *, notify: bool = True) -
             "resolved_by": resolver_data(permission),
         },
     )
+
+
+def _publish_resolution(permission: PermissionRequest, *, notify: bool = True) -> None:
+    publish(permission.session_id, *_resolution_event(permission))
     if notify:
         group = groups.run_group(permission.session_id)
         answered = groups.PermissionAnswered(permission.id)

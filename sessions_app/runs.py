@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from events_app import fanout, groups
-from events_app.services import publish
+from events_app.services import publish_many
 from events_app.types import iso
 from project import runtime
-from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
+from sessions_app.models import Message, Part, PermissionRequest, ReplyRun
 from sessions_app.permissions import close_permissions
 from sessions_app.serializers import part_data
 
@@ -52,9 +53,13 @@ def set_session_status(session_id: str, status: dict[str, Any]) -> None:
 
 
 def publish_status(session_id: str, status: dict[str, Any]) -> None:
-    """Set the session's status and publish it, in the caller's transaction."""
-    Session.objects.filter(pk=session_id).update(status=status)
-    publish(session_id, "session.status", {"status": status})
+    """Set the session's status and publish it, in the caller's transaction: the status
+    is set by the same statement that takes the event's seq."""
+    publish_many(session_id, [_status_event(status)], session_fields={"status": status})
+
+
+def _status_event(status: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return "session.status", {"status": status}
 
 
 # ---------------------------------------------------------------- runs (the runner)
@@ -65,14 +70,20 @@ def claim_runs(runner: str, limit: int) -> list[ReplyRun]:
     claim: of several runners racing for a row, exactly one changes it."""
     now = timezone.now()
     lease = now + timedelta(seconds=settings.TANDEM_RUN_LEASE_SECONDS)
-    claimed = []
-    for run in ReplyRun.objects.filter(runner="").order_by("created_at")[:limit]:
-        if ReplyRun.objects.filter(pk=run.pk, runner="").update(
-            runner=runner, lease_until=lease, started_at=now
-        ):
-            run.runner, run.lease_until, run.started_at = runner, lease, now
-            claimed.append(run)
-    return claimed
+    # One statement whatever the number claimed (and when there is none to claim, the
+    # common case of a wake-up another runner won). Rows another runner is claiming are
+    # skipped where the database can (PostgreSQL), else waited for and re-checked by
+    # the outer ``runner = ''``.
+    table = connection.ops.quote_name(ReplyRun._meta.db_table)
+    skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    adapt = connection.ops.adapt_datetimefield_value
+    claimed = ReplyRun.objects.raw(
+        f"UPDATE {table} SET runner = %s, lease_until = %s, started_at = %s "
+        f"WHERE runner = '' AND message_id IN (SELECT message_id FROM {table} WHERE runner = '' "
+        f"ORDER BY created_at LIMIT %s{skip}) RETURNING *",
+        [runner, adapt(lease), adapt(now), limit],
+    )
+    return sorted(claimed, key=lambda run: run.created_at)
 
 
 def reply_counts() -> dict[str, int]:
@@ -141,22 +152,46 @@ def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
     return {"history": history}
 
 
-def start_part(message_id: str, session_id: str, index: int, part_type: str) -> Part:
-    with transaction.atomic():
-        part = Part.objects.create(message_id=message_id, index=index, type=part_type, text="")
-        publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
-    return part
+@dataclass(frozen=True)
+class TextWrite:
+    """A runner's coalesced text for one part: ``delta`` is new since its last write,
+    ``text`` the part's whole text so far. ``index`` is set for a part not stored yet:
+    its start and first words are written together."""
+
+    part_id: str
+    part_type: str
+    text: str
+    delta: str
+    index: int | None = None
 
 
-def append_text(part_id: str, part_type: str, message_id: str, session_id: str, text: str, delta: str) -> None:
-    """Persist the part's text so far and send only the delta (linear, not quadratic)."""
+def write_parts(message_id: str, session_id: str, writes: list[TextWrite]) -> None:
+    """Store the runner's coalesced text of one or more parts and send the deltas: one
+    transaction, one batch of events."""
     with transaction.atomic():
-        Part.objects.filter(pk=part_id).update(text=text)
-        publish(
-            session_id,
-            "message.part.updated",
-            {"message_id": message_id, "part": {"id": part_id, "type": part_type}, "delta": delta},
-        )
+        publish_many(session_id, _text_write_events(message_id, writes))
+
+
+def _text_write_events(message_id: str, writes: list[TextWrite]) -> list[tuple[str, dict[str, Any]]]:
+    events: list[tuple[str, dict[str, Any]]] = []
+    for write in writes:
+        if write.index is not None:
+            part = Part(id=write.part_id, message_id=message_id, index=write.index, type=write.part_type, text="")
+            events.append(("message.part.updated", {"message_id": message_id, "part": part_data(part)}))
+            part.text = write.text
+            part.save(force_insert=True)
+        else:
+            Part.objects.filter(pk=write.part_id).update(text=write.text)
+        if write.delta:
+            events.append(_delta_event(message_id, write.part_id, write.part_type, write.delta))
+    return events
+
+
+def _delta_event(message_id: str, part_id: str, part_type: str, delta: str) -> tuple[str, dict[str, Any]]:
+    return (
+        "message.part.updated",
+        {"message_id": message_id, "part": {"id": part_id, "type": part_type}, "delta": delta},
+    )
 
 
 def start_tool_part(
@@ -180,7 +215,11 @@ def set_tool_state(part_id: str, session_id: str, message_id: str, state: dict[s
 
 
 def _publish_tool_state(session_id: str, message_id: str, part: Part) -> None:
-    publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+    publish_many(session_id, _tool_state_events(message_id, part))
+
+
+def _tool_state_events(message_id: str, part: Part) -> list[tuple[str, dict[str, Any]]]:
+    """A tool part's new state: the part, then ``tool.status``."""
     state = part.state or {}
     props: dict[str, Any] = {
         "message_id": message_id, "call_id": part.call_id, "tool": part.tool,
@@ -189,7 +228,10 @@ def _publish_tool_state(session_id: str, message_id: str, part: Part) -> None:
     for key in ("input", "output", "error"):
         if key in state:
             props[key] = state[key]
-    publish(session_id, "tool.status", props)
+    return [
+        ("message.part.updated", {"message_id": message_id, "part": part_data(part)}),
+        ("tool.status", props),
+    ]
 
 
 def finish_reply(
@@ -202,10 +244,13 @@ def finish_reply(
     text_parts: list[tuple[str, str]] = (),  # type: ignore[assignment]
     usage: dict[str, int] | None = None,
     lease_expired_before: Any = None,
+    writes: list[TextWrite] = (),  # type: ignore[assignment]
 ) -> bool:
-    """End a reply: each open part's complete state, open tools and pending permissions
-    closed, then message.completed, then the session idle. Only the runner holding the
-    run may end it, once; returns False when it no longer does."""
+    """End a reply: the runner's last coalesced text (``writes``, as ``write_parts``),
+    each open part's complete state, open tools and pending permissions closed, then
+    message.completed, then the session idle, all in one transaction and one batch of
+    events. Only the runner holding the run may end it, once; returns False when it no
+    longer does (and writes nothing)."""
     with transaction.atomic():
         held = ReplyRun.objects.filter(pk=message_id, runner=runner)
         if lease_expired_before is not None:
@@ -214,24 +259,29 @@ def finish_reply(
         if run is None:
             return False
         run.delete()
+        events = _text_write_events(message_id, list(writes))
+        # One read of the reply's parts serves both the text parts' final states and the
+        # open tools.
+        parts = {part.id: part for part in Part.objects.filter(message_id=message_id).order_by("index")}
         for part_id, text in text_parts:
-            Part.objects.filter(pk=part_id).update(text=text)
-            part = Part.objects.get(pk=part_id)
-            publish(session_id, "message.part.updated", {"message_id": message_id, "part": part_data(part)})
+            part = parts[part_id]
+            if part.text != text:  # the runner's last flush has usually stored it already
+                Part.objects.filter(pk=part_id).update(text=text)
+                part.text = text
+            events.append(("message.part.updated", {"message_id": message_id, "part": part_data(part)}))
         endings: dict[str, str] = {
             Message.Status.CANCELLED: "The reply was aborted.",
             Message.Status.ERROR: error.get("message", "The reply failed.") if error else "The reply failed.",
         }
         why = endings.get(status, "The reply ended.")
-        open_tools = Part.objects.filter(
-            message_id=message_id, type=Part.PartType.TOOL, state__status__in=["pending", "running"]
-        )
-        for part in open_tools:
+        for part in parts.values():
+            if part.type != Part.PartType.TOOL or (part.state or {}).get("status") not in ("pending", "running"):
+                continue
             part.state = {"input": (part.state or {}).get("input"), "status": "error", "error": why}
             part.save(update_fields=["state"])
-            _publish_tool_state(session_id, message_id, part)
+            events += _tool_state_events(message_id, part)
         by_timeout = status != Message.Status.CANCELLED or run.abort_by is None
-        close_permissions(
+        events += close_permissions(
             session_id, message_id, why,
             resolved_by=None if by_timeout else run.abort_by,
             status=PermissionRequest.Status.EXPIRED if by_timeout else PermissionRequest.Status.REJECTED,
@@ -243,8 +293,10 @@ def finish_reply(
         props: dict[str, Any] = {"message_id": message_id, "status": status}
         if error:
             props["error"] = error
-        publish(session_id, "message.completed", props)
-        publish_status(session_id, {"type": "idle"})
+        idle = {"type": "idle"}
+        # Every last event of the reply in one batch: two statements.
+        events += [("message.completed", props), _status_event(idle)]
+        publish_many(session_id, events, session_fields={"status": idle})
     return True
 
 

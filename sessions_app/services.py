@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from events_app import fanout, groups
-from events_app.services import arrange_exit_flush, broadcast, publish
+from events_app.services import arrange_exit_flush, broadcast, publish, publish_many
 from project.errors import (
     BadRequest,
     Conflict,
@@ -30,10 +30,10 @@ from sessions_app.models import Membership, Message, Part, ReplyRun, Role, Sessi
 from sessions_app.permissions import expire_permission as expire_permission
 from sessions_app.permissions import permission_state as permission_state
 from sessions_app.permissions import request_permission as request_permission
+from sessions_app.runs import TextWrite as TextWrite
 from sessions_app.runs import abort_requested as abort_requested
-from sessions_app.runs import append_text as append_text
 from sessions_app.runs import claim_runs as claim_runs
-from sessions_app.runs import dispatch, publish_status
+from sessions_app.runs import dispatch
 from sessions_app.runs import finish_reply as finish_reply
 from sessions_app.runs import interrupt_runs as interrupt_runs
 from sessions_app.runs import reap_expired_runs as reap_expired_runs
@@ -42,8 +42,8 @@ from sessions_app.runs import reply_context as reply_context
 from sessions_app.runs import reply_counts as reply_counts
 from sessions_app.runs import set_session_status as set_session_status
 from sessions_app.runs import set_tool_state as set_tool_state
-from sessions_app.runs import start_part as start_part
 from sessions_app.runs import start_tool_part as start_tool_part
+from sessions_app.runs import write_parts as write_parts
 from sessions_app.serializers import message_data, session_data, user_data
 
 # ---------------------------------------------------------------- sessions
@@ -219,9 +219,18 @@ def post_message(session: Session, author: User, parts: list[dict[str, str]]) ->
             session=locked, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING
         )
         ReplyRun.objects.create(message=reply, session=locked, agent=locked.agent)
-        publish(locked.id, "message.created", {"message": message_data(message, stored)})
-        publish_status(locked.pk, {"type": "busy"})
-        publish(locked.id, "message.created", {"message": message_data(reply, [])})
+        # The three events of a post in one batch; the status is set by the statement
+        # that takes their seqs.
+        busy = {"type": "busy"}
+        publish_many(
+            locked.id,
+            [
+                ("message.created", {"message": message_data(message, stored)}),
+                ("session.status", {"status": busy}),
+                ("message.created", {"message": message_data(reply, [])}),
+            ],
+            session_fields={"status": busy},
+        )
         transaction.on_commit(dispatch)
     return message, reply
 

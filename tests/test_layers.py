@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "events_app.ingest", "events_app.management.commands.ingest_redis",
     ]),
     ("HTTP surface", [
-        "project.openapi", "project.views", "project.probes", "sessions_app.views",
+        "project.openapi", "project.views", "project.probes", "project.middleware", "sessions_app.views",
         "sessions_app.pages", "sessions_app.urls", "events_app.views",
     ]),
     ("agents", [

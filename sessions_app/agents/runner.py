@@ -17,7 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from events_app import groups
-from events_app.fanout import get_hub, subscribe_eventually
+from events_app.fanout import Hub, get_hub, subscribe_eventually
 from events_app.types import Frame, iso
 from project.db import off_loop
 from sessions_app import services
@@ -32,7 +32,7 @@ from sessions_app.agents.base import (
     ToolResult,
     Usage,
 )
-from sessions_app.models import Message, Part, PermissionRequest, new_id
+from sessions_app.models import Message, Part, PermissionRequest, new_id, new_part_id
 
 log = logging.getLogger(__name__)
 # One line when a reply starts and one when it ends, in whichever process runs it.
@@ -48,8 +48,10 @@ _PERMISSION_POLL_SECONDS = 1.0
 class _OpenPart:
     id: str
     type: str
-    text: str = ""
+    index: int
+    text: str = ""  # written so far
     pending: str = ""
+    stored: bool = False  # its row and start event are written with its first words
 
 
 @dataclass
@@ -146,14 +148,12 @@ class Run:
         # events go to the database, and readers catch up from there). So a reply starts
         # at once, and listens as soon as Redis lets it; meanwhile abort arrives through
         # the lease renewal and permission answers through polling.
-        listening = asyncio.get_running_loop().create_task(subscribe_eventually(hub, group, self))
+        listening = asyncio.get_running_loop().create_task(self._listen(hub, group))
         status, error = Message.Status.COMPLETED, None
         try:
-            if await off_loop(services.abort_requested)(self.message_id):
+            asked, context = await off_loop(_starting)(self.session_id, self.message_id)
+            if asked:
                 self.aborted.set()  # asked before we were listening
-            context = await off_loop(services.reply_context)(
-                self.session_id, self.message_id
-            )
             ctx = ReplyContext(
                 self.session_id, self.message_id, context["history"], use_tool=self._use_tool
             )
@@ -209,6 +209,13 @@ class Run:
                     time.monotonic() - started,
                 )
 
+    async def _listen(self, hub: Hub, group: str) -> None:
+        await subscribe_eventually(hub, group, self)
+        # An abort asked after the check at the start and before this subscription sent
+        # its control message to no one: look once more, now that the next one reaches us.
+        if not self.aborted.is_set() and await off_loop(services.abort_requested)(self.message_id):
+            self.abort()
+
     def _has_pending(self) -> bool:
         return any(p.pending for p in self.parts)
 
@@ -234,34 +241,42 @@ class Run:
             return
         part_type = Part.PartType.TEXT if isinstance(output, TextDelta) else Part.PartType.REASONING
         part = self.current if self.current and self.current.type == part_type else None
+        first = part is None
         if part is None:
             await self._flush()
-            created = await off_loop(services.start_part)(
-                self.message_id, self.session_id, self._next_index(), part_type
-            )
-            part = _OpenPart(created.id, part_type)
+            part = _OpenPart(new_part_id(), part_type, self._next_index())
             self.parts.append(part)
             self.current = part
-        first = not part.text and not part.pending
         part.pending += output.text
         due = time.monotonic() - self.last_flush >= settings.TANDEM_COALESCE_MS / 1000
         # A part's first words go out at once (time to first token is what a reader
-        # feels); what follows is coalesced.
-        if first or due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
+        # feels), with the part's start — unless the agent has already produced more,
+        # which then goes with them (a short reply may be written whole by the finish).
+        # What follows is coalesced.
+        if (first and self.outputs.empty()) or due or len(part.pending.encode()) >= settings.TANDEM_COALESCE_BYTES:
             await self._flush()
 
     def _next_index(self) -> int:
         return len(self.parts) + self.tool_parts
 
-    async def _flush(self) -> None:
-        self.last_flush = time.monotonic()
+    def _take_writes(self) -> list[services.TextWrite]:
+        """The coalesced text not written yet, marked as written."""
+        writes = []
         for part in self.parts:
-            if part.pending:
+            if part.pending or not part.stored:
                 delta, part.pending = part.pending, ""
                 part.text += delta
-                await off_loop(services.append_text)(
-                    part.id, part.type, self.message_id, self.session_id, part.text, delta
-                )
+                writes.append(services.TextWrite(
+                    part.id, part.type, part.text, delta, None if part.stored else part.index
+                ))
+                part.stored = True
+        return writes
+
+    async def _flush(self) -> None:
+        self.last_flush = time.monotonic()
+        writes = self._take_writes()
+        if writes:
+            await off_loop(services.write_parts)(self.message_id, self.session_id, writes)
 
     # ------------------------------------------------------------ tools
 
@@ -373,16 +388,21 @@ class Run:
 
     async def _finish(self, status: str, error: dict[str, str] | None) -> None:
         # Pending text goes out as a last delta, even on abort: the deltas of a part must
-        # add up to its final text.
-        await self._flush()
+        # add up to its final text. It is written by the finish's own transaction.
+        writes = self._take_writes()
         await off_loop(services.finish_reply)(
             self.session_id, self.message_id, runner=self.runner, status=status, error=error,
             text_parts=[(p.id, p.text) for p in self.parts],
-            usage=self.usage.totals or None,
+            usage=self.usage.totals or None, writes=writes,
         )
 
 
 _ABORTED = object()
+
+
+def _starting(session_id: str, message_id: str) -> tuple[bool, dict[str, Any]]:
+    """What a run reads before the agent starts, in one trip to a database thread."""
+    return services.abort_requested(message_id), services.reply_context(session_id, message_id)
 
 
 async def _close(replies: Any) -> None:
