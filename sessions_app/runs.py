@@ -20,7 +20,7 @@ from events_app.types import iso
 from project import runtime
 from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
 from sessions_app.permissions import close_permissions
-from sessions_app.serializers import part_data
+from sessions_app.serializers import message_data, part_data
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +130,18 @@ def _interrupt(run: ReplyRun, lease_expired_before: Any = None) -> bool:
 def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
     """What an agent sees: the session's messages before the reply."""
     history = []
+    # The conversation up to this reply's turn: not the messages still queued behind it,
+    # nor replies a retry replaced.
+    turn = Message.objects.filter(pk=message_id).values_list("turn_at", flat=True).first()
     messages = (
-        Message.objects.filter(session_id=session_id)
+        Message.objects.filter(session_id=session_id, superseded_by__isnull=True)
         .exclude(pk=message_id)
+        .exclude(status=Message.Status.QUEUED)
+        .order_by("turn_at", "id")
         .prefetch_related("parts")
     )
+    if turn is not None:
+        messages = messages.filter(turn_at__lt=turn)
     for message in messages:
         text = "\n\n".join(p.text for p in message.parts.all() if p.type == Part.PartType.TEXT)
         history.append({"role": message.role, "text": text})
@@ -207,6 +214,7 @@ def finish_reply(
     closed, then message.completed, then the session idle. Only the runner holding the
     run may end it, once; returns False when it no longer does."""
     with transaction.atomic():
+        lock_session(session_id)
         held = ReplyRun.objects.filter(pk=message_id, runner=runner)
         if lease_expired_before is not None:
             held = held.filter(lease_until__lt=lease_expired_before)
@@ -244,8 +252,51 @@ def finish_reply(
         if error:
             props["error"] = error
         publish(session_id, "message.completed", props)
-        publish_status(session_id, {"type": "idle"})
+        start_next_turn(session_id)
     return True
+
+
+def start_next_turn(session_id: str) -> Message | None:
+    """The reply ended: answer the oldest queued message, or make the session idle when
+    none waits. In the transaction that ended the reply, so the queue moves on even when
+    the process that ran it dies right after; the reply it queues is claimed by whichever
+    runner is up. The caller holds the session's row lock (see ``lock_session``)."""
+    waiting = (
+        Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
+        .order_by("turn_at", "id")
+        .first()
+    )
+    if waiting is None:
+        publish_status(session_id, {"type": "idle"})
+        return None
+    now = timezone.now()
+    Message.objects.filter(pk=waiting.pk).update(
+        status=Message.Status.COMPLETED, completed_at=now, turn_at=now
+    )
+    publish(session_id, "message.updated", {"message_id": waiting.pk, "status": Message.Status.COMPLETED})
+    return queue_reply(session_id, after=now)
+
+
+def queue_reply(session_id: str, *, after: Any) -> Message:
+    """Mark the session busy and queue an agent's reply that takes its turn just after
+    ``after`` (the message it answers). In the caller's transaction."""
+    session = Session.objects.get(pk=session_id)
+    reply = Message.objects.create(
+        session_id=session_id, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING,
+        created_at=timezone.now(), turn_at=after + timedelta(microseconds=1),
+    )
+    ReplyRun.objects.create(message=reply, session_id=session_id, agent=session.agent)
+    publish_status(session_id, {"type": "busy"})
+    publish(session_id, "message.created", {"message": message_data(reply, [])})
+    transaction.on_commit(dispatch)
+    return reply
+
+
+def lock_session(session_id: str) -> Session | None:
+    """Take the session's row lock first, in every transaction that moves its queue:
+    posting, ending a reply, withdrawing and retrying then happen one at a time, and in
+    the same order of locks (no deadlock)."""
+    return Session.objects.select_for_update().filter(pk=session_id).first()
 
 
 def current_run(session_id: str) -> dict[str, Any] | None:
