@@ -133,7 +133,7 @@ def test_messages_list_shows_queued_messages_after_the_others_in_posting_order(
 
 @pytest.mark.django_db
 def test_queued_messages_come_only_on_the_last_page(shared_session: Any, bob: Any) -> None:
-    for i in range(3):
+    for _ in range(3):
         Message.objects.create(session=shared_session, role="user", author=bob, status="completed")
     make_busy(shared_session)
     queued_id = queue(bob, shared_session, "waiting")["message"]["id"]
