@@ -292,14 +292,15 @@ def _store_message(
     return message
 
 
-def withdraw_message(session: Session, user: User, role: str, message_id: str) -> None:
-    """Take a queued message out of the queue: its author or an owner."""
+def withdraw_message(session: Session, user: User | None, role: str, message_id: str) -> None:
+    """Take a queued message out of the queue: its author or an owner (``user`` None: the
+    site's admin, acting as an owner)."""
     with transaction.atomic():
         lock_session(session.pk)
         message = Message.objects.filter(session=session, pk=message_id).first()
         if message is None:
             raise NotFound("No such message in this session.")
-        if message.author_id != user.pk and role != Role.OWNER:
+        if role != Role.OWNER and (user is None or message.author_id != user.pk):
             raise PermissionDenied("Only its author or an owner can withdraw a message.")
         if message.status != Message.Status.QUEUED:
             raise NotQueued()
