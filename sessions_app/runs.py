@@ -214,7 +214,6 @@ def finish_reply(
     closed, then message.completed, then the session idle. Only the runner holding the
     run may end it, once; returns False when it no longer does."""
     with transaction.atomic():
-        lock_session(session_id)
         held = ReplyRun.objects.filter(pk=message_id, runner=runner)
         if lease_expired_before is not None:
             held = held.filter(lease_until__lt=lease_expired_before)
@@ -260,7 +259,11 @@ def start_next_turn(session_id: str) -> Message | None:
     """The reply ended: answer the oldest queued message, or make the session idle when
     none waits. In the transaction that ended the reply, so the queue moves on even when
     the process that ran it dies right after; the reply it queues is claimed by whichever
-    runner is up. The caller holds the session's row lock (see ``lock_session``)."""
+    runner is up. The caller holds the session's row lock: publishing
+    ``message.completed`` took it (the ``last_seq`` update), before any part of the
+    queue was read, so a post racing with this waits for it (see ``lock_session``).
+    Taking it earlier would lock the session before the reply's parts, the reverse of
+    the runner's own writes."""
     waiting = (
         Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
         .order_by("turn_at", "id")

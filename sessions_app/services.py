@@ -266,15 +266,20 @@ def post_message(
                 details={"max_queued": settings.TANDEM_MAX_QUEUED},
             )
         turn, position = now, queued + 1
+        interrupted: list[str] = []
         if if_busy == "interrupt":
             first = waiting.order_by("turn_at", "id").values_list("turn_at", flat=True).first()
             if first is not None and first <= now:
                 turn = first - timedelta(microseconds=1)
             position = 1
+            # Flagged under the session's lock, so it is the reply running now that is
+            # aborted, never the one this message's turn starts.
+            interrupted = list(ReplyRun.objects.filter(session=locked).values_list("pk", flat=True))
+            ReplyRun.objects.filter(pk__in=interrupted).update(abort_requested=True, abort_by=author)
         message = _store_message(locked, author, texts, Message.Status.QUEUED, now, turn)
-    if if_busy == "interrupt":
+    if interrupted:
         # After the commit: the reply's end takes the next queued message, this one.
-        abort(session, author)
+        _stop_flagged(session.pk, only=interrupted)
     return Posted(message, position=position)
 
 
@@ -351,15 +356,25 @@ def abort(session: Session, user: User | None = None) -> bool:
         )
     if not flagged:
         return False
-    # A reply no runner holds yet (no worker is up, say) is ended here, now.
-    claimed_here = f"abort:{session.pk}"
-    if ReplyRun.objects.filter(session_id=session.pk, runner="").update(runner=claimed_here):
-        run = ReplyRun.objects.filter(session_id=session.pk, runner=claimed_here).first()
-        if run is not None:
-            finish_reply(
-                session.pk, run.message_id, runner=claimed_here, status=Message.Status.CANCELLED
-            )
-        return True
-    # The runner holding it, in whichever process, listens on the session's run group.
-    fanout.send_control(groups.run_group(session.pk), groups.Abort(session.pk))
+    _stop_flagged(session.pk)
     return True
+
+
+def _stop_flagged(session_id: str, only: list[str] | None = None) -> None:
+    """Make the flagged runs (of ``only``, when given) stop now rather than at their
+    runner's next lease renewal."""
+    runs = ReplyRun.objects.filter(session_id=session_id, abort_requested=True)
+    if only is not None:
+        runs = runs.filter(pk__in=only)
+    # A reply no runner holds yet (no worker is up, say) is ended here, now.
+    claimed_here = f"abort:{session_id}"
+    if runs.filter(runner="").update(runner=claimed_here):
+        run = ReplyRun.objects.filter(session_id=session_id, runner=claimed_here).first()
+        if run is not None:
+            finish_reply(session_id, run.message_id, runner=claimed_here, status=Message.Status.CANCELLED)
+        return
+    # The runner holding it, in whichever process, listens on the session's run group.
+    # (Skipped when the run has ended meanwhile: the Abort message names only the
+    # session, and the next turn's reply must not be stopped by it.)
+    if runs.exists():
+        fanout.send_control(groups.run_group(session_id), groups.Abort(session_id))
