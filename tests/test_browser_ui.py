@@ -251,7 +251,7 @@ def test_composer_refuses_empty_and_oversized_messages_and_shows_server_errors(
     limit = int(page.locator("#session-app").get_attribute("data-max-chars"))
     composer(page).fill("x" * (limit + 1))
     expect(page.locator("#char-count")).to_have_text(re.compile(r"/"))
-    page.get_by_role("button", name="Send").click()
+    page.get_by_role("button", name="Send", exact=True).click()
     expect(error).to_contain_text(f"{limit + 1:,} characters long")
     expect(composer(page)).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#messages > li")).to_have_count(0)
@@ -283,7 +283,7 @@ def test_composer_refuses_empty_and_oversized_messages_and_shows_server_errors(
 def test_viewer_cannot_send(browse: Any, carol: Any, shared_session: Session) -> None:
     page = open_session(browse(carol), shared_session.id)
     expect(composer(page)).to_be_disabled()
-    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_disabled()
     expect(page.locator("#composer-hint")).to_contain_text("You are a viewer")
     expect(page.locator("#session-role")).to_have_text("viewer")
     expect(page.locator("#invite-form")).to_have_count(0)
@@ -591,7 +591,7 @@ def test_keyboard_only_and_phone_width(browse: Any, alice: Any, shared_session: 
     assert abs(members_box["width"] - conversation_box["width"]) < 8
     expect(panel).not_to_have_attribute("open", "")
     # The composer is on screen without scrolling the page.
-    box = page.get_by_role("button", name="Send").bounding_box()
+    box = page.get_by_role("button", name="Send", exact=True).bounding_box()
     assert box and box["y"] + box["height"] <= 740
     panel.locator("summary").focus()
     page.keyboard.press("Enter")
