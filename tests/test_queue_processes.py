@@ -119,7 +119,10 @@ def test_three_people_posting_at_once_through_two_processes_keep_one_order(
 def test_the_queue_survives_the_death_of_the_process_running_the_reply(
     mode: str, servers: Any, shared_session: Session, alice: Any, bob: Any, sse_streams: Any
 ) -> None:
-    env = {**FAST_LEASE, "TANDEM_ECHO_DELAY_MS": "30"}
+    # A lease a little longer than the kill test's: the survivors must keep theirs on a
+    # loaded machine while the dead runner's lapses (an overdue survivor's reply would be
+    # reaped as interrupted too).
+    env = {**FAST_LEASE, "TANDEM_RUN_LEASE_SECONDS": "4", "TANDEM_ECHO_DELAY_MS": "30"}
     if mode == "worker":
         (watcher,) = servers(1, redis=True, workers=2, **env)
         poster = watcher
@@ -156,6 +159,8 @@ def test_the_queue_survives_the_death_of_the_process_running_the_reply(
     answered = turns(events)
     assert [user for user, _ in answered] == [q["message"]["id"] for q in queued]
     finals = replies_text(events)
-    assert [finals[reply] for _, reply in answered] == ["after one", "after two"]
-    completed = {e["properties"]["message_id"]: e["properties"]["status"] for e in events if e["type"] == "message.completed"}
-    assert [completed[reply] for _, reply in answered] == ["completed", "completed"]
+    completed = {e["properties"]["message_id"]: e["properties"] for e in events if e["type"] == "message.completed"}
+    assert [completed[reply]["status"] for _, reply in answered] == ["completed", "completed"], completed
+    assert [finals[reply] for _, reply in answered] == ["after one", "after two"], [
+        (e["type"], e["properties"]) for e in events if e["properties"].get("message_id") in dict(answered).values()
+    ]
