@@ -27,15 +27,15 @@ from sessions_app.models import Role
 from sessions_app.serializers import (
     MessagePostSerializer,
     PermissionReplySerializer,
-    message_data,
     permission_data,
+    posted_data,
 )
 
 COMMANDS = ("ping", "prompt", "abort", "permission.reply", "publish", "presence.update")
 _COMMON = {"type", "id", "session_id"}
 FIELDS: dict[str, set[str]] = {
     "ping": {"type", "id"},
-    "prompt": _COMMON | {"parts"},
+    "prompt": _COMMON | {"parts", "if_busy"},
     "abort": _COMMON,
     "permission.reply": _COMMON | {"permission_id", "approved", "reason"},
     "publish": _COMMON | {"event"},
@@ -54,10 +54,12 @@ def _session_id(conn: Connection, command: dict[str, Any]) -> str:
 
 def _prompt(user: Any, session_id: str, command: dict[str, Any]) -> dict[str, Any]:
     session, _ = session_for(user, session_id, Role.EDITOR)
-    serializer = MessagePostSerializer(data={"parts": command.get("parts")})
+    fields = {k: command[k] for k in ("parts", "if_busy") if k in command}
+    serializer = MessagePostSerializer(data={"parts": None, **fields})
     serializer.is_valid(raise_exception=True)
-    message, reply = services.post_message(session, user, serializer.validated_data["parts"])
-    return {"message": message_data(message), "reply_id": reply.id}
+    data = serializer.validated_data
+    posted = services.post_message(session, user, data["parts"], data["if_busy"])
+    return posted_data(posted.message, posted.reply, posted.position)
 
 
 def _abort(user: Any, session_id: str, command: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ STRING: Schema = {"type": "string"}
 BOOLEAN: Schema = {"type": "boolean"}
 SEQ: Schema = {"type": "integer", "minimum": 0}
 ROLE = one_of("owner", "editor", "viewer")
-MESSAGE_STATUS = one_of("streaming", "completed", "cancelled", "error")
+MESSAGE_STATUS = one_of("queued", "streaming", "completed", "cancelled", "error")
 TOOL_STATUS = one_of("pending", "running", "completed", "error")
 TRANSPORT = one_of("sse", "ws")
 
@@ -122,6 +122,13 @@ EVENT_TYPES: dict[str, EventType] = {
             delta=Omittable({"type": "string", "description": "Text to append to the part."}),
         ),
         _t("message.completed", True, message_id=ID, status=MESSAGE_STATUS, error=Omittable(ref("MessageError"))),
+        _t(
+            "message.updated", True,
+            message_id=ID,
+            status=MESSAGE_STATUS,
+            superseded_by=Omittable({**ID, "description": "A retried reply: the reply that replaced it."}),
+        ),
+        _t("message.removed", True, message_id=ID),
         _t(
             "tool.status", True,
             message_id=ID, call_id=ID, tool=STRING, status=TOOL_STATUS,

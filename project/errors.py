@@ -81,6 +81,21 @@ class SessionBusy(Conflict):
     default_message = "A reply is already streaming in this session."
 
 
+class QueueFull(Conflict):
+    code = "queue_full"
+    default_message = "This session's queue of messages is full."
+
+
+class NotQueued(Conflict):
+    code = "not_queued"
+    default_message = "This message is no longer queued."
+
+
+class NotLatest(Conflict):
+    code = "not_latest"
+    default_message = "Only the session's latest reply can be retried."
+
+
 class AlreadyResolved(Conflict):
     code = "already_resolved"
     default_message = "This permission request has already been answered."

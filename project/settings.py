@@ -343,6 +343,9 @@ SIMPLE_JWT = {
 TANDEM_ALLOW_SIGNUP = env_bool("TANDEM_ALLOW_SIGNUP", DEBUG)
 TANDEM_TICKET_SECONDS = env_int("TANDEM_TICKET_SECONDS", 60, minimum=1)
 TANDEM_MAX_MESSAGE_CHARS = env_int("TANDEM_MAX_MESSAGE_CHARS", 32_000, minimum=1)
+# Messages waiting for their turn in one session (0: every message posted while a reply
+# runs is refused with queue_full).
+TANDEM_MAX_QUEUED = env_int("TANDEM_MAX_QUEUED", 20, minimum=0)
 TANDEM_MAX_EVENT_BYTES = env_int("TANDEM_MAX_EVENT_BYTES", 65_536, minimum=256)
 TANDEM_MAX_BODY_BYTES = env_int("TANDEM_MAX_BODY_BYTES", 262_144, minimum=1024)
 TANDEM_MAX_WS_FRAME = env_int("TANDEM_MAX_WS_FRAME", 524_288, minimum=1024)

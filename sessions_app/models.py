@@ -88,6 +88,7 @@ class Message(models.Model):
         ASSISTANT = "assistant"
 
     class Status(models.TextChoices):
+        QUEUED = "queued"
         STREAMING = "streaming"
         COMPLETED = "completed"
         CANCELLED = "cancelled"
@@ -104,10 +105,23 @@ class Message(models.Model):
     usage = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
+    # The message's place in the conversation. A queued message is posted before the
+    # replies it waits behind but belongs after them, so its turn (not its posting time)
+    # orders the transcript: while queued this is its place in the queue, and it is set
+    # again when its turn comes.
+    turn_at = models.DateTimeField(default=timezone.now)
+    # A retried reply stays, pointing at the reply that replaced it.
+    superseded_by = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
-        ordering = ["created_at", "id"]
-        indexes = [models.Index(fields=["session", "created_at"])]
+        ordering = ["turn_at", "id"]
+        indexes = [
+            models.Index(fields=["session", "created_at"]),
+            models.Index(fields=["session", "turn_at"], name="sessions_ap_session_turn_idx"),
+            models.Index(fields=["session", "status"], name="sessions_ap_session_status_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role} message {self.id}"

@@ -19,9 +19,9 @@ from events_app import fanout, groups
 from events_app.services import publish_many
 from events_app.types import iso
 from project import runtime
-from sessions_app.models import Message, Part, PermissionRequest, ReplyRun
+from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
 from sessions_app.permissions import close_permissions
-from sessions_app.serializers import part_data
+from sessions_app.serializers import message_data, part_data
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,18 @@ def _interrupt(run: ReplyRun, lease_expired_before: Any = None) -> bool:
 def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
     """What an agent sees: the session's messages before the reply."""
     history = []
+    # The conversation up to this reply's turn: not the messages still queued behind it,
+    # nor replies a retry replaced.
+    turn = Message.objects.filter(pk=message_id).values_list("turn_at", flat=True).first()
     messages = (
-        Message.objects.filter(session_id=session_id)
+        Message.objects.filter(session_id=session_id, superseded_by__isnull=True)
         .exclude(pk=message_id)
+        .exclude(status=Message.Status.QUEUED)
+        .order_by("turn_at", "id")
         .prefetch_related("parts")
     )
+    if turn is not None:
+        messages = messages.filter(turn_at__lt=turn)
     for message in messages:
         text = "\n\n".join(p.text for p in message.parts.all() if p.type == Part.PartType.TEXT)
         history.append({"role": message.role, "text": text})
@@ -293,11 +300,67 @@ def finish_reply(
         props: dict[str, Any] = {"message_id": message_id, "status": status}
         if error:
             props["error"] = error
-        idle = {"type": "idle"}
-        # Every last event of the reply in one batch: two statements.
-        events += [("message.completed", props), _status_event(idle)]
-        publish_many(session_id, events, session_fields={"status": idle})
+        # The reply's closing events in one batch; that statement takes the session's row
+        # lock (after the reply's own rows, the order of the runner's writes), and only
+        # then is the queue read (start_next_turn).
+        events.append(("message.completed", props))
+        publish_many(session_id, events)
+        start_next_turn(session_id)
     return True
+
+
+def start_next_turn(session_id: str) -> Message | None:
+    """The reply ended: answer the oldest queued message, or make the session idle when
+    none waits. In the transaction that ended the reply, so the queue moves on even when
+    the process that ran it dies right after; the reply it queues is claimed by whichever
+    runner is up. The caller holds the session's row lock: publishing
+    ``message.completed`` took it (the ``last_seq`` update), before any part of the
+    queue was read, so a post racing with this waits for it (see ``lock_session``).
+    Taking it earlier would lock the session before the reply's parts, the reverse of
+    the runner's own writes."""
+    waiting = (
+        Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
+        .order_by("turn_at", "id")
+        .first()
+    )
+    if waiting is None:
+        publish_status(session_id, {"type": "idle"})
+        return None
+    now = timezone.now()
+    Message.objects.filter(pk=waiting.pk).update(
+        status=Message.Status.COMPLETED, completed_at=now, turn_at=now
+    )
+    updated = ("message.updated", {"message_id": waiting.pk, "status": Message.Status.COMPLETED})
+    return queue_reply(session_id, after=now, first=[updated])
+
+
+def queue_reply(
+    session_id: str, *, after: Any, agent: str | None = None,
+    first: list[tuple[str, dict[str, Any]]] | None = None,
+) -> Message:
+    """Mark the session busy and queue an agent's reply that takes its turn just after
+    ``after`` (the message it answers). In the caller's transaction; ``first`` are events
+    that go out before the reply's, in the same batch (the message it answers)."""
+    if agent is None:
+        agent = Session.objects.values_list("agent", flat=True).get(pk=session_id)
+    reply = Message.objects.create(
+        session_id=session_id, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING,
+        created_at=timezone.now(), turn_at=after + timedelta(microseconds=1),
+    )
+    ReplyRun.objects.create(message=reply, session_id=session_id, agent=agent)
+    busy = {"type": "busy"}
+    # One batch: the status is set by the statement that takes the events' seqs.
+    events = [*(first or []), _status_event(busy), ("message.created", {"message": message_data(reply, [])})]
+    publish_many(session_id, events, session_fields={"status": busy})
+    transaction.on_commit(dispatch)
+    return reply
+
+
+def lock_session(session_id: str) -> Session | None:
+    """Take the session's row lock first, in every transaction that moves its queue:
+    posting, ending a reply, withdrawing and retrying then happen one at a time, and in
+    the same order of locks (no deadlock)."""
+    return Session.objects.select_for_update().filter(pk=session_id).first()
 
 
 def current_run(session_id: str) -> dict[str, Any] | None:

@@ -95,9 +95,17 @@ class TextPartSerializer(StrictSerializer):
         return value
 
 
+IF_BUSY = ("queue", "reject", "interrupt")
+
+
 class MessagePostSerializer(StrictSerializer):
     parts: serializers.ListSerializer[dict[str, str]] = serializers.ListSerializer(
         child=TextPartSerializer(), allow_empty=False, max_length=64
+    )
+    if_busy = serializers.ChoiceField(
+        choices=IF_BUSY, required=False, default="queue",
+        help_text="While a reply runs: `queue` the message (default), `reject` it (409 "
+        "`session_busy`), or `interrupt` the reply and answer this message next.",
     )
 
 
@@ -242,10 +250,14 @@ class MessageSerializer(serializers.Serializer):  # type: ignore[type-arg]
     parts = PartSerializer(many=True)
     error = MessageErrorField(required=False)
     usage = serializers.DictField(required=False, help_text="Token usage, when the agent reports it.")
+    superseded_by = serializers.CharField(
+        source="superseded_by_id", required=False,
+        help_text="A retried reply: the id of the reply that replaced it.",
+    )
 
     def to_representation(self, instance: Any) -> dict[str, Any]:
         data: dict[str, Any] = super().to_representation(instance)
-        for name in ("error", "usage"):  # present only when there is something to say
+        for name in ("error", "usage", "superseded_by"):  # present only when there is something to say
             if not data.get(name):
                 data.pop(name, None)
         return data
@@ -298,6 +310,14 @@ class MessagePageSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 class MessagePostedSerializer(serializers.Serializer):  # type: ignore[type-arg]
     message = MessageSerializer()
+    reply_id = serializers.CharField(allow_null=True, help_text="The reply's id; `null` when the message was queued.")
+    queued = serializers.BooleanField(required=False, help_text="Present (true) when the message was queued.")
+    position = serializers.IntegerField(
+        min_value=1, required=False, help_text="A queued message's place in the queue (1 = next)."
+    )
+
+
+class RetryResultSerializer(serializers.Serializer):  # type: ignore[type-arg]
     reply_id = _id()
 
 
@@ -349,6 +369,7 @@ OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-
     UserSerializer, SessionSerializer, MemberSerializer, MessageSerializer, PartSerializer,
     PermissionSerializer, SessionPageSerializer, MessagePageSerializer, MessagePostedSerializer,
     PresenceSerializer, HealthSerializer, TicketSerializer, AbortResultSerializer,
+    RetryResultSerializer,
 ]
 
 _USER = UserSerializer()
@@ -386,6 +407,13 @@ def message_data(message: Message, parts: list[Part] | None = None) -> dict[str,
     data: dict[str, Any] = _MESSAGE.to_representation(message)
     data["parts"] = [part_data(p) for p in (message.parts.all() if parts is None else parts)]
     return data
+
+
+def posted_data(message: Message, reply: Message | None, position: int | None) -> dict[str, Any]:
+    """The answer to posting a message (``MessagePosted``), over REST and WebSocket."""
+    if reply is not None:
+        return {"message": message_data(message), "reply_id": reply.pk}
+    return {"message": message_data(message), "reply_id": None, "queued": True, "position": position}
 
 
 def resolver_data(permission: PermissionRequest) -> dict[str, Any] | str | None:

@@ -4,6 +4,10 @@ nothing else writes these tables or publishes their events. Events are published
 the transaction and leave the process only after it commits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
@@ -14,12 +18,16 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from events_app import fanout, groups
-from events_app.services import arrange_exit_flush, broadcast, publish, publish_many
+from events_app.services import arrange_exit_flush, broadcast, publish
 from project.errors import (
     BadRequest,
     Conflict,
     NotFound,
+    NotLatest,
+    NotQueued,
     PayloadTooLarge,
+    PermissionDenied,
+    QueueFull,
     SessionBusy,
     ValidationFailed,
 )
@@ -33,9 +41,9 @@ from sessions_app.permissions import request_permission as request_permission
 from sessions_app.runs import TextWrite as TextWrite
 from sessions_app.runs import abort_requested as abort_requested
 from sessions_app.runs import claim_runs as claim_runs
-from sessions_app.runs import dispatch
 from sessions_app.runs import finish_reply as finish_reply
 from sessions_app.runs import interrupt_runs as interrupt_runs
+from sessions_app.runs import lock_session, queue_reply
 from sessions_app.runs import reap_expired_runs as reap_expired_runs
 from sessions_app.runs import renew_leases as renew_leases
 from sessions_app.runs import reply_context as reply_context
@@ -195,44 +203,152 @@ def _join_on_commit(user_id: int, session_id: str, seq: int | None) -> None:
 # ---------------------------------------------------------------- messages
 
 
-def post_message(session: Session, author: User, parts: list[dict[str, str]]) -> tuple[Message, Message]:
-    """Store the user's message, mark the session busy and queue the agent's reply."""
+@dataclass(frozen=True)
+class Posted:
+    """What posting a message did: the message, and either its reply (answered now) or
+    its place in the queue (1 = next)."""
+
+    message: Message
+    reply: Message | None = None
+    position: int | None = None
+
+
+TITLE_CHARS = 60
+
+
+def title_from(text: str) -> str:
+    """A session's automatic title: the first message's words, on one line, at most
+    ``TITLE_CHARS`` characters (cut at a word when one ends near the limit)."""
+    words = " ".join(text.split())
+    if len(words) <= TITLE_CHARS:
+        return words
+    cut = words[: TITLE_CHARS - 1]
+    space = cut.rfind(" ")
+    if space >= TITLE_CHARS // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def post_message(
+    session: Session, author: User, parts: list[dict[str, str]], if_busy: str = "queue"
+) -> Posted:
+    """Store the user's message. An idle session marks itself busy and queues the agent's
+    reply; while a reply runs (or messages wait), ``if_busy`` says what happens: ``queue``
+    the message behind the others, ``reject`` it, or ``interrupt`` the reply and answer
+    this message next."""
     texts = [p["text"] for p in parts]
     if sum(len(t) for t in texts) > settings.TANDEM_MAX_MESSAGE_CHARS:
         raise PayloadTooLarge(
             f"A message may hold at most {settings.TANDEM_MAX_MESSAGE_CHARS} characters."
         )
     with transaction.atomic():
-        # Lock the session row so two posts cannot both see it idle.
-        locked = Session.objects.select_for_update().get(pk=session.pk)
-        if locked.is_busy:
-            raise SessionBusy()
+        # The session's row lock orders this post against the others and against the
+        # reply ending (which takes the next queued message), across processes.
+        locked = lock_session(session.pk)
+        if locked is None:
+            raise NotFound("No such session.")
+        waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
+        queued = waiting.count()
         now = timezone.now()
-        message = Message.objects.create(
-            session=locked, role=Message.MessageRole.USER, author=author,
-            status=Message.Status.COMPLETED, created_at=now, completed_at=now,
+        if not locked.is_busy and not queued:
+            events: list[tuple[str, dict[str, Any]]] = []
+            if not locked.title and not Message.objects.filter(session=locked).exists():
+                locked.title = title_from(texts[0])
+                locked.save(update_fields=["title", "updated_at"])
+                events.append(("session.updated", {"session": session_data(locked)}))
+            message, created = _store_message(locked, author, texts, Message.Status.COMPLETED, now, now)
+            # The post's events and the reply's start in one batch (one seq statement).
+            reply = queue_reply(locked.pk, after=now, agent=locked.agent, first=[*events, created])
+            return Posted(message, reply=reply)
+        if if_busy == "reject":
+            raise SessionBusy()
+        if queued >= settings.TANDEM_MAX_QUEUED:
+            raise QueueFull(
+                f"At most {settings.TANDEM_MAX_QUEUED} messages may wait in a session.",
+                details={"max_queued": settings.TANDEM_MAX_QUEUED},
+            )
+        turn, position = now, queued + 1
+        interrupted: list[str] = []
+        if if_busy == "interrupt":
+            first = waiting.order_by("turn_at", "id").values_list("turn_at", flat=True).first()
+            if first is not None and first <= now:
+                turn = first - timedelta(microseconds=1)
+            position = 1
+            # Flagged under the session's lock, so it is the reply running now that is
+            # aborted, never the one this message's turn starts.
+            interrupted = list(ReplyRun.objects.filter(session=locked).values_list("pk", flat=True))
+            ReplyRun.objects.filter(pk__in=interrupted).update(abort_requested=True, abort_by=author)
+        message, created = _store_message(locked, author, texts, Message.Status.QUEUED, now, turn)
+        publish(locked.id, *created)
+    if interrupted:
+        # After the commit: the reply's end takes the next queued message, this one.
+        _stop_flagged(session.pk, only=interrupted)
+    return Posted(message, position=position)
+
+
+def _store_message(
+    session: Session, author: User, texts: list[str], status: str, now: Any, turn: Any
+) -> tuple[Message, tuple[str, dict[str, Any]]]:
+    """The user's message and its parts, and its ``message.created`` for the caller to
+    publish (alone, or in one batch with the reply it starts)."""
+    message = Message.objects.create(
+        session=session, role=Message.MessageRole.USER, author=author, status=status,
+        created_at=now, turn_at=turn, completed_at=None if status == Message.Status.QUEUED else now,
+    )
+    stored = Part.objects.bulk_create(
+        Part(message=message, index=i, type=Part.PartType.TEXT, text=t) for i, t in enumerate(texts)
+    )
+    return message, ("message.created", {"message": message_data(message, stored)})
+
+
+def withdraw_message(session: Session, user: User | None, role: str, message_id: str) -> None:
+    """Take a queued message out of the queue: its author or an owner (``user`` None: the
+    site's admin, acting as an owner)."""
+    with transaction.atomic():
+        lock_session(session.pk)
+        message = Message.objects.filter(session=session, pk=message_id).first()
+        if message is None:
+            raise NotFound("No such message in this session.")
+        if role != Role.OWNER and (user is None or message.author_id != user.pk):
+            raise PermissionDenied("Only its author or an owner can withdraw a message.")
+        if message.status != Message.Status.QUEUED:
+            raise NotQueued()
+        message.delete()
+        publish(session.id, "message.removed", {"message_id": message_id})
+
+
+def retry_reply(session: Session, message_id: str) -> Message:
+    """A new reply to the message the session's latest reply answered; the old reply
+    stays, marked ``superseded_by`` the new one."""
+    with transaction.atomic():
+        locked = lock_session(session.pk)
+        if locked is None:
+            raise NotFound("No such session.")
+        old = Message.objects.filter(session=locked, pk=message_id).first()
+        if old is None:
+            raise NotFound("No such message in this session.")
+        if old.role != Message.MessageRole.ASSISTANT:
+            raise BadRequest(
+                "Only a reply can be retried; this is a user's message.",
+                details={"message_id": ["Not an assistant message."]},
+            )
+        if locked.is_busy or Message.objects.filter(session=locked, status=Message.Status.QUEUED).exists():
+            raise SessionBusy("A reply is running or messages are waiting in this session.")
+        latest = (
+            Message.objects.filter(session=locked, role=Message.MessageRole.ASSISTANT)
+            .order_by("-turn_at", "-id")
+            .values_list("pk", flat=True)
+            .first()
         )
-        stored = Part.objects.bulk_create(
-            Part(message=message, index=i, type=Part.PartType.TEXT, text=t) for i, t in enumerate(texts)
+        if latest != old.pk:
+            raise NotLatest()
+        reply = queue_reply(locked.pk, after=timezone.now())
+        Message.objects.filter(pk=old.pk).update(superseded_by=reply)
+        publish(
+            locked.id, "message.updated",
+            {"message_id": old.pk, "status": old.status, "superseded_by": reply.pk},
         )
-        reply = Message.objects.create(
-            session=locked, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING
-        )
-        ReplyRun.objects.create(message=reply, session=locked, agent=locked.agent)
-        # The three events of a post in one batch; the status is set by the statement
-        # that takes their seqs.
-        busy = {"type": "busy"}
-        publish_many(
-            locked.id,
-            [
-                ("message.created", {"message": message_data(message, stored)}),
-                ("session.status", {"status": busy}),
-                ("message.created", {"message": message_data(reply, [])}),
-            ],
-            session_fields={"status": busy},
-        )
-        transaction.on_commit(dispatch)
-    return message, reply
+    return reply
 
 
 def abort(session: Session, user: User | None = None) -> bool:
@@ -244,15 +360,25 @@ def abort(session: Session, user: User | None = None) -> bool:
         )
     if not flagged:
         return False
-    # A reply no runner holds yet (no worker is up, say) is ended here, now.
-    claimed_here = f"abort:{session.pk}"
-    if ReplyRun.objects.filter(session_id=session.pk, runner="").update(runner=claimed_here):
-        run = ReplyRun.objects.filter(session_id=session.pk, runner=claimed_here).first()
-        if run is not None:
-            finish_reply(
-                session.pk, run.message_id, runner=claimed_here, status=Message.Status.CANCELLED
-            )
-        return True
-    # The runner holding it, in whichever process, listens on the session's run group.
-    fanout.send_control(groups.run_group(session.pk), groups.Abort(session.pk))
+    _stop_flagged(session.pk)
     return True
+
+
+def _stop_flagged(session_id: str, only: list[str] | None = None) -> None:
+    """Make the flagged runs (of ``only``, when given) stop now rather than at their
+    runner's next lease renewal."""
+    runs = ReplyRun.objects.filter(session_id=session_id, abort_requested=True)
+    if only is not None:
+        runs = runs.filter(pk__in=only)
+    # A reply no runner holds yet (no worker is up, say) is ended here, now.
+    claimed_here = f"abort:{session_id}"
+    if runs.filter(runner="").update(runner=claimed_here):
+        run = ReplyRun.objects.filter(session_id=session_id, runner=claimed_here).first()
+        if run is not None:
+            finish_reply(session_id, run.message_id, runner=claimed_here, status=Message.Status.CANCELLED)
+        return
+    # The runner holding it, in whichever process, listens on the session's run group.
+    # (Skipped when the run has ended meanwhile: the Abort message names only the
+    # session, and the next turn's reply must not be stopped by it.)
+    if runs.exists():
+        fanout.send_control(groups.run_group(session_id), groups.Abort(session_id))

@@ -12,6 +12,8 @@ urlpatterns = [
     path("sessions/<str:session_id>/presence/", views.PresenceView.as_view()),
     path("sessions/<str:session_id>/health/", views.HealthView.as_view()),
     path("sessions/<str:session_id>/messages/", views.MessageListView.as_view()),
+    path("sessions/<str:session_id>/messages/<str:message_id>/", views.MessageDetailView.as_view()),
+    path("sessions/<str:session_id>/messages/<str:message_id>/retry/", views.RetryView.as_view()),
     path("sessions/<str:session_id>/abort/", views.AbortView.as_view()),
     path("sessions/<str:session_id>/permissions/", views.PermissionListView.as_view()),
     path(

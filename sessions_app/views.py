@@ -20,6 +20,7 @@ from project.auth import caller, issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
 from project.openapi import (
+    MESSAGE_ID,
     PAGE_PARAMETERS,
     PERMISSION_ID,
     SESSION_ID,
@@ -39,6 +40,7 @@ from sessions_app.serializers import (
     PermissionListQuerySerializer,
     PermissionReplySerializer,
     PresenceSerializer,
+    RetryResultSerializer,
     SessionCreateSerializer,
     SessionUpdateSerializer,
     TicketSerializer,
@@ -46,6 +48,7 @@ from sessions_app.serializers import (
     message_data,
     out,
     permission_data,
+    posted_data,
     session_data,
     user_data,
 )
@@ -82,7 +85,7 @@ class SessionPage(Page):
 
 
 class MessagePage(Page):
-    ordering = ("created_at", "id")
+    ordering = ("turn_at", "id")
 
 
 # ---------------------------------------------------------------- auth
@@ -324,7 +327,8 @@ class MessageListView(APIView):
     @doc(
         operation_id="sessions_messages_list",
         summary="The session's messages",
-        description="Oldest first, cursor-paginated.",
+        description="Oldest first (in the order of their turns), cursor-paginated; queued "
+        "messages end the last page, in posting order.",
         tags=["messages"],
         parameters=[SESSION_ID, *PAGE_PARAMETERS],
         responses={200: OpenApiResponse(ref("MessagePage"), description="A page of messages.")},
@@ -335,11 +339,12 @@ class MessageListView(APIView):
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(caller(request), session_id)
-        messages = (
-            Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
-        )
+        messages = Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
         paginator = MessagePage()
-        page = paginator.paginate_queryset(messages, request, view=self) or []
+        page = list(paginator.paginate_queryset(messages.exclude(status=Message.Status.QUEUED), request, view=self) or [])
+        if paginator.get_next_link() is None:
+            # The queue (at most TANDEM_MAX_QUEUED) ends the last page, in posting order.
+            page += messages.filter(status=Message.Status.QUEUED).order_by("turn_at", "id")
         return paginator.get_paginated_response([message_data(m) for m in page])
 
     @doc(
@@ -355,7 +360,9 @@ class MessageListView(APIView):
         errors={
             403: "`permission_denied`: viewers cannot post.",
             404: "`not_found`: no such session, or you are not a member of it.",
-            409: "`session_busy`: a reply is already streaming in this session.",
+            400: "`validation_error`: `if_busy` is not `queue`, `reject` or `interrupt`.",
+            409: "`session_busy`: a reply is streaming and `if_busy` is `reject`; "
+            "`queue_full`: `TANDEM_MAX_QUEUED` messages are already waiting.",
             413: "`payload_too_large`: the text parts hold more than "
             "`TANDEM_MAX_MESSAGE_CHARS` characters in total, or the body is too large.",
         },
@@ -363,11 +370,56 @@ class MessageListView(APIView):
     def post(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(caller(request), session_id, Role.EDITOR)
         data = validated(MessagePostSerializer, request.data)
-        message, reply = services.post_message(session, caller(request), data["parts"])
+        posted = services.post_message(session, caller(request), data["parts"], data["if_busy"])
         return Response(
-            {"message": message_data(message), "reply_id": reply.id},
-            status=status.HTTP_202_ACCEPTED,
+            posted_data(posted.message, posted.reply, posted.position), status=status.HTTP_202_ACCEPTED
         )
+
+
+class MessageDetailView(APIView):
+    @doc(
+        operation_id="sessions_messages_withdraw",
+        summary="Withdraw a queued message",
+        description="Its author or an owner. Publishes `message.removed`.",
+        tags=["messages"],
+        parameters=[SESSION_ID, MESSAGE_ID],
+        responses={204: OpenApiResponse(description="Withdrawn.")},
+        errors={
+            403: "`permission_denied`: viewers, and editors withdrawing someone else's message.",
+            404: "`not_found`: no such session (or you are not a member), or no such message in it.",
+            409: "`not_queued`: the message is no longer queued (its turn came).",
+        },
+    )
+    def delete(self, request: Request, session_id: str, message_id: str) -> Response:
+        session, role = session_for(caller(request), session_id, Role.EDITOR)
+        services.withdraw_message(session, caller(request), role, message_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RetryView(APIView):
+    @doc(
+        operation_id="sessions_messages_retry",
+        summary="Retry the latest reply",
+        description="Editors and owners. A new reply to the same user message; the old reply "
+        "stays, with `superseded_by` (published as `message.updated`).",
+        tags=["messages"],
+        parameters=[SESSION_ID, MESSAGE_ID],
+        request=json_body(ref("EmptyRequest")),
+        responses={202: OpenApiResponse(ref("RetryResult"), description="Accepted: the new reply's id.")},
+        errors={
+            400: "`bad_request`: the message is a user's message, not a reply.",
+            403: "`permission_denied`: viewers cannot retry.",
+            404: "`not_found`: no such session (or you are not a member), or no such message in it.",
+            409: "`session_busy`: a reply is running or messages are queued; `not_latest`: "
+            "the message is not the session's latest reply.",
+        },
+    )
+    def post(self, request: Request, session_id: str, message_id: str) -> Response:
+        session, _ = session_for(caller(request), session_id, Role.EDITOR)
+        if request.data:
+            raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
+        reply = services.retry_reply(session, message_id)
+        return Response(out(RetryResultSerializer, {"reply_id": reply.pk}), status=status.HTTP_202_ACCEPTED)
 
 
 class AbortView(APIView):

@@ -195,12 +195,31 @@ def new_command(title: str | None, agent: str | None, as_json: bool, url: str | 
 class _ChatView:
     """Renders one reply: text deltas to stdout, everything else to stderr."""
 
-    def __init__(self, client: Client, session_id: str, reply_id: str, as_json: bool, interactive: bool) -> None:
+    def __init__(
+        self, client: Client, session_id: str, reply_id: str | None, as_json: bool, interactive: bool,
+        queued_id: str | None = None,
+    ) -> None:
         self.client, self.session_id, self.reply_id = client, session_id, reply_id
         self.as_json, self.interactive = as_json, interactive
         self.part_id: str | None = None
         self.line_open = False  # stdout holds text that does not end with a newline
         self.asked: set[str] = set()
+        # A queued message: its reply is the assistant message created once its turn
+        # comes (message.updated), which the log puts right after.
+        self.queued_id = queued_id
+        self.turn_came = False
+
+    def _follow_queue(self, event: Event) -> int | None:
+        p = event.properties
+        if event.type == "message.updated" and p.get("message_id") == self.queued_id:
+            self.turn_came = True
+        elif event.type == "message.created" and self.turn_came and p.get("message", {}).get("role") == "assistant":
+            self.reply_id = p["message"]["id"]
+            self.queued_id = None
+        elif event.type == "message.removed" and p.get("message_id") == self.queued_id:
+            self._say("Your queued message was withdrawn before its turn came.")
+            return EXIT_FAILED
+        return None
 
     def _say(self, text: str) -> None:
         if self.line_open and sys.stdout.isatty():  # keep notes off the reply's line on a terminal
@@ -220,6 +239,8 @@ class _ChatView:
         """Render ``event``; the exit code once the reply is over, else None."""
         if self.as_json:
             _json_line(event.raw)
+        if self.queued_id is not None:
+            return self._follow_queue(event)
         p = event.properties
         mine = p.get("message_id") == self.reply_id
         if event.type == "message.part.updated" and mine and "delta" in p:
@@ -269,12 +290,16 @@ class _ChatView:
 @cli.command()
 @session_argument
 @click.argument("text", required=False)
+@click.option("--if-busy", type=click.Choice(["queue", "reject", "interrupt"]), default="queue", show_default=True,
+              help="While a reply runs: wait in the queue for your turn, give up (exit 1), or interrupt it.")
 @json_option
 @url_option
-def chat(session_id: str, text: str | None, as_json: bool, url: str | None) -> None:
+def chat(session_id: str, text: str | None, if_busy: str, as_json: bool, url: str | None) -> None:
     """Send TEXT to SESSION and print the reply as it streams (TEXT "-" or none: read
-    standard input). Tool status and permission requests go to stderr; on a terminal a
-    permission request can be answered inline. Ctrl+C aborts the reply."""
+    standard input). While someone else's reply runs the message waits in the session's
+    queue, and its own reply is printed when its turn comes. Tool status and permission
+    requests go to stderr; on a terminal a permission request can be answered inline.
+    Ctrl+C aborts the reply (or withdraws the message while it waits)."""
     if text is None or text == "-":
         if sys.stdin.isatty():
             raise click.UsageError("Give the message as an argument, or pipe it on standard input.")
@@ -285,27 +310,83 @@ def chat(session_id: str, text: str | None, as_json: bool, url: str | None) -> N
         session = client.get_session(session_id)
         events = client.stream(session_id, after=session.last_seq)
         posted = None
+        view: _ChatView | None = None
         try:
             # The stream is open (server.connected) before the message is posted, so the
             # reply's first delta cannot be missed; replay from last_seq covers the rest.
             connected = next(events)
             if as_json:
                 _json_line(connected.raw)
-            posted = client.send_message(session_id, text)
-            view = _ChatView(client, session_id, posted.reply_id, as_json, interactive=not as_json and sys.stdin.isatty())
+            posted = client.send_message(session_id, text, if_busy=if_busy)
+            view = _ChatView(
+                client, session_id, posted.reply_id, as_json, interactive=not as_json and sys.stdin.isatty(),
+                queued_id=posted.message.id if posted.queued else None,
+            )
+            if posted.queued:
+                _note(f"[queued: position {posted.position}; the reply starts when its turn comes]")
             for event in events:
                 code = view.show(event)
                 if code is not None:
                     raise SystemExit(code)
         except (KeyboardInterrupt, click.Abort):
             events.close()
-            if posted is not None:
+            if view is not None and view.queued_id is not None:
+                _note("\nInterrupted: withdrawing the queued message.")
+                try:
+                    client.withdraw_message(session_id, view.queued_id)
+                except ConflictError:  # its turn came meanwhile
+                    client.abort(session_id)
+            elif posted is not None:
                 _note("\nInterrupted: aborting the reply.")
                 client.abort(session_id)
             raise SystemExit(EXIT_INTERRUPTED) from None
         finally:
             events.close()
         raise NotFoundError(404, "not_found", "The session was deleted while the reply was streaming.")
+
+
+@cli.command()
+@session_argument
+@click.argument("message_id", metavar="MESSAGE", required=False)
+@json_option
+@url_option
+def retry(session_id: str, message_id: str | None, as_json: bool, url: str | None) -> None:
+    """Ask for a new reply in place of SESSION's latest one (MESSAGE: its id, by default
+    the latest reply) and print it as it streams. The old reply stays, superseded."""
+    with _client(url) as client, _about(session_id):
+        session = client.get_session(session_id)
+        if message_id is None:
+            replies = [m for m in client.messages(session_id) if m.role == "assistant"]
+            if not replies:
+                raise ConflictError(409, "not_latest", "This session has no reply to retry yet.")
+            message_id = replies[-1].id
+        with client.stream(session_id, after=session.last_seq) as events:
+            connected = next(events)
+            if as_json:
+                _json_line(connected.raw)
+            reply_id = client.retry(session_id, message_id)
+            view = _ChatView(client, session_id, reply_id, as_json, interactive=not as_json and sys.stdin.isatty())
+            try:
+                for event in events:
+                    code = view.show(event)
+                    if code is not None:
+                        raise SystemExit(code)
+            except KeyboardInterrupt:
+                _note("\nInterrupted: aborting the reply.")
+                client.abort(session_id)
+                raise SystemExit(EXIT_INTERRUPTED) from None
+        raise NotFoundError(404, "not_found", "The session was deleted while the reply was streaming.")
+
+
+@cli.command()
+@session_argument
+@click.argument("message_id", metavar="MESSAGE")
+@url_option
+def withdraw(session_id: str, message_id: str, url: str | None) -> None:
+    """Take your queued MESSAGE out of SESSION's queue before its turn comes."""
+    with _client(url) as client, _about(session_id):
+        client.withdraw_message(session_id, message_id)
+    _out(f"Withdrew {message_id}.\n")
 
 
 def _types(values: Sequence[str]) -> str | None:

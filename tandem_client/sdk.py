@@ -67,7 +67,8 @@ class NotFoundError(TandemError):
 
 
 class ConflictError(TandemError):
-    """409: ``conflict``, ``session_busy`` or ``already_resolved``."""
+    """409: ``conflict``, ``session_busy``, ``queue_full``, ``not_queued``, ``not_latest``
+    or ``already_resolved``."""
 
 
 class RateLimitedError(TandemError):
@@ -165,12 +166,13 @@ class Message:
     session_id: str
     role: str  # "user" | "assistant"
     author: User | None
-    status: str  # "streaming" | "completed" | "cancelled" | "error"
+    status: str  # "queued" | "streaming" | "completed" | "cancelled" | "error"
     parts: list[JSON]
     created_at: str
     completed_at: str | None
     error: JSON | None
     raw: JSON = field(repr=False, compare=False)
+    superseded_by: str | None = None  # a retried reply: the reply that replaced it
 
     @property
     def text(self) -> str:
@@ -182,14 +184,23 @@ class Message:
             id=data["id"], session_id=data.get("session_id", ""), role=data.get("role", ""),
             author=_user(data.get("author")), status=data.get("status", ""), parts=data.get("parts") or [],
             created_at=data.get("created_at", ""), completed_at=data.get("completed_at"),
-            error=data.get("error"), raw=data,
+            error=data.get("error"), raw=data, superseded_by=data.get("superseded_by"),
         )
 
 
 @dataclass(frozen=True)
 class PostedMessage:
+    """A posted message and its reply's id; or, posted while a reply ran, ``queued`` with
+    its ``position`` (1 = next) and no reply yet: its reply starts when its turn comes
+    (``message.updated``, then the assistant's ``message.created``)."""
+
     message: Message
-    reply_id: str
+    reply_id: str | None
+    queued: bool = False
+    position: int | None = None
+
+
+IF_BUSY = ("queue", "reject", "interrupt")
 
 
 @dataclass(frozen=True)
@@ -263,7 +274,19 @@ class Tokens:
 
 
 def _posted(data: JSON) -> PostedMessage:
-    return PostedMessage(message=Message.from_json(data["message"]), reply_id=data["reply_id"])
+    return PostedMessage(
+        message=Message.from_json(data["message"]), reply_id=data.get("reply_id"),
+        queued=bool(data.get("queued")), position=data.get("position"),
+    )
+
+
+def _post_body(text: str | Sequence[str], if_busy: str | None) -> JSON:
+    body: JSON = {"parts": _text_parts(text)}
+    if if_busy is not None:
+        if if_busy not in IF_BUSY:
+            raise ValueError(f"if_busy must be one of {IF_BUSY}, not {if_busy!r}")
+        body["if_busy"] = if_busy
+    return body
 
 
 def _page(data: JSON) -> EventPage:
@@ -542,9 +565,25 @@ class Client(_Base):
     def messages(self, session_id: str) -> list[Message]:
         return [Message.from_json(m) for m in self._all(_s(session_id, "messages"))]
 
-    def send_message(self, session_id: str, text: str | Sequence[str]) -> PostedMessage:
-        """Post a user message (one text part per string); the agent's reply streams as events."""
-        return _posted(self._call("POST", _s(session_id, "messages"), json={"parts": _text_parts(text)}))
+    def send_message(
+        self, session_id: str, text: str | Sequence[str], *, if_busy: str | None = None
+    ) -> PostedMessage:
+        """Post a user message (one text part per string); the agent's reply streams as
+        events. While a reply runs, ``if_busy`` says what happens: ``"queue"`` (the
+        server's default: ``queued`` is true and the reply comes in turn), ``"reject"``
+        (:class:`ConflictError` ``session_busy``) or ``"interrupt"`` (the running reply
+        is cancelled and this message answered next)."""
+        return _posted(self._call("POST", _s(session_id, "messages"), json=_post_body(text, if_busy)))
+
+    def withdraw_message(self, session_id: str, message_id: str) -> None:
+        """Take a queued message out of the queue (its author or an owner); a message no
+        longer queued is :class:`ConflictError` ``not_queued``."""
+        self._call("DELETE", _s(session_id, "messages", message_id))
+
+    def retry(self, session_id: str, message_id: str) -> str:
+        """A new reply in place of the session's latest one (``message_id``), which stays,
+        marked ``superseded_by``. Returns the new reply's id."""
+        return str(self._call("POST", _s(session_id, "messages", message_id, "retry"), json={})["reply_id"])
 
     def abort(self, session_id: str) -> bool:
         """Stop the running reply; True if one was running."""
@@ -784,8 +823,16 @@ class AsyncClient(_Base):
     async def messages(self, session_id: str) -> list[Message]:
         return [Message.from_json(m) for m in await self._all(_s(session_id, "messages"))]
 
-    async def send_message(self, session_id: str, text: str | Sequence[str]) -> PostedMessage:
-        return _posted(await self._call("POST", _s(session_id, "messages"), json={"parts": _text_parts(text)}))
+    async def send_message(
+        self, session_id: str, text: str | Sequence[str], *, if_busy: str | None = None
+    ) -> PostedMessage:
+        return _posted(await self._call("POST", _s(session_id, "messages"), json=_post_body(text, if_busy)))
+
+    async def withdraw_message(self, session_id: str, message_id: str) -> None:
+        await self._call("DELETE", _s(session_id, "messages", message_id))
+
+    async def retry(self, session_id: str, message_id: str) -> str:
+        return str((await self._call("POST", _s(session_id, "messages", message_id, "retry"), json={}))["reply_id"])
 
     async def abort(self, session_id: str) -> bool:
         return bool((await self._call("POST", _s(session_id, "abort"), json={}))["aborted"])

@@ -21,12 +21,11 @@ def head(session_id: str) -> int:
     return int(Session.objects.get(pk=session_id).last_seq)
 
 
-def post(user: Any, session_id: str, *texts: str) -> Any:
-    return client_for(user).post(
-        f"/api/sessions/{session_id}/messages/",
-        {"parts": [{"type": "text", "text": t} for t in texts]},
-        format="json",
-    )
+def post(user: Any, session_id: str, *texts: str, if_busy: str | None = None) -> Any:
+    body: dict[str, Any] = {"parts": [{"type": "text", "text": t} for t in texts]}
+    if if_busy is not None:
+        body["if_busy"] = if_busy
+    return client_for(user).post(f"/api/sessions/{session_id}/messages/", body, format="json")
 
 
 def wait_for_completed(session_id: str, after: int, reply_id: str, timeout: float = 10.0) -> dict[str, Any]:

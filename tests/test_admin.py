@@ -289,3 +289,23 @@ def test_prune_action_applies_retention_now(
     assert response.status_code == 302
     head = Session.objects.get(pk=shared_session.pk).last_seq
     assert list(Event.objects.filter(session=shared_session).values_list("seq", flat=True).order_by("seq")) == [head - 1, head]
+
+
+def test_withdraw_action_removes_only_queued_messages_and_publishes(
+    superuser_client: Client, shared_session: Any, bob: Any
+) -> None:
+    from tests.replies import head, log_after
+
+    Session.objects.filter(pk=shared_session.pk).update(status={"type": "busy"})
+    queued = services.post_message(shared_session, bob, [{"type": "text", "text": "wait"}]).message
+    done = Message.objects.create(session=shared_session, role="user", author=bob, status="completed")
+    before = head(shared_session.id)
+    response = superuser_client.post(
+        "/admin/sessions_app/message/",
+        {"action": "withdraw_queued", "_selected_action": [queued.pk, done.pk]},
+    )
+    assert response.status_code == 302
+    assert not Message.objects.filter(pk=queued.pk).exists() and Message.objects.filter(pk=done.pk).exists()
+    assert [(e["type"], e["properties"]) for e in log_after(shared_session.id, before)] == [
+        ("message.removed", {"message_id": queued.pk})
+    ]

@@ -251,7 +251,7 @@ def test_composer_refuses_empty_and_oversized_messages_and_shows_server_errors(
     limit = int(page.locator("#session-app").get_attribute("data-max-chars"))
     composer(page).fill("x" * (limit + 1))
     expect(page.locator("#char-count")).to_have_text(re.compile(r"/"))
-    page.get_by_role("button", name="Send").click()
+    page.get_by_role("button", name="Send", exact=True).click()
     expect(error).to_contain_text(f"{limit + 1:,} characters long")
     expect(composer(page)).to_have_attribute("aria-invalid", "true")
     expect(page.locator("#messages > li")).to_have_count(0)
@@ -269,10 +269,13 @@ def test_composer_refuses_empty_and_oversized_messages_and_shows_server_errors(
     expect(user_messages(page)).to_have_count(1)
     assert "\n" in user_messages(page).first.locator(".message-body").inner_text()
     expect(assistant(page)).to_have_attribute("data-status", "streaming")
-    # The server refuses a second message while the reply streams: 409 session_busy.
+    # A second message while the reply streams waits in the queue (shown, marked queued).
     send(page, "too soon")
-    expect(error).to_contain_text("still replying", timeout=5_000)
-    expect(composer(page)).to_have_value("too soon")
+    queued = user_messages(page).last
+    expect(queued).to_have_attribute("data-status", "queued", timeout=5_000)
+    expect(composer(page)).to_have_value("")
+    queued.get_by_role("button", name="Withdraw this queued message").click()
+    expect(user_messages(page)).to_have_count(1)
     page.get_by_role("button", name="Abort reply").click()
     expect(assistant(page)).to_have_attribute("data-status", "cancelled", timeout=STREAM)
 
@@ -280,7 +283,7 @@ def test_composer_refuses_empty_and_oversized_messages_and_shows_server_errors(
 def test_viewer_cannot_send(browse: Any, carol: Any, shared_session: Session) -> None:
     page = open_session(browse(carol), shared_session.id)
     expect(composer(page)).to_be_disabled()
-    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_disabled()
     expect(page.locator("#composer-hint")).to_contain_text("You are a viewer")
     expect(page.locator("#session-role")).to_have_text("viewer")
     expect(page.locator("#invite-form")).to_have_count(0)
@@ -419,6 +422,86 @@ def test_abort_stops_the_reply_and_the_composer_works_again(browse: Any, alice: 
     wait_reply(page, "after the abort")
 
 
+def test_queued_messages_withdraw_send_now_and_retry(
+    browse: Any, live: Any, alice: Any, bob: Any, shared_session: Session
+) -> None:
+    page = open_session(browse(bob), shared_session.id)
+    other = open_session(browse(alice), shared_session.id)
+    send(page, words(600))
+    first = assistant(page, 0)
+    expect(first.locator(".message-body")).to_contain_text("w5 ", timeout=10_000)
+
+    # Sent while busy: shown at once, marked queued, with a withdraw button for its author
+    # only (alice, the owner, also gets one; carol and other editors would not).
+    send(page, "queued one")
+    mine = page.locator("#messages > li.message-user", has_text="queued one")
+    expect(mine).to_have_attribute("data-status", "queued")
+    expect(mine.locator(".message-status")).to_have_text("queued")
+    theirs = other.locator("#messages > li.message-user", has_text="queued one")
+    expect(theirs).to_have_attribute("data-status", "queued", timeout=5_000)
+    send(page, "queued two")
+    expect(page.locator('#messages > li[data-status="queued"]')).to_have_count(2)
+    # Queued messages stay at the end, after the streaming reply.
+    expect(page.locator("#messages > li").last).to_contain_text("queued two")
+
+    # Withdrawn by its author: gone for everyone.
+    mine.get_by_role("button", name="Withdraw this queued message").click()
+    expect(mine).to_have_count(0)
+    expect(theirs).to_have_count(0, timeout=5_000)
+
+    # "Send now" interrupts: the running reply ends cancelled, this message goes next.
+    composer(page).fill("right now")
+    page.get_by_role("button", name="Send now").click()
+    expect(first).to_have_attribute("data-status", "cancelled", timeout=STREAM)
+    expect(page.locator('#messages > li[data-status="queued"]')).to_have_count(0, timeout=STREAM)
+    expect(page.locator("#session-status")).to_have_text("idle", timeout=STREAM)
+    replies = page.locator("#messages > li.message-assistant")
+    expect(replies).to_have_count(3)
+    expect(replies.nth(1).locator(".part-text")).to_have_text("right now")
+    expect(replies.nth(2).locator(".part-text")).to_have_text("queued two")
+    # The transcript is in the order of the turns.
+    texts = [t.strip() for t in page.locator("#messages > li.message-user .message-body").all_inner_texts()]
+    assert texts[1:] == ["right now", "queued two"], texts
+
+    # Retry: only on the latest ended reply; the earlier attempt folds away.
+    retry = page.get_by_role("button", name="Retry this reply")
+    expect(retry).to_have_count(1)
+    expect(replies.nth(2).get_by_role("button", name="Retry this reply")).to_be_visible()
+    retry.click()
+    expect(replies).to_have_count(4, timeout=STREAM)
+    expect(replies.nth(3)).to_have_attribute("data-status", "completed", timeout=STREAM)
+    expect(replies.nth(3).locator(".part-text")).to_have_text("queued two")
+    superseded = replies.nth(2)
+    expect(superseded).to_have_class(re.compile("message-superseded"))
+    expect(superseded.locator(".message-body")).to_be_hidden()
+    superseded.get_by_role("button", name="Show earlier attempt").click()
+    expect(superseded.locator(".message-body")).to_be_visible()
+    # The other page saw it fold live, and a reload shows the same.
+    expect(other.locator("#messages > li.message-superseded")).to_have_count(1, timeout=5_000)
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", LIVE, timeout=15_000)
+    expect(page.locator("#messages > li.message-superseded")).to_have_count(1)
+    expect(page.get_by_role("button", name="Retry this reply")).to_have_count(1)
+    # An ended reply's Retry is secondary; the cancelled one had no Retry (not the latest).
+    expect(page.get_by_role("button", name="Retry this reply")).to_have_class(re.compile("secondary"))
+
+
+def test_a_failed_reply_has_a_prominent_retry(browse: Any, alice: Any, shared_session: Session) -> None:
+    page = open_session(browse(alice), shared_session.id)
+    send(page, words(600))
+    reply = assistant(page, 0)
+    expect(reply.locator(".message-body")).to_contain_text("w5 ", timeout=10_000)
+    expect(page.get_by_role("button", name="Retry this reply")).to_have_count(0)  # still streaming
+    page.get_by_role("button", name="Abort reply").click()
+    expect(reply).to_have_attribute("data-status", "cancelled", timeout=5_000)
+    retry = reply.get_by_role("button", name="Retry this reply")
+    expect(retry).to_have_class(re.compile("primary"))
+    retry.click()
+    expect(assistant(page)).to_have_attribute("data-status", "completed", timeout=STREAM)
+    expect(assistant(page).locator(".part-text")).to_have_text(words(600))
+    expect(reply).to_have_class(re.compile("message-superseded"))
+
+
 def test_owner_invites_and_removes_a_member(browse: Any, alice: Any, bob: Any) -> None:
     from sessions_app import services
 
@@ -508,7 +591,7 @@ def test_keyboard_only_and_phone_width(browse: Any, alice: Any, shared_session: 
     assert abs(members_box["width"] - conversation_box["width"]) < 8
     expect(panel).not_to_have_attribute("open", "")
     # The composer is on screen without scrolling the page.
-    box = page.get_by_role("button", name="Send").bounding_box()
+    box = page.get_by_role("button", name="Send", exact=True).bounding_box()
     assert box and box["y"] + box["height"] <= 740
     panel.locator("summary").focus()
     page.keyboard.press("Enter")

@@ -151,7 +151,10 @@ def _load(
                         time.sleep(0.05)
                     else:
                         words = " ".join(f"w{i}x{n}" for n in range(30))
-                        response = client.post(f"/api/sessions/{session_id}/messages/", json={"parts": [{"type": "text", "text": words}]})
+                        # reject: one reply at a time, each right after its prompt in the
+                        # log (the queue's order through kills has tests of its own).
+                        body = {"parts": [{"type": "text", "text": words}], "if_busy": "reject"}
+                        response = client.post(f"/api/sessions/{session_id}/messages/", json=body)
                         time.sleep(0.3)
                     if response.status_code in (201, 202):
                         counts[kind] = counts.get(kind, 0) + 1

@@ -237,13 +237,61 @@ def test_chat_exits_1_when_the_reply_is_cancelled_by_someone_else(
     assert "Reply cancelled." in chat.stderr
     assert words(300).startswith(chat.stdout.rstrip("\n")) and chat.stdout.endswith("\n")
 
-    # And a message into a busy session is refused with the server's reason.
+    # And with --if-busy reject, a message into a busy session is refused with the server's reason.
     with api_client(server, alice) as client:
         client.post(f"/api/sessions/{shared_session.id}/messages/", json={"parts": [{"type": "text", "text": words(300)}]})
-        busy = tandem.run("chat", shared_session.id, "me too")
+        busy = tandem.run("chat", "--if-busy", "reject", shared_session.id, "me too")
         client.post(f"/api/sessions/{shared_session.id}/abort/", json={})
     assert busy.returncode == EXIT_FAILED
     assert "[session_busy]" in busy.stderr and busy.stdout == ""
+
+
+def test_chat_into_a_busy_session_queues_and_prints_only_its_own_reply(
+    servers: Any, shared_session: Session, alice: Any, bob: Any, tandem: Tandem, running: Any
+) -> None:
+    (server,) = servers(1, TANDEM_ECHO_DELAY_MS="30")
+    tandem.login(server, bob)
+    with api_client(server, alice) as client:
+        # Long enough (about 6 s) to be still running while the CLI starts and queues.
+        first = client.post(f"/api/sessions/{shared_session.id}/messages/", json={"parts": [{"type": "text", "text": words(200)}]})
+        assert first.json()["reply_id"]
+        chat = running(tandem.start("chat", shared_session.id, "my turn"))
+        chat.wait_for(lambda: "queued: position 1" in chat.stderr)
+        # Someone else queues behind bob: bob's chat ends with bob's reply, not theirs.
+        behind = client.post(f"/api/sessions/{shared_session.id}/messages/", json={"parts": [{"type": "text", "text": "after bob"}]})
+        assert behind.json()["position"] == 2, behind.text
+    assert chat.finish(timeout=30) == 0, chat.stderr
+    assert chat.stdout == "my turn\n"
+    assert reply_status(first.json()["reply_id"]) == "completed"
+
+
+def test_withdraw_and_retry_commands(
+    servers: Any, shared_session: Session, alice: Any, bob: Any, tandem: Tandem
+) -> None:
+    (server,) = servers(1, TANDEM_ECHO_DELAY_MS="20")
+    tandem.login(server, bob)
+    assert tandem.run("chat", shared_session.id, "again please").returncode == 0
+    retried = tandem.run("retry", shared_session.id)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout == "again please\n"
+    replies = list(Message.objects.filter(session=shared_session, role="assistant").order_by("turn_at"))
+    assert len(replies) == 2 and replies[0].superseded_by_id == replies[1].pk
+    with api_client(server, alice) as client:
+        client.post(f"/api/sessions/{shared_session.id}/messages/", json={"parts": [{"type": "text", "text": words(300)}]})
+        mine = client.post(f"/api/sessions/{shared_session.id}/messages/", json={"parts": [{"type": "text", "text": "x"}]})
+        queued_id = mine.json()["message"]["id"]
+        refused = tandem.run("withdraw", shared_session.id, queued_id)  # bob is not its author
+        assert refused.returncode == EXIT_FAILED and "[permission_denied]" in refused.stderr
+        with api_client(server, bob) as as_bob:
+            bobs = as_bob.post(f"/api/sessions/{shared_session.id}/messages/", json={"parts": [{"type": "text", "text": "y"}]})
+        bobs_id = bobs.json()["message"]["id"]
+        withdrawn = tandem.run("withdraw", shared_session.id, bobs_id)
+        assert withdrawn.returncode == 0 and withdrawn.stdout == f"Withdrew {bobs_id}.\n", withdrawn.stderr
+        assert not Message.objects.filter(pk=bobs_id).exists()
+        client.post(f"/api/sessions/{shared_session.id}/abort/", json={})
+    wait_until(lambda: Message.objects.filter(pk=queued_id, status="completed").exists(), timeout=10)
+    late = tandem.run("withdraw", shared_session.id, queued_id)  # alice's, no longer queued
+    assert late.returncode == EXIT_FAILED and "[permission_denied]" in late.stderr
 
 
 def test_ctrl_c_during_chat_aborts_the_reply_and_exits_130(

@@ -122,7 +122,7 @@ def test_abort_on_an_idle_session_reports_nothing_aborted(shared_session: Any, b
     assert head(shared_session.id) == before  # and nothing was published
 
 
-def test_second_post_while_a_reply_streams_is_refused_as_session_busy(
+def test_second_post_while_a_reply_streams_with_if_busy_reject_is_refused_as_session_busy(
     shared_session: Any, bob: Any, alice: Any, settings: Any
 ) -> None:
     settings.TANDEM_ECHO_DELAY_MS = 20
@@ -130,7 +130,7 @@ def test_second_post_while_a_reply_streams_is_refused_as_session_busy(
     first = post(bob, sid, " ".join(f"w{i}" for i in range(200)))
     assert first.status_code == 202, first.content
     before = head(sid)
-    second = post(alice, sid, "me too")
+    second = post(alice, sid, "me too", if_busy="reject")
     assert second.status_code == 409
     assert second.json()["error"]["code"] == "session_busy"
     assert head(sid) == before or all(  # the refused post published nothing of its own

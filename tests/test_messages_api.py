@@ -17,8 +17,8 @@ def messages_url(session: Any) -> str:
     return f"/api/sessions/{session.id}/messages/"
 
 
-def text(*texts: str) -> dict[str, Any]:
-    return {"parts": [{"type": "text", "text": t} for t in texts]}
+def text(*texts: str, **extra: Any) -> dict[str, Any]:
+    return {"parts": [{"type": "text", "text": t} for t in texts], **extra}
 
 
 def make_busy(session: Any) -> None:
@@ -81,28 +81,31 @@ def test_outsider_cannot_list_messages(shared_session: Any, charlie: Any, api: A
 
 
 @pytest.mark.django_db
-def test_posting_while_busy_is_409_session_busy(shared_session: Any, bob: Any, api: Any) -> None:
+def test_posting_while_busy_with_if_busy_reject_is_409_session_busy(shared_session: Any, bob: Any, api: Any) -> None:
     make_busy(shared_session)
     before = shared_session.last_seq
-    assert_error(api(bob).post(messages_url(shared_session), text("again"), format="json"), 409, "session_busy")
+    response = api(bob).post(messages_url(shared_session), text("again", if_busy="reject"), format="json")
+    assert_error(response, 409, "session_busy")
     assert Message.objects.count() == 0
     shared_session.refresh_from_db()
     assert shared_session.last_seq == before and shared_session.status == {"type": "busy"}
 
 
 @pytest.mark.django_db
-def test_posting_while_retrying_is_409_session_busy(shared_session: Any, bob: Any, api: Any) -> None:
+def test_posting_while_retrying_with_if_busy_reject_is_409_session_busy(shared_session: Any, bob: Any, api: Any) -> None:
     Session.objects.filter(pk=shared_session.pk).update(
         status={"type": "retry", "attempt": 1, "message": "x", "next_at": "2030-01-01T00:00:00Z"}
     )
-    assert_error(api(bob).post(messages_url(shared_session), text("again"), format="json"), 409, "session_busy")
+    response = api(bob).post(messages_url(shared_session), text("again", if_busy="reject"), format="json")
+    assert_error(response, 409, "session_busy")
 
 
 @pytest.mark.django_db
 def test_second_post_before_the_reply_runs_is_busy(shared_session: Any, bob: Any, alice: Any, api: Any) -> None:
     # Under the plain db fixture on_commit never fires, so the first reply never runs.
     assert api(bob).post(messages_url(shared_session), text("one"), format="json").status_code == 202
-    assert_error(api(alice).post(messages_url(shared_session), text("two"), format="json"), 409, "session_busy")
+    response = api(alice).post(messages_url(shared_session), text("two", if_busy="reject"), format="json")
+    assert_error(response, 409, "session_busy")
     assert Message.objects.filter(role="user").count() == 1
 
 

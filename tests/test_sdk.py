@@ -199,9 +199,27 @@ def test_server_errors_become_exceptions_with_their_codes(
 
         editor.send_message(sid, " ".join(f"w{i}" for i in range(200)))
         with pytest.raises(ConflictError) as busy:
-            editor.send_message(sid, "me too")
+            editor.send_message(sid, "me too", if_busy="reject")
         assert (busy.value.status, busy.value.code) == (409, "session_busy")
+        queued = editor.send_message(sid, "me too")
+        assert queued.queued and queued.position == 1 and queued.reply_id is None
+        assert queued.message.status == "queued"
+        with pytest.raises(ValueError):
+            editor.send_message(sid, "x", if_busy="later")
+        editor.withdraw_message(sid, queued.message.id)
+        assert queued.message.id not in [m.id for m in editor.messages(sid)]
+        with pytest.raises(NotFoundError):
+            editor.withdraw_message(sid, queued.message.id)
+        streaming = [m for m in editor.messages(sid) if m.status == "streaming"][0]
+        with pytest.raises(ConflictError) as running:
+            editor.retry(sid, streaming.id)
+        assert (running.value.status, running.value.code) == (409, "session_busy")
         assert editor.abort(sid) is True
+        wait_until(lambda: editor.get_session(sid).status_type == "idle", timeout=10)
+        new_reply = editor.retry(sid, streaming.id)
+        wait_until(lambda: editor.get_session(sid).status_type == "idle", timeout=10)
+        old = [m for m in editor.messages(sid) if m.id == streaming.id][0]
+        assert old.status == "cancelled" and old.superseded_by == new_reply
 
     with client_for(server, carol) as viewer:
         with pytest.raises(PermissionDeniedError) as denied:

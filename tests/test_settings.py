@@ -68,7 +68,7 @@ def test_bad_environment_stops_the_process_with_a_clear_message() -> None:
     [("TANDEM_RATE_WRITE", "lots"), ("TANDEM_RATE_WRITE", "0/min"), ("TANDEM_AGENT_MODE", "both"),
      ("TANDEM_MAX_CONNECTIONS_PER_USER", "0"), ("TANDEM_RATE_AUTH_IP", "fast"),
      ("TANDEM_RATE_AUTH_USER", "10/day"), ("TANDEM_TRUSTED_PROXIES", "nginx.local"),
-     ("TANDEM_RATE_TICKET", "many")],
+     ("TANDEM_RATE_TICKET", "many"), ("TANDEM_MAX_QUEUED", "-1"), ("TANDEM_MAX_QUEUED", "twenty")],
 )
 def test_bad_limits_and_modes_stop_the_process(name: str, value: str) -> None:
     result = _load_settings({name: value})

@@ -372,3 +372,40 @@ async def test_permission_request_streams_and_a_ws_reply_resolves_it(session: An
     assert tool_done["properties"]["status"] == "completed" and tool_done["properties"]["output"] == 42
     await watcher.disconnect()
     await answerer.disconnect()
+
+
+async def test_prompt_if_busy_queues_rejects_interrupts_and_refuses_other_values(
+    session: Any, bob: Any, alice: Any, settings: Any
+) -> None:
+    settings.TANDEM_ECHO_DELAY_MS = 50
+    client = ws(session.id, bob)
+    await opened(client)
+    long = " ".join(f"w{i}" for i in range(200))
+    await client.send({"type": "prompt", "id": "p", "parts": [{"type": "text", "text": long}]})
+    first = (await client.reply("p"))["result"]["reply_id"]
+    await client.send({"type": "prompt", "id": "q", "parts": [{"type": "text", "text": "queued"}]})
+    queued = (await client.reply("q"))["result"]
+    assert (queued["reply_id"], queued["queued"], queued["position"]) == (None, True, 1)
+    assert queued["message"]["status"] == "queued"
+    await client.send({"type": "prompt", "id": "r", "if_busy": "reject", "parts": [{"type": "text", "text": "x"}]})
+    rejected = await client.reply("r")
+    assert rejected["type"] == "error" and rejected["error"]["code"] == "session_busy"
+    await client.send({"type": "prompt", "id": "b", "if_busy": "soon", "parts": [{"type": "text", "text": "x"}]})
+    bad = await client.reply("b")
+    assert bad["type"] == "error" and bad["error"]["code"] == "validation_error"
+    await client.send({"type": "prompt", "id": "i", "if_busy": "interrupt", "parts": [{"type": "text", "text": "now"}]})
+    interrupted = (await client.reply("i"))["result"]
+    assert interrupted["position"] == 1
+    done = await client.seen(
+        lambda d: d.get("type") == "message.completed" and d["properties"]["message_id"] == first
+    )
+    assert done["properties"]["status"] == "cancelled"
+    turns = []
+    for _ in range(2):
+        updated = await client.seen(
+            lambda d: d.get("type") == "message.updated" and d["properties"]["message_id"] not in turns
+        )
+        turns.append(updated["properties"]["message_id"])
+    assert turns == [interrupted["message"]["id"], queued["message"]["id"]]
+    await client.seen(lambda d: d.get("type") == "session.status" and d["properties"]["status"]["type"] == "idle")
+    await client.disconnect()

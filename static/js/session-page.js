@@ -31,6 +31,7 @@ const els = {
   input: $("composer-input"),
   send: $("send-button"),
   abort: $("abort-button"),
+  sendNow: $("send-now-button"),
   composerError: $("composer-error"),
   charCount: $("char-count"),
   notice: $("page-notice"),
@@ -159,6 +160,8 @@ function setSessionStatus(status) {
   if (!showAbort && els.abort.contains(document.activeElement)) els.input.focus();
   els.abort.hidden = !showAbort;
   els.abort.disabled = false;
+  if (els.sendNow) els.sendNow.hidden = !showAbort;
+  syncRetry();
 }
 
 // ------------------------------------------------------------------ messages
@@ -169,6 +172,7 @@ let renderQueue = new Set();
 let renderTimer = null;
 
 const MESSAGE_STATUS_TEXT = {
+  queued: "queued",
   streaming: "replying…",
   completed: "",
   cancelled: "cancelled",
@@ -203,18 +207,129 @@ function messageRecord(id, data = {}) {
   return rec;
 }
 
+function orderKey(data) {
+  // The order of turns: a user message takes its turn when it is answered (its
+  // completed_at; a queued one was posted earlier but comes after the replies it waited
+  // for), a reply when it starts. Queued messages end the list, in posting order.
+  if (data.status === "queued") return null;
+  return (data.role === "user" && data.completed_at) || data.created_at || "\uffff";
+}
+
+function queuedCount() {
+  let n = 0;
+  for (const rec of messages.values()) if (rec.data.status === "queued") n += 1;
+  return n;
+}
+
 function insertMessageNode(rec) {
-  // Keep creation order; messages normally arrive in order, so append is the usual path.
-  const created = rec.data.created_at;
+  // Messages normally arrive in order, so append is the usual path.
+  const key = orderKey(rec.data);
   let before = null;
-  if (created) {
+  if (key !== null) {
     for (const other of [...els.messages.children].reverse()) {
-      const otherCreated = messages.get(other.dataset.messageId)?.data.created_at;
-      if (otherCreated && otherCreated > created) before = other;
+      const o = messages.get(other.dataset.messageId);
+      const otherKey = o ? orderKey(o.data) : null;
+      if (otherKey === null || otherKey > key) before = other;
       else break;
     }
   }
   els.messages.insertBefore(rec.el, before);
+}
+
+function canWithdraw(rec) {
+  return rec.data.status === "queued" && !sessionGone
+    && (rec.data.author?.id === ME.id || role === "owner");
+}
+
+function syncMessageActions(rec) {
+  // A queued message: its marker is the status; its author (or an owner) can withdraw it.
+  let withdraw = rec.el.querySelector(":scope > .message-head .withdraw-button");
+  if (canWithdraw(rec)) {
+    if (!withdraw) {
+      withdraw = el("button", { type: "button", class: "link-button withdraw-button", text: "Withdraw" });
+      withdraw.setAttribute("aria-label", "Withdraw this queued message");
+      withdraw.addEventListener("click", () => withdrawMessage(rec, withdraw));
+      rec.el.querySelector(":scope > .message-head").append(withdraw);
+    }
+  } else if (withdraw) {
+    withdraw.remove();
+  }
+  // A reply a retry replaced stays, collapsed: "Earlier attempt", opened on demand.
+  if (rec.data.superseded_by && !rec.el.classList.contains("message-superseded")) {
+    rec.el.classList.add("message-superseded");
+    rec.body.hidden = true;
+    const toggle = el("button", { type: "button", class: "link-button attempt-toggle", text: "Show earlier attempt" });
+    toggle.setAttribute("aria-expanded", "false");
+    toggle.addEventListener("click", () => {
+      rec.body.hidden = !rec.body.hidden;
+      toggle.setAttribute("aria-expanded", String(!rec.body.hidden));
+      toggle.textContent = rec.body.hidden ? "Show earlier attempt" : "Hide earlier attempt";
+    });
+    rec.el.querySelector(":scope > .message-head").append(toggle);
+  }
+}
+
+async function withdrawMessage(rec, button) {
+  button.disabled = true;
+  try {
+    await api.del(`${base}/messages/${encodeURIComponent(rec.id)}/`);
+    removeMessage(rec.id);
+    notice("Queued message withdrawn.");
+  } catch (err) {
+    button.disabled = false;
+    notice(err instanceof TandemError && err.code === "not_queued"
+      ? "Too late: its turn has come."
+      : errorText(err, "Could not withdraw the message."));
+  }
+}
+
+function removeMessage(id) {
+  const rec = messages.get(id);
+  if (!rec) return;
+  rec.el.remove();
+  messages.delete(id);
+  els.messagesEmpty.hidden = messages.size > 0;
+  setSessionStatus(sessionStatus);
+}
+
+function latestReply() {
+  let latest = null;
+  for (const node of els.messages.children) {
+    const rec = messages.get(node.dataset.messageId);
+    if (rec && rec.data.role === "assistant") latest = rec;
+  }
+  return latest;
+}
+
+let retryRec = null;
+function syncRetry() {
+  // One Retry button, on the latest reply once it ended and nothing waits; prominent
+  // when the reply failed or was cut short.
+  const latest = latestReply();
+  const show = latest && canWrite() && !sessionGone && latest.data.status !== "streaming"
+    && (sessionStatus.type || "idle") === "idle" && !queuedCount() ? latest : null;
+  if (retryRec && retryRec !== show) retryRec.el.querySelector(".retry-button")?.remove();
+  retryRec = show;
+  if (!show) return;
+  let button = show.el.querySelector(".retry-button");
+  if (!button) {
+    button = el("button", { type: "button", class: "retry-button", text: "Retry" });
+    button.setAttribute("aria-label", "Retry this reply");
+    button.addEventListener("click", () => retryReply(show, button));
+    show.el.append(button);
+  }
+  const failed = show.data.status === "error" || show.data.status === "cancelled";
+  button.className = `retry-button ${failed ? "primary" : "secondary"}`;
+}
+
+async function retryReply(rec, button) {
+  button.disabled = true;
+  try {
+    await api.post(`${base}/messages/${encodeURIComponent(rec.id)}/retry/`, {});
+  } catch (err) {
+    button.disabled = false;
+    notice(errorText(err, "Could not retry the reply."));
+  }
 }
 
 function updateMessageMeta(rec, data) {
@@ -230,6 +345,7 @@ function updateMessageMeta(rec, data) {
     rec.timeEl.dateTime = rec.data.created_at;
     rec.timeEl.textContent = formatTime(rec.data.created_at);
   }
+  syncMessageActions(rec);
 }
 
 function upsertMessage(data) {
@@ -407,6 +523,7 @@ function applySnapshot(snap) {
   pendingPermissions.clear();
   for (const perm of snap.permissions || []) pendingPermissions.set(perm.id, perm);
   syncPermissionUi();
+  syncRetry();
   if (stuck) scrollToEnd();
 }
 
@@ -429,7 +546,8 @@ function handle(event) {
   switch (event.type) {
     case "message.created":
       if (props.message) {
-              upsertMessage(props.message);
+        upsertMessage(props.message);
+        setSessionStatus(sessionStatus);
         flushRenders();
         if (stuck || props.message.author?.id === ME.id) scrollToEnd();
       }
@@ -445,9 +563,25 @@ function handle(event) {
       if (rec) {
         for (const p of rec.parts.values()) if (p.uncertain) { settleOverlap(p); scheduleRender(rec, p); }
         updateMessageMeta(rec, { status: props.status, error: props.error, completed_at: event.time });
+        syncRetry();
       }
       break;
     }
+    case "message.updated": {
+      const rec = messages.get(props.message_id);
+      if (!rec) break;
+      const wasQueued = rec.data.status === "queued";
+      const change = { status: props.status };
+      if (props.superseded_by) change.superseded_by = props.superseded_by;
+      if (wasQueued) change.completed_at = event.time;
+      updateMessageMeta(rec, change);
+      if (wasQueued) insertMessageNode(rec); // its turn: out of the queue, into the conversation
+      setSessionStatus(sessionStatus);
+      break;
+    }
+    case "message.removed":
+      removeMessage(props.message_id);
+      break;
     case "tool.status":
       onToolStatus(props);
       break;
@@ -629,7 +763,7 @@ function updateCharCount() {
 }
 
 let sending = false;
-async function sendMessage() {
+async function sendMessage(ifBusy = "queue") {
   if (sending || !canWrite() || sessionGone) return;
   const text = els.input.value;
   const problem = validate(text);
@@ -645,19 +779,24 @@ async function sendMessage() {
   els.send.disabled = true;
   els.composer.setAttribute("aria-busy", "true");
   try {
-    const result = await api.post(`${base}/messages/`, { parts: [{ type: "text", text }] });
+    const result = await api.post(`${base}/messages/`, { parts: [{ type: "text", text }], if_busy: ifBusy });
     if (els.input.value === text) els.input.value = "";
     updateCharCount();
     if (result?.message) {
+      // Shown at once; a queued one is marked "queued" until its turn comes.
       upsertMessage(result.message);
+      setSessionStatus(sessionStatus);
       flushRenders();
       scrollToEnd();
     }
+    if (result?.queued) notice(`Queued: your message is number ${result.position} in line.`);
     setTyping(false);
   } catch (err) {
     let message = errorText(err, "The message could not be sent. Try again.");
     if (err instanceof TandemError) {
-      if (err.code === "session_busy" || err.status === 409) {
+      if (err.code === "queue_full") {
+        message = "Too many messages are waiting in this session. Wait for some replies, then send again.";
+      } else if (err.code === "session_busy" || err.status === 409) {
         message = "The agent is still replying. Wait until it finishes, or abort the reply, then send again.";
       } else if (err.status === 413) {
         message = `The server refused this message as too long (the limit is ${MAX_CHARS.toLocaleString()} characters).`;
@@ -729,6 +868,8 @@ els.input.addEventListener("input", () => {
   setTyping(els.input.value.length > 0);
 });
 els.input.addEventListener("blur", () => setTyping(false));
+
+els.sendNow?.addEventListener("click", () => sendMessage("interrupt"));
 
 els.abort.addEventListener("click", async () => {
   els.abort.disabled = true;
