@@ -300,38 +300,37 @@ def finish_reply(
         props: dict[str, Any] = {"message_id": message_id, "status": status}
         if error:
             props["error"] = error
-        # The reply's closing events in one batch; that statement takes the session's row
-        # lock (after the reply's own rows, the order of the runner's writes), and only
-        # then is the queue read (start_next_turn).
         events.append(("message.completed", props))
-        publish_many(session_id, events)
-        start_next_turn(session_id)
+        # The session's row lock after the reply's own rows (the order of every other
+        # writer's locks), and before the queue is read: a post racing with this either
+        # committed its queued message already or waits and then finds the session idle.
+        lock_session(session_id)
+        start_next_turn(session_id, events)
     return True
 
 
-def start_next_turn(session_id: str) -> Message | None:
+def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -> Message | None:
     """The reply ended: answer the oldest queued message, or make the session idle when
     none waits. In the transaction that ended the reply, so the queue moves on even when
     the process that ran it dies right after; the reply it queues is claimed by whichever
-    runner is up. The caller holds the session's row lock: publishing
-    ``message.completed`` took it (the ``last_seq`` update), before any part of the
-    queue was read, so a post racing with this waits for it (see ``lock_session``).
-    Taking it earlier would lock the session before the reply's parts, the reverse of
-    the runner's own writes."""
+    runner is up. The caller holds the session's row lock (``lock_session``), taken after
+    the reply's own rows; ``events`` (the reply's closing ones) go out first, in the same
+    batch as the idle status or the next turn's."""
     waiting = (
         Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
         .order_by("turn_at", "id")
         .first()
     )
     if waiting is None:
-        publish_status(session_id, {"type": "idle"})
+        idle = {"type": "idle"}
+        publish_many(session_id, [*events, _status_event(idle)], session_fields={"status": idle})
         return None
     now = timezone.now()
     Message.objects.filter(pk=waiting.pk).update(
         status=Message.Status.COMPLETED, completed_at=now, turn_at=now
     )
     updated = ("message.updated", {"message_id": waiting.pk, "status": Message.Status.COMPLETED})
-    return queue_reply(session_id, after=now, first=[updated])
+    return queue_reply(session_id, after=now, first=[*events, updated])
 
 
 def queue_reply(

@@ -48,9 +48,10 @@ def test_a_post_and_a_short_echo_reply_cost_a_bounded_number_of_statements(
     assert response.status_code == 202, response.content
     reply_id = response.json()["reply_id"]
     sql = statements(posting)
-    # Token user, membership, the session's lock, two messages, a part, the run, one seq
-    # UPDATE for three events (and the busy status), one INSERT of them, the response's parts.
-    assert len(sql) <= 10, sql
+    # Token user, membership, the session's lock, the count of queued messages, two
+    # messages, a part, the run, one seq UPDATE for three events (and the busy status), one
+    # INSERT of them, the response's parts.
+    assert len(sql) <= 11, sql
     assert writes(sql, "events_app_event") == 1 and writes(sql, "sessions_app_session") == 1
     assert head(session_id) == before + 3
 
@@ -66,10 +67,11 @@ def test_a_post_and_a_short_echo_reply_cost_a_bounded_number_of_statements(
             writes=[services.TextWrite(part_id, "text", "hi", "hi", index=0)],
         )
     sql = statements(replying)
-    # The claim 1; the abort flag 1 and the history 2; the run's row 2 (read, delete); the
-    # part 1; the parts, the permissions, the message 3; one seq UPDATE and one INSERT for
-    # five events.
-    assert len(sql) <= 12, sql
+    # The claim 1; the abort flag 1 and the history 3 (the answered message's turn, the
+    # messages before it, their parts); the run's row 2 (read, delete); the part 1; the
+    # parts, the permissions, the message 3; the session's lock and the queue 2 (the next
+    # turn, or idle); one seq UPDATE and one INSERT for five events.
+    assert len(sql) <= 15, "\n".join(s[:110] for s in sql)
     assert writes(sql, "events_app_event") == 1 and writes(sql, "sessions_app_session") == 1
     events = [orjson.loads(e) for e in Event.objects.filter(session_id=session_id, seq__gt=before + 3)
               .order_by("seq").values_list("envelope", flat=True)]
