@@ -19,7 +19,8 @@ from typing import Any
 
 from django.contrib.postgres.search import SearchHeadline, SearchQuery, SearchRank, SearchVector
 from django.db import connection
-from django.db.models import F, QuerySet
+from django.db.models import F, QuerySet, Value
+from django.db.models.functions import Replace
 
 from sessions_app.models import Membership, Part, Session
 
@@ -27,8 +28,11 @@ SEARCH_CONFIG = "english"
 TITLE_WEIGHT = 2.0  # a title names what a whole session is about
 SNIPPET_CHARS = 160
 # ts_headline marks matches with these; they are control characters that no snippet
-# keeps (any already in the text are removed before the marks are read).
+# keeps (any already in the text are removed before the headline is made).
 _START, _STOP = "\x02", "\x03"
+# ts_headline drops what its parser takes for HTML tags, so a snippet would not show
+# what was written: "<" goes in as this and comes back out as "<".
+_LT = "\x01"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def _postgres(session_ids: QuerySet[Any], q: str, want: int) -> tuple[list[Hit],
         .filter(match=query)
         .annotate(
             rank=SearchRank(_vector("title"), query),
-            headline=SearchHeadline("title", query, **{**headline_options, "highlight_all": True}),
+            headline=SearchHeadline(_as_written("title"), query, **{**headline_options, "highlight_all": True}),
         )
         .order_by("-rank", "-created_at", "id")
         .values_list("id", "title", "headline", "created_at", "rank")[:want]
@@ -102,7 +106,7 @@ def _postgres(session_ids: QuerySet[Any], q: str, want: int) -> tuple[list[Hit],
         .filter(match=query)
         .annotate(
             rank=SearchRank(_vector("text"), query),
-            headline=SearchHeadline("text", query, **headline_options),
+            headline=SearchHeadline(_as_written("text"), query, **headline_options),
             created=F("message__created_at"),
         )
         .order_by("-rank", "-created", "message_id", "index")
@@ -115,6 +119,14 @@ def _postgres(session_ids: QuerySet[Any], q: str, want: int) -> tuple[list[Hit],
         for sid, title, mid, headline, created, rank in _chunks(parts)
     )
     return titles, _take(texts, want)
+
+
+def _as_written(column: str) -> Replace:
+    """The column for ts_headline: no mark characters, and no "<" for it to take a tag from."""
+    text: F | Replace = F(column)
+    for char in (_START, _STOP, _LT):
+        text = Replace(text, Value(char), Value(""))
+    return Replace(text, Value("<"), Value(_LT))
 
 
 def _marked(headline: str) -> tuple[str, list[list[int]]]:
@@ -130,7 +142,7 @@ def _marked(headline: str) -> tuple[str, list[list[int]]]:
                 ranges.append([start, len(snippet)])
             start = None
         else:
-            snippet.append(char)
+            snippet.append("<" if char == _LT else char)
     return "".join(snippet), ranges
 
 

@@ -260,9 +260,12 @@ def test_search_one_hit_per_message(alice: Any, api: Any) -> None:
 
 def test_search_text_is_never_html(alice: Any, api: Any) -> None:
     session = services.create_session(alice, title="", agent="echo")
-    say(session, alice, "look <img src=x onerror=alert(1)> here xssword")
+    text = 'look <img src=x onerror="alert(1)"> <b>here</b> xssword <script>x()</script>'
+    say(session, alice, text)
     (hit,) = find(api, alice, "xssword").json()["results"]
-    assert "<img src=x onerror=alert(1)>" in hit["snippet"]  # as written: clients show it as text
+    # As written (clients show it as text), not stripped or escaped.
+    assert hit["snippet"] == 'look <img src=x onerror="alert(1)"> <b>here</b> xssword <script>x()</script>'
+    assert [hit["snippet"][a:b] for a, b in hit["highlights"]] == ["xssword"]
 
 
 @pytest.mark.parametrize("params", [{"q": ""}, {"q": "x" * 201}, {"q": "   "}, {}, {"q": "a", "limit": 0}, {"q": "a", "zz": 1}])
