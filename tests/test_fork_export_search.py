@@ -313,3 +313,18 @@ def test_search_queries_can_use_the_gin_indexes_on_postgresql(alice: Any) -> Non
         with connection.cursor() as cursor:
             cursor.execute("SET LOCAL enable_seqscan = off")
         assert index in queryset.explain(), queryset.explain()
+
+
+@pytest.mark.parametrize("q", ["a & b | !c", "'\"", "login:*", "(((", "-", "ünïcödé ✓", "%_"])
+def test_search_any_text_is_a_query_never_an_error(shared_session: Any, talk: list[Message], alice: Any, api: Any, q: str) -> None:
+    response = find(api, alice, q)
+    assert response.status_code == 200, response.content
+    assert set(response.json()) == {"results", "next"}
+
+
+def test_search_nul_is_400(alice: Any, api: Any) -> None:
+    assert_error(find(api, alice, "a\x00b"), 400, "validation_error")
+
+
+def test_fork_message_id_with_nul_is_400(shared_session: Any, alice: Any, api: Any) -> None:
+    assert_error(fork(api, alice, shared_session, message_id="msg\x00"), 400, "validation_error")
