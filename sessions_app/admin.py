@@ -100,15 +100,29 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display_links = ("id", "title")
     list_filter = (StatusFilter, "agent", "owner")
     actions = ("abort_replies", "prune_events")
-    search_fields = ("title", "=id", "owner__username")
+    # "=forked_from_session_id": a session's id finds it and its forks.
+    search_fields = ("title", "=id", "owner__username", "=forked_from_session_id")
     list_select_related = ("owner",)
     ordering = ("-last_activity_at",)
     fields = (
-        "id", "title", "agent", "owner", "status", "last_seq",
+        "id", "title", "agent", "owner", "status", "last_seq", "forked_from",
         "created_at", "updated_at", "last_activity_at", "recent_messages", "recent_events",
     )
     readonly_fields = fields
     inlines = (MembershipInline, PendingPermissionInline)
+
+    @admin.display(description="forked from")
+    def forked_from(self, obj: Session) -> str:
+        if not obj.forked_from_session_id:
+            return "-"
+        message = obj.forked_from_message_id or "(no messages)"
+        if not Session.objects.filter(pk=obj.forked_from_session_id).exists():
+            return format_html("{} (deleted), at message {}", obj.forked_from_session_id, message)
+        return format_html(
+            "<a href='{}'>{}</a>, at message {}",
+            reverse("admin:sessions_app_session_change", args=[quote(obj.forked_from_session_id)]),
+            obj.forked_from_session_id, message,
+        )
 
     @admin.display(description=f"messages (latest {_SHOWN})")
     def recent_messages(self, obj: Session) -> str:

@@ -53,6 +53,10 @@ class Session(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     last_activity_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Where a fork came from: plain ids, not foreign keys, so a fork outlives its source
+    # (deleting the source session leaves the fork, and what it says it came from, alone).
+    forked_from_session_id = models.CharField(max_length=32, blank=True, default="")
+    forked_from_message_id = models.CharField(max_length=32, blank=True, default="")
 
     class Meta:
         ordering = ["-last_activity_at"]

@@ -180,6 +180,28 @@ class AgentField(serializers.CharField):
     """The agent's name; the schema lists the agents registered when it is generated."""
 
 
+class ForkedFromSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The session and message a fork was made from (ids only: the source may be gone,
+    or be a session the reader is not a member of)."""
+
+    session_id = _id()
+    message_id = serializers.CharField(allow_null=True, help_text="The last message copied; null when there was none.")
+
+
+@extend_schema_field({"allOf": [ref("ForkedFrom")], "nullable": True, "description": "Set on a fork; null otherwise."})
+class ForkedFromField(serializers.Field):  # type: ignore[type-arg]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(source="*", **kwargs)
+
+    def to_representation(self, value: Session) -> dict[str, Any] | None:
+        if not value.forked_from_session_id:
+            return None
+        return {
+            "session_id": value.forked_from_session_id,
+            "message_id": value.forked_from_message_id or None,
+        }
+
+
 class SessionSerializer(serializers.Serializer):  # type: ignore[type-arg]
     id = _id()
     title = serializers.CharField(max_length=200)
@@ -190,6 +212,7 @@ class SessionSerializer(serializers.Serializer):  # type: ignore[type-arg]
     created_at = TimeField()
     updated_at = TimeField()
     role = _enum(one_of(*Role.values), required=False, help_text="The caller's role. Absent inside events.")
+    forked_from = ForkedFromField()
 
 
 class MemberSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -355,6 +378,43 @@ class HealthSerializer(serializers.Serializer):  # type: ignore[type-arg]
     run = RunSerializer(allow_null=True)
 
 
+class SearchSessionSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    id = _id()
+    title = serializers.CharField()
+
+
+class SearchHitSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """One place where the query matched: a message's text, or a session's title
+    (`message_id` null)."""
+
+    session = SearchSessionSerializer()
+    message_id = serializers.CharField(allow_null=True, help_text="The matching message; null for a title match.")
+    snippet = serializers.CharField(
+        help_text="Plain text around the match (never HTML: show it as text)."
+    )
+    highlights = serializers.ListField(
+        child=serializers.ListField(child=serializers.IntegerField(min_value=0), min_length=2, max_length=2),
+        help_text="`[start, end)` ranges of `snippet` that matched, in Unicode code points.",
+    )
+    created_at = TimeField(help_text="When the message (or, for a title match, the session) was created.")
+
+
+class SearchPageSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """Best match first; follow `next` (null on the last page)."""
+
+    results = SearchHitSerializer(many=True)
+    next = serializers.CharField(allow_null=True)
+
+
+class ExportSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """A whole session, as `GET …/export/?format=json` gives it."""
+
+    session = SessionSerializer()
+    members = MemberSerializer(many=True)
+    messages = MessageSerializer(many=True)
+    permissions = PermissionSerializer(many=True)
+
+
 class TicketSerializer(serializers.Serializer):  # type: ignore[type-arg]
     ticket = serializers.CharField()
     expires_in = serializers.IntegerField(min_value=1)
@@ -370,6 +430,7 @@ OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-
     PermissionSerializer, SessionPageSerializer, MessagePageSerializer, MessagePostedSerializer,
     PresenceSerializer, HealthSerializer, TicketSerializer, AbortResultSerializer,
     RetryResultSerializer,
+    ForkedFromSerializer, SearchHitSerializer, SearchPageSerializer, ExportSerializer,
 ]
 
 _USER = UserSerializer()
@@ -441,6 +502,32 @@ class PermissionReplySerializer(StrictSerializer):
         if isinstance(data, dict) and "approved" in data and not isinstance(data["approved"], bool):
             raise serializers.ValidationError({"approved": ["Must be true or false."]})
         return super().to_internal_value(data)
+
+
+class ForkSerializer(StrictSerializer):
+    message_id = StrictCharField(
+        max_length=32, required=False,
+        help_text="Copy up to and including this message (default: every ended one).",
+    )
+    title = StrictCharField(max_length=200, required=False, allow_blank=True, help_text="Default: the source's title.")
+
+
+class ExportQuerySerializer(StrictSerializer):
+    format = serializers.ChoiceField(choices=["markdown", "json"], required=False, default="markdown")
+
+
+SEARCH_MAX_CHARS = 200
+
+
+class SearchQuerySerializer(StrictSerializer):
+    q = StrictCharField(min_length=1, max_length=SEARCH_MAX_CHARS, trim_whitespace=False)
+    cursor = StrictCharField(required=False, max_length=40)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=100, default=20)
+
+    def validate_q(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("Must not be blank.", code="blank")
+        return value
 
 
 class PermissionListQuerySerializer(StrictSerializer):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
@@ -15,6 +16,7 @@ from django.contrib.auth.password_validation import validate_password
 from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from events_app import fanout, groups
@@ -31,7 +33,7 @@ from project.errors import (
     SessionBusy,
     ValidationFailed,
 )
-from sessions_app.models import Membership, Message, Part, ReplyRun, Role, Session
+from sessions_app.models import Membership, Message, Part, PermissionRequest, ReplyRun, Role, Session
 
 # The run queue (sessions_app.runs) and permission requests (sessions_app.permissions)
 # have modules of their own; the agents' runner and pool still call them as services.X.
@@ -52,7 +54,13 @@ from sessions_app.runs import set_session_status as set_session_status
 from sessions_app.runs import set_tool_state as set_tool_state
 from sessions_app.runs import start_tool_part as start_tool_part
 from sessions_app.runs import write_parts as write_parts
-from sessions_app.serializers import message_data, session_data, user_data
+from sessions_app.serializers import (
+    member_data,
+    message_data,
+    permission_data,
+    session_data,
+    user_data,
+)
 
 # ---------------------------------------------------------------- sessions
 
@@ -382,3 +390,135 @@ def _stop_flagged(session_id: str, only: list[str] | None = None) -> None:
     # session, and the next turn's reply must not be stopped by it.)
     if runs.exists():
         fanout.send_control(groups.run_group(session_id), groups.Abort(session_id))
+
+
+# ---------------------------------------------------------------- fork and export
+
+ENDED = (Message.Status.COMPLETED, Message.Status.CANCELLED, Message.Status.ERROR)
+
+
+def fork_session(source: Session, owner: User, *, message_id: str | None, title: str | None) -> Session:
+    """A new session owned by ``owner``, same agent, holding copies (new ids, same times,
+    authors, statuses and parts) of ``source``'s messages up to and including
+    ``message_id``, or of every ended message. Its log starts like any session's,
+    ``session.created`` (carrying ``forked_from``), then one ``message.created`` per copy,
+    each complete with its parts, so a client replaying the log sees the conversation.
+    Permission requests are not copied."""
+    messages = Message.objects.filter(session=source).select_related("author").prefetch_related("parts")
+    if message_id is not None:
+        target = Message.objects.filter(session=source, pk=message_id).first()
+        if target is None:
+            raise NotFound("No such message in this session.")
+        if target.status not in ENDED:
+            raise Conflict("That message is still streaming; fork from it once it has ended.")
+        before = Q(turn_at__lt=target.turn_at) | Q(turn_at=target.turn_at, id__lte=target.id)
+        originals = [m for m in messages.filter(before) if m.status in ENDED]
+    else:
+        originals = [m for m in messages if m.status in ENDED]
+    with transaction.atomic():
+        session = Session.objects.create(
+            owner=owner,
+            title=source.title if title is None else title,
+            agent=source.agent,
+            forked_from_session_id=source.id,
+            forked_from_message_id=originals[-1].id if originals else "",
+        )
+        Membership.objects.create(session=session, user=owner, role=Role.OWNER)
+        frame = publish(session.id, "session.created", {"session": session_data(session)})
+        # The copies keep their original times; the listing orders by (turn_at, id) and
+        # new ids are random, so equal turns are nudged apart to keep the order.
+        copies: list[tuple[Message, list[Part]]] = []
+        previous = None
+        for original in originals:
+            turn = original.turn_at
+            if previous is not None and turn <= previous:
+                turn = previous + timedelta(microseconds=1)
+            previous = turn
+            copy = Message(
+                session=session, role=original.role, author=original.author, status=original.status,
+                error=original.error, usage=original.usage, created_at=original.created_at,
+                turn_at=turn, completed_at=original.completed_at,
+            )
+            parts = [
+                Part(
+                    message=copy, index=p.index, type=p.type, text=p.text, tool=p.tool,
+                    call_id=p.call_id, state=p.state,
+                )
+                for p in original.parts.all()
+            ]
+            copies.append((copy, parts))
+        Message.objects.bulk_create([m for m, _ in copies])
+        Part.objects.bulk_create([p for _, parts in copies for p in parts])
+        for copy, parts in copies:
+            publish(session.id, "message.created", {"message": message_data(copy, parts)})
+        _join_on_commit(owner.pk, session.id, frame.seq)
+    session.refresh_from_db()
+    return session
+
+
+def export_data(session: Session, role: str) -> dict[str, Any]:
+    """The whole session as JSON: the Session (with the caller's role), members, messages
+    with their parts, and permission requests, all in their REST shapes."""
+    members = Membership.objects.filter(session=session).select_related("user").order_by("created_at")
+    messages = Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
+    found = PermissionRequest.objects.filter(session=session).select_related("resolved_by")
+    return {
+        "session": session_data(session, role),
+        "members": [member_data(m) for m in members],
+        "messages": [message_data(m) for m in messages],
+        "permissions": [permission_data(p) for p in found],
+    }
+
+
+def export_markdown(data: dict[str, Any]) -> str:
+    """A readable transcript of ``export_data``'s result. Message text is Markdown already
+    and is kept as written; the headings around it are ours."""
+    session = data["session"]
+    lines = [f"# {_one_line(session['title']) or 'Untitled session'}", ""]
+    lines.append(f"- Session: `{session['id']}`")
+    lines.append(f"- Agent: {session['agent']}")
+    lines.append(f"- Created: {session['created_at']}")
+    if session.get("forked_from"):
+        fork = session["forked_from"]
+        lines.append(f"- Forked from: `{fork['session_id']}` at message `{fork['message_id']}`")
+    members = ", ".join(f"{m['user']['username']} ({m['role']})" for m in data["members"])
+    lines.append(f"- Members: {members}")
+    by_message: dict[str, list[dict[str, Any]]] = {}
+    for permission in data["permissions"]:
+        by_message.setdefault(permission["message_id"], []).append(permission)
+    for message in data["messages"]:
+        who = (
+            message["author"]["username"] if message["role"] == "user" and message["author"]
+            else "assistant" if message["role"] == "assistant" else "(deleted user)"
+        )
+        status = "" if message["status"] == "completed" else f" — {message['status']}"
+        lines += ["", "---", "", f"## {who} · {message['created_at']}{status}", ""]
+        for part in message["parts"]:
+            if part["type"] == "text":
+                lines += [part["text"], ""]
+            elif part["type"] == "reasoning":
+                lines += ["> " + line for line in part["text"].splitlines() or [""]]
+                lines.append("")
+            else:
+                state = part.get("state") or {}
+                lines.append(f"**Tool `{part['tool']}`** ({state.get('status', '?')})")
+                lines += ["", "```json", _json(state.get("input")), "```", ""]
+                if "output" in state:
+                    lines += ["Output:", "", "```json", _json(state["output"]), "```", ""]
+                if state.get("error"):
+                    lines += [f"Error: {_one_line(state['error'])}", ""]
+        for permission in by_message.get(message["id"], []):
+            lines.append(f"*Permission for `{permission['tool']}`: {permission['status']}*")
+            lines.append("")
+        if message.get("error"):
+            lines += [f"*Error ({message['error'].get('code')}): {_one_line(str(message['error'].get('message', '')))}*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _json(value: Any) -> str:
+    # Inside a fenced block a line of three backticks would end the fence early.
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode().replace("```", "`\u200b``")

@@ -15,6 +15,9 @@ urlpatterns = [
     path("sessions/<str:session_id>/messages/<str:message_id>/", views.MessageDetailView.as_view()),
     path("sessions/<str:session_id>/messages/<str:message_id>/retry/", views.RetryView.as_view()),
     path("sessions/<str:session_id>/abort/", views.AbortView.as_view()),
+    path("sessions/<str:session_id>/fork/", views.ForkView.as_view()),
+    path("sessions/<str:session_id>/export/", views.ExportView.as_view()),
+    path("search/", views.SearchView.as_view()),
     path("sessions/<str:session_id>/permissions/", views.PermissionListView.as_view()),
     path(
         "sessions/<str:session_id>/permissions/<str:permission_id>/",

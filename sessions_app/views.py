@@ -1,15 +1,22 @@
 """Thin REST views: validate with a serializer, call one service, return."""
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import BaseParser
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -28,12 +35,15 @@ from project.openapi import (
     doc,
     json_body,
 )
-from sessions_app import permissions, runs, services
+from sessions_app import permissions, runs, search, services
 from sessions_app.access import session_for
 from sessions_app.models import Membership, Message, Role, Session
 from sessions_app.serializers import (
+    SEARCH_MAX_CHARS,
     AbortResultSerializer,
     CredentialsSerializer,
+    ExportQuerySerializer,
+    ForkSerializer,
     HealthSerializer,
     MemberAddSerializer,
     MessagePostSerializer,
@@ -41,6 +51,7 @@ from sessions_app.serializers import (
     PermissionReplySerializer,
     PresenceSerializer,
     RetryResultSerializer,
+    SearchQuerySerializer,
     SessionCreateSerializer,
     SessionUpdateSerializer,
     TicketSerializer,
@@ -493,3 +504,138 @@ class PermissionDetailView(APIView):
             session, permission_id, caller(request), approved=data["approved"], reason=data["reason"]
         )
         return Response(permission_data(permission))
+
+
+# ---------------------------------------------------------------- fork, export, search
+
+
+class ForkView(APIView):
+    @doc(
+        summary="Fork a session",
+        description="Any member. A new session owned by the caller, with the same agent, "
+        "holding copies of the messages up to and including `message_id` (default: every "
+        "ended one). Its event log starts with `session.created`, then one `message.created` "
+        "per copied message (complete, with its parts).",
+        tags=["sessions"],
+        parameters=[SESSION_ID],
+        request=ForkSerializer,
+        responses={201: OpenApiResponse(ref("Session"), description="The new session, with `forked_from`.")},
+        errors={
+            400: "`bad_request` (malformed JSON) or `validation_error`: a field of the wrong "
+            "type or too long, or an unknown field.",
+            404: "`not_found`: no such session (or you are not a member), or no such message "
+            "in it.",
+            409: "`conflict`: that message is still streaming.",
+        },
+    )
+    def post(self, request: Request, session_id: str) -> Response:
+        source, _ = session_for(caller(request), session_id)
+        data = validated(ForkSerializer, request.data)
+        session = services.fork_session(
+            source, caller(request), message_id=data.get("message_id"), title=data.get("title")
+        )
+        return Response(session_data(session, Role.OWNER), status=status.HTTP_201_CREATED)
+
+
+class AnyFormatNegotiation(BaseContentNegotiation):
+    """``?format=`` here names the export's format, not a DRF renderer: errors are JSON."""
+
+    def select_renderer(self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None) -> Any:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
+
+    def select_parser(self, request: Request, parsers: Iterable[BaseParser]) -> BaseParser | None:
+        return next(iter(parsers), None)
+
+
+class ExportView(APIView):
+    content_negotiation_class = AnyFormatNegotiation
+
+    @doc(
+        summary="Export a session",
+        description="Any member. `format=markdown` (default): a transcript as "
+        "`text/markdown`; `format=json`: the session, members, messages (with parts) and "
+        "permission requests. Either as an attachment (`Content-Disposition`).",
+        tags=["sessions"],
+        parameters=[
+            SESSION_ID,
+            OpenApiParameter(
+                "format", str, OpenApiParameter.QUERY, enum=["markdown", "json"],
+                description="`markdown` (default) or `json`.",
+            ),
+        ],
+        responses={
+            (200, "text/markdown"): OpenApiResponse({"type": "string"}, description="The transcript."),
+            (200, "application/json"): OpenApiResponse(ref("Export"), description="The whole session."),
+        },
+        errors={
+            400: "`validation_error`: an unknown `format` or query parameter.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+        },
+    )
+    def get(self, request: Request, session_id: str) -> HttpResponse:
+        session, role = session_for(caller(request), session_id)
+        query = validated(ExportQuerySerializer, request.query_params.dict())
+        data = services.export_data(session, role)
+        if query["format"] == "json":
+            body, content_type, ext = orjson.dumps(data), "application/json", "json"
+        else:
+            body, content_type, ext = services.export_markdown(data).encode(), "text/markdown; charset=utf-8", "md"
+        response = HttpResponse(body, content_type=content_type)
+        response["Content-Disposition"] = f'attachment; filename="tandem-{session.id}.{ext}"'
+        return response
+
+
+class SearchView(APIView):
+    @doc(
+        operation_id="search",
+        summary="Search your sessions",
+        description="Titles and message text of the sessions the caller is a member of, "
+        "best match first. PostgreSQL: full-text search (English stemming; `websearch` "
+        "syntax: `\"a phrase\"`, `-not`, `or`); other databases: a case-insensitive "
+        "substring. Paginated; follow `next`.",
+        tags=["sessions"],
+        parameters=[
+            OpenApiParameter(
+                "q", {"type": "string", "minLength": 1, "maxLength": SEARCH_MAX_CHARS},
+                OpenApiParameter.QUERY, required=True, description="What to look for.",
+            ),
+            OpenApiParameter(
+                "cursor", str, OpenApiParameter.QUERY,
+                description="Where the page starts: take it from the previous page's `next`.",
+            ),
+            OpenApiParameter(
+                "limit", {"type": "integer", "minimum": 1, "maximum": 100}, OpenApiParameter.QUERY,
+                description="Hits per page (default 20).",
+            ),
+        ],
+        responses={200: OpenApiResponse(ref("SearchPage"), description="A page of hits.")},
+        errors={400: "`validation_error`: `q` missing, blank or over 200 characters, a bad "
+                "`limit`, or an unknown parameter; `bad_request`: a `cursor` the server did not make."},
+    )
+    def get(self, request: Request) -> Response:
+        query = validated(SearchQuerySerializer, request.query_params.dict())
+        offset = _search_offset(query.get("cursor"))
+        hits, more = search.search(caller(request).pk, query["q"], offset=offset, limit=query["limit"])
+        next_url = None
+        if more:
+            params = request.query_params.copy()
+            params["cursor"] = _search_cursor(offset + len(hits))
+            next_url = request.build_absolute_uri(f"{request.path}?{params.urlencode()}")
+        return Response({"results": [h.to_json() for h in hits], "next": next_url})
+
+
+def _search_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o{offset}".encode()).decode().rstrip("=")
+
+
+def _search_offset(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raw = ""
+    if not (raw.startswith("o") and raw[1:].isascii() and raw[1:].isdigit() and len(raw) <= 8):
+        raise BadRequest("The cursor is not valid.", details={"cursor": cursor[:40]})
+    return int(raw[1:])

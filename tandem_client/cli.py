@@ -479,6 +479,69 @@ def publish(session_id: str, event_type: str, properties: dict[str, Any], as_jso
         _out(f"Published {event.type} as seq {event.seq}.\n")
 
 
+@cli.command()
+@session_argument
+@click.option("--message", "message_id", metavar="MESSAGE", help="Copy up to and including this message (default: every ended one).")
+@click.option("--title", help="The new session's title (default: the source's).")
+@json_option
+@url_option
+def fork(session_id: str, message_id: str | None, title: str | None, as_json: bool, url: str | None) -> None:
+    """Start a new session of yours from SESSION's conversation; prints its id."""
+    with _client(url) as client:
+        try:
+            session = client.fork_session(session_id, message_id=message_id, title=title)
+        except NotFoundError as exc:
+            what = f"Session {session_id}" + (f" or its message {message_id}" if message_id else "")
+            raise NotFoundError(404, exc.code, f"{what} was not found (or you are not a member).", exc.details) from None
+    if as_json:
+        _json_line(session.raw)
+    else:
+        _out(session.id + "\n")
+
+
+@cli.command("export")
+@session_argument
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to this file instead of stdout.")
+@url_option
+def export_command(session_id: str, fmt: str, output: str | None, url: str | None) -> None:
+    """Print SESSION's whole conversation: a Markdown transcript, or JSON."""
+    with _client(url) as client, _about(session_id):
+        body = client.export(session_id, fmt)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(body)
+        _note(f"Wrote {output}")
+    else:
+        _out(body if body.endswith("\n") else body + "\n")
+
+
+@cli.command("search")
+@click.argument("query")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="At most this many hits.")
+@json_option
+@url_option
+def search_command(query: str, limit: int, as_json: bool, url: str | None) -> None:
+    """Find QUERY in the titles and messages of your sessions, best match first."""
+    with _client(url) as client:
+        hits = client.search(query, max_results=limit)
+    if as_json:
+        _json_line([
+            {"session": {"id": h.session_id, "title": h.session_title}, "message_id": h.message_id,
+             "snippet": h.snippet, "highlights": [list(r) for r in h.highlights], "created_at": h.created_at}
+            for h in hits
+        ])
+        return
+    if not hits:
+        _note("Nothing found.")
+        return
+    tty = sys.stdout.isatty()
+    for h in hits:
+        where = f"{h.session_id} {h.message_id or '(title)'}"
+        marked = h.marked("\033[1m", "\033[0m") if tty else h.marked("[", "]")
+        _out(f"{where}  {_clip(h.session_title, 30) or '(untitled)'}\n    {marked}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         code = cli.main(args=argv, prog_name="tandem", standalone_mode=False)

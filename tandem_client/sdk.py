@@ -23,7 +23,7 @@ from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse, conn
 __all__ = [
     "AsyncClient", "AsyncEventStream", "AuthenticationError", "Client", "ConflictError", "Event",
     "EventPage", "EventStream", "Member", "Message", "NetworkError", "NotFoundError", "Permission",
-    "PermissionDeniedError", "PostedMessage", "RateLimitedError", "ServerError", "Session",
+    "PermissionDeniedError", "PostedMessage", "RateLimitedError", "SearchHit", "ServerError", "Session",
     "TandemError", "Tokens", "User", "ValidationError",
 ]
 
@@ -144,6 +144,7 @@ class Session:
     last_seq: int
     created_at: str
     updated_at: str
+    forked_from: JSON | None  # {"session_id", "message_id"} on a fork
     raw: JSON = field(repr=False, compare=False)
 
     @property
@@ -156,7 +157,7 @@ class Session:
             id=data["id"], title=data.get("title", ""), agent=data.get("agent", ""),
             status=data.get("status") or {}, owner=_user(data.get("owner")), role=data.get("role"),
             last_seq=int(data.get("last_seq") or 0), created_at=data.get("created_at", ""),
-            updated_at=data.get("updated_at", ""), raw=data,
+            updated_at=data.get("updated_at", ""), forked_from=data.get("forked_from"), raw=data,
         )
 
 
@@ -186,6 +187,41 @@ class Message:
             created_at=data.get("created_at", ""), completed_at=data.get("completed_at"),
             error=data.get("error"), raw=data, superseded_by=data.get("superseded_by"),
         )
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    session_id: str
+    session_title: str
+    message_id: str | None  # None: the session's title matched
+    snippet: str  # plain text: never render it as HTML
+    highlights: list[tuple[int, int]]  # [start, end) ranges of snippet, in code points
+    created_at: str
+
+    def marked(self, before: str = "[", after: str = "]") -> str:
+        """The snippet with each match between ``before`` and ``after``."""
+        out, at = [], 0
+        for start, end in self.highlights:
+            out += [self.snippet[at:start], before, self.snippet[start:end], after]
+            at = end
+        return "".join(out) + self.snippet[at:]
+
+    @classmethod
+    def from_json(cls, data: JSON) -> SearchHit:
+        session = data.get("session") or {}
+        return cls(
+            session_id=session.get("id", ""), session_title=session.get("title", ""),
+            message_id=data.get("message_id"), snippet=data.get("snippet", ""),
+            highlights=[(int(a), int(b)) for a, b in data.get("highlights") or []],
+            created_at=data.get("created_at", ""),
+        )
+
+
+EXPORT_FORMATS = ("markdown", "json")
+
+
+def _fork_body(message_id: str | None, title: str | None) -> JSON:
+    return {k: v for k, v in {"message_id": message_id, "title": title}.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -560,6 +596,29 @@ class Client(_Base):
     def remove_member(self, session_id: str, username: str) -> None:
         self._call("DELETE", _s(session_id, "members", username))
 
+    def fork_session(self, session_id: str, message_id: str | None = None, title: str | None = None) -> Session:
+        """A new session of yours holding the messages up to ``message_id`` (default: all ended ones)."""
+        return Session.from_json(self._call("POST", _s(session_id, "fork"), json=_fork_body(message_id, title)))
+
+    def export(self, session_id: str, format: str = "markdown") -> str:
+        """The session as a Markdown transcript, or (``format="json"``) its JSON text."""
+        return self._send("GET", _s(session_id, "export"), params={"format": format}).text
+
+    def export_json(self, session_id: str) -> JSON:
+        """``{"session", "members", "messages", "permissions"}``."""
+        return json.loads(self.export(session_id, "json"))  # type: ignore[no-any-return]
+
+    def search(self, q: str, max_results: int = 50) -> list[SearchHit]:
+        """Best match first, across the sessions you belong to."""
+        hits: list[SearchHit] = []
+        url: str | None = "/api/search/"
+        params: JSON | None = {"q": q, "limit": min(max_results, 100)}
+        while url and len(hits) < max_results:
+            page = self._call("GET", url, params=params)
+            hits += [SearchHit.from_json(h) for h in page["results"]]
+            url, params = page.get("next"), None
+        return hits[:max_results]
+
     # ------------------------------------------------------------ messages and permissions
 
     def messages(self, session_id: str) -> list[Message]:
@@ -816,6 +875,25 @@ class AsyncClient(_Base):
 
     async def add_member(self, session_id: str, username: str, role: str) -> Member:
         return Member.from_json(await self._call("POST", _s(session_id, "members"), json={"username": username, "role": role}))
+
+    async def fork_session(self, session_id: str, message_id: str | None = None, title: str | None = None) -> Session:
+        return Session.from_json(await self._call("POST", _s(session_id, "fork"), json=_fork_body(message_id, title)))
+
+    async def export(self, session_id: str, format: str = "markdown") -> str:
+        return (await self._send("GET", _s(session_id, "export"), params={"format": format})).text
+
+    async def export_json(self, session_id: str) -> JSON:
+        return json.loads(await self.export(session_id, "json"))  # type: ignore[no-any-return]
+
+    async def search(self, q: str, max_results: int = 50) -> list[SearchHit]:
+        hits: list[SearchHit] = []
+        url: str | None = "/api/search/"
+        params: JSON | None = {"q": q, "limit": min(max_results, 100)}
+        while url and len(hits) < max_results:
+            page = await self._call("GET", url, params=params)
+            hits += [SearchHit.from_json(h) for h in page["results"]]
+            url, params = page.get("next"), None
+        return hits[:max_results]
 
     async def remove_member(self, session_id: str, username: str) -> None:
         await self._call("DELETE", _s(session_id, "members", username))

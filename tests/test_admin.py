@@ -96,6 +96,20 @@ def test_session_changelist_queries_do_not_grow_with_sessions(
     assert len(_rows(response)) == 15
 
 
+def test_a_forks_page_links_its_source_and_a_search_by_id_finds_forks(
+    superuser_client: Client, with_message: Any, bob: Any
+) -> None:
+    source, message = with_message
+    fork = services.fork_session(source, bob, message_id=None, title="the fork")
+    body = superuser_client.get(_admin_url("session", "change", fork.id)).content.decode()
+    assert _admin_url("session", "change", source.id) in body and message.id in body
+    found = _rows(superuser_client.get("/admin/sessions_app/session/", {"q": source.id}))
+    assert {s.id for s in found} == {source.id, fork.id}
+    services.delete_session(source)
+    body = superuser_client.get(_admin_url("session", "change", fork.id)).content.decode()
+    assert f"{source.id} (deleted)" in body
+
+
 def test_session_change_page_shows_members(superuser_client: Client, shared_session: Any) -> None:
     response = superuser_client.get(_admin_url("session", "change", shared_session.id))
     assert response.status_code == 200

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("sessions domain", [
         "sessions_app.access", "sessions_app.serializers", "sessions_app.permissions",
-        "sessions_app.runs", "sessions_app.services",
+        "sessions_app.runs", "sessions_app.services", "sessions_app.search",
         "sessions_app.signals", "sessions_app.admin",
     ]),
     ("live transport", [

@@ -12,7 +12,9 @@ from tests.helpers import assert_error
 
 pytestmark = pytest.mark.django_db
 
-SESSION_KEYS = {"id", "title", "agent", "status", "owner", "role", "last_seq", "created_at", "updated_at"}
+SESSION_KEYS = {
+    "id", "title", "agent", "status", "owner", "role", "last_seq", "created_at", "updated_at", "forked_from",
+}
 
 
 def url(session: Any) -> str:

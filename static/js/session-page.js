@@ -200,7 +200,15 @@ function messageRecord(id, data = {}) {
       el("span", { class: "author", text: author + (data.author?.id === ME.id ? " (you)" : "") }),
       timeEl, statusEl),
     body);
-  rec = { id, data: { ...data }, el: node, body, statusEl, timeEl, parts: new Map() };
+  node.id = `m-${id}`; // search hits and forks link here: /s/<session>/#m-<message>
+  const forkButton = el("button", {
+    type: "button", class: "secondary small fork-button", text: "Fork from here",
+    title: "Start a new session of yours with the conversation up to this message",
+    hidden: (data.status || "streaming") === "streaming",
+  });
+  forkButton.addEventListener("click", () => forkFrom(id, forkButton));
+  node.querySelector(".message-head").append(forkButton);
+  rec = { id, data: { ...data }, el: node, body, statusEl, timeEl, forkButton, parts: new Map() };
   messages.set(id, rec);
   insertMessageNode(rec);
   els.messagesEmpty.hidden = true;
@@ -341,6 +349,7 @@ function updateMessageMeta(rec, data) {
   if (status === "error" && rec.data.error?.message) text = `error: ${rec.data.error.message}`;
   rec.statusEl.textContent = text;
   rec.el.setAttribute("aria-busy", status === "streaming" ? "true" : "false");
+  rec.forkButton.hidden = status === "streaming";
   if (rec.data.created_at) {
     rec.timeEl.dateTime = rec.data.created_at;
     rec.timeEl.textContent = formatTime(rec.data.created_at);
@@ -1212,6 +1221,31 @@ if (els.invite) {
   });
 }
 
+// ------------------------------------------------------------------ fork
+
+async function forkFrom(messageId, button) {
+  button.disabled = true;
+  notice("Forking…");
+  try {
+    const session = await api.fork(SID, { messageId });
+    location.assign(`/s/${encodeURIComponent(session.id)}/`);
+  } catch (err) {
+    button.disabled = false;
+    notice(errorText(err, "Could not fork the session. Try again."));
+  }
+}
+
+/** The message the URL points at (#m-<id>, from a search hit or a fork's link), shown. */
+function showLinkedMessage() {
+  const match = /^#m-(.+)$/.exec(location.hash);
+  const rec = match ? messages.get(decodeURIComponent(match[1])) : null;
+  if (!rec) return false;
+  rec.el.classList.add("message-target");
+  rec.el.scrollIntoView({ block: "center" });
+  stuck = false;
+  return true;
+}
+
 // ------------------------------------------------------------------ start
 
 async function start() {
@@ -1233,7 +1267,7 @@ async function start() {
   }
   applySnapshot(snap);
   floorSeq = snap.low;
-  scrollToEnd();
+  if (!showLinkedMessage()) scrollToEnd();
   connect(snap.low);
   loadMembers();
   refreshPresence();

@@ -1,6 +1,6 @@
 // The sessions list at "/": the caller's sessions over REST, kept current from the
 // user-level stream (session.* and member.* events), with create, rename and delete.
-import { Tandem, TandemError } from "/static/js/tandem.js";
+import { Tandem, TandemError, markSnippet } from "/static/js/tandem.js";
 
 const app = document.getElementById("sessions-app");
 const me = { id: Number(app.dataset.userId), username: app.dataset.username };
@@ -363,3 +363,77 @@ setInterval(() => {
     if (session && node) node.textContent = timeAgo(session.updated_at);
   }
 }, 30_000);
+
+// ------------------------------------------------------------------ search
+
+const search = {
+  form: $("search-form"), input: $("search-input"), results: $("search-results"),
+  status: $("search-status"), error: $("search-error"), more: $("search-more"), clear: $("search-clear"),
+  next: null, query: "",
+};
+
+function hitHref(hit) {
+  const page = `/s/${encodeURIComponent(hit.session.id)}/`;
+  return hit.message_id ? `${page}#m-${encodeURIComponent(hit.message_id)}` : page;
+}
+
+function renderHit(hit) {
+  const link = el("a", { class: "search-hit-link", href: hitHref(hit) },
+    el("span", { class: "search-hit-title", text: hit.session.title || "Untitled session" }),
+    el("span", { class: "search-hit-kind muted", text: hit.message_id ? ` · message, ${timeAgo(hit.created_at)}` : " · title" }));
+  const snippet = el("p", { class: "search-snippet" });
+  snippet.append(markSnippet(hit.snippet, hit.highlights));
+  return el("li", { class: "search-hit", "data-session-id": hit.session.id, "data-message-id": hit.message_id || "" },
+    link, snippet);
+}
+
+async function runSearch({ more = false } = {}) {
+  const q = more ? search.query : search.input.value;
+  showError(search.error, "");
+  if (!more) {
+    if (!q.trim()) { showError(search.error, "Type something to search for."); search.input.focus(); return; }
+    if (q.length > 200) { showError(search.error, "Search for at most 200 characters."); return; }
+    search.query = q;
+    search.results.replaceChildren();
+  }
+  search.status.textContent = "Searching…";
+  try {
+    const page = await api.search(q, { next: more ? search.next : null });
+    for (const hit of page.results) search.results.append(renderHit(hit));
+    search.next = page.next;
+    const count = search.results.children.length;
+    search.status.textContent = count ? `${count}${page.next ? "+" : ""} result${count === 1 ? "" : "s"} for “${q}”` : `Nothing found for “${q}”.`;
+  } catch (err) {
+    search.status.textContent = "";
+    showError(search.error, errorText(err, "Search failed. Try again."));
+  }
+  search.results.hidden = search.results.children.length === 0;
+  search.more.hidden = !search.next;
+  search.clear.hidden = false;
+}
+
+search.form.addEventListener("submit", (e) => {
+  e.preventDefault();
+  // The query goes in the URL, so Back from a hit returns to the same results.
+  history.replaceState(null, "", search.input.value.trim() ? `?q=${encodeURIComponent(search.input.value)}` : location.pathname);
+  runSearch();
+});
+search.more.addEventListener("click", () => runSearch({ more: true }));
+search.clear.addEventListener("click", () => {
+  search.input.value = "";
+  search.results.replaceChildren();
+  search.results.hidden = true;
+  search.more.hidden = true;
+  search.clear.hidden = true;
+  search.status.textContent = "";
+  showError(search.error, "");
+  history.replaceState(null, "", location.pathname);
+  search.input.focus();
+});
+
+// "/?q=…": a search submitted before this script ran (the form's plain GET), a Back, or a link.
+const initialQuery = new URLSearchParams(location.search).get("q");
+if (initialQuery) {
+  search.input.value = initialQuery;
+  runSearch();
+}

@@ -179,6 +179,41 @@ export class Tandem {
   }
 
   /**
+   * Fork a session: a new session of yours holding its messages up to and including
+   * `messageId` (default: every ended one).
+   * @param {string} sessionId
+   * @param {{messageId?: string, title?: string}} [options]
+   * @returns {Promise<object>} the new Session (with `forked_from`)
+   */
+  fork(sessionId, { messageId, title } = {}) {
+    const body = {};
+    if (messageId !== undefined) body.message_id = messageId;
+    if (title !== undefined) body.title = title;
+    return this.post(`/api/sessions/${encodeURIComponent(sessionId)}/fork/`, body);
+  }
+
+  /**
+   * Where a session's export downloads from (cookie auth: a plain link works).
+   * @param {string} sessionId
+   * @param {"markdown"|"json"} [format]
+   * @returns {string}
+   */
+  exportUrl(sessionId, format = "markdown") {
+    return `${this.base}/api/sessions/${encodeURIComponent(sessionId)}/export/?format=${encodeURIComponent(format)}`;
+  }
+
+  /**
+   * One page of search hits across your sessions, best first.
+   * @param {string} q 1–200 characters
+   * @param {{limit?: number, next?: string}} [options] `next`: the previous page's link
+   * @returns {Promise<{results: object[], next: string|null}>}
+   */
+  search(q, { limit = 20, next = null } = {}) {
+    if (next) return this.get(next);
+    return this.get(`/api/search/?q=${encodeURIComponent(q)}&limit=${limit}`);
+  }
+
+  /**
    * A short-lived stream ticket (60 s, reusable until it expires).
    * @returns {Promise<string>}
    */
@@ -856,3 +891,30 @@ class Subscription {
 }
 
 export { Subscription };
+
+/**
+ * A search hit's snippet as DOM nodes: text nodes, and a `<mark>` around each
+ * highlighted range. The snippet is user text: it is only ever set as text, never
+ * parsed as HTML, so markup in a message stays inert.
+ * @param {string} snippet plain text
+ * @param {Array<[number, number]>} highlights `[start, end)` in Unicode code points
+ * @returns {DocumentFragment}
+ */
+export function markSnippet(snippet, highlights = []) {
+  const chars = Array.from(String(snippet)); // code points, as the server counts
+  const fragment = document.createDocumentFragment();
+  let at = 0;
+  const ranges = [...highlights]
+    .filter((r) => Array.isArray(r) && Number.isInteger(r[0]) && Number.isInteger(r[1]))
+    .sort((a, b) => a[0] - b[0]);
+  for (const [start, end] of ranges) {
+    if (start < at || end <= start || end > chars.length) continue;
+    if (start > at) fragment.append(document.createTextNode(chars.slice(at, start).join("")));
+    const mark = document.createElement("mark");
+    mark.textContent = chars.slice(start, end).join("");
+    fragment.append(mark);
+    at = end;
+  }
+  if (at < chars.length) fragment.append(document.createTextNode(chars.slice(at).join("")));
+  return fragment;
+}
