@@ -286,7 +286,13 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         code = WS_CLOSE_CODES[reason]
         if self.task is not None:
             self.task.cancel()
-        asyncio.ensure_future(self.close(code=code, reason=reason))
+        asyncio.ensure_future(self._close_quietly(code, reason))
+
+    async def _close_quietly(self, code: int, reason: str) -> None:
+        # A client that is already gone (a server stopping closes every socket at once)
+        # cannot be told; nothing is left to do, and nothing to log.
+        with contextlib.suppress(*CLIENT_GONE):
+            await self.close(code=code, reason=reason)
 
     async def _stream(self, conn: Connection) -> None:
         try:
