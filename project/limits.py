@@ -385,11 +385,14 @@ def take_stream_slot(user_id: int, slot: str) -> None:
         # before the stream starts rather than answer 200 and fall silent.
         raise _unavailable() from None
     if not taken:
-        raise TooManyConnections(
-            f"At most {limit} open streams per user; close one first.",
-            headers={"Retry-After": "5"},
-        )
+        raise _too_many(limit)
     state.held[slot] = user_id
+
+
+def _too_many(limit: int) -> TooManyConnections:
+    return TooManyConnections(
+        f"At most {limit} open streams per user; close one first.", headers={"Retry-After": "5"}
+    )
 
 
 def _unavailable() -> Unavailable:
@@ -412,10 +415,7 @@ async def atake_stream_slot(user_id: int, slot: str) -> None:
     except Exception:
         raise _unavailable() from None
     if not taken:
-        raise TooManyConnections(
-            f"At most {limit} open streams per user; close one first.",
-            headers={"Retry-After": "5"},
-        )
+        raise _too_many(limit)
     state.held[slot] = user_id
 
 
