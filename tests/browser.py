@@ -21,6 +21,16 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# The main states of the UI, saved by the browser tests on every run for reviewers (README).
+SCREENSHOTS = ARTIFACTS / "screenshots"
+
+
+def save_screenshot(page: Any, name: str, *, full_page: bool = False) -> Path:
+    """Saves what ``page`` shows now as ``test-artifacts/screenshots/<name>.png``."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
 
 
 @pytest.hookimpl(trylast=True)
