@@ -153,6 +153,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Page 404s are the Tandem page even with DEBUG on (no URL patterns shown).
+    "project.middleware.NotFoundPage",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last: every middleware above runs synchronously in the request's thread instead of

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.contrib.auth.views import LoginView
+from django.contrib.auth.views import LoginView, PasswordChangeView
 from django.urls import URLPattern, URLResolver, include, path, re_path
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
@@ -31,6 +31,12 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/login/", sign_in_throttled("password")(LoginView.as_view()), name="login"),
     path("accounts/signup/", sign_in_throttled("register")(pages.signup_page), name="signup"),
+    path("accounts/logout/", pages.LogoutPage.as_view(), name="logout"),
+    path(
+        "accounts/password_change/",
+        sign_in_throttled("password")(PasswordChangeView.as_view()),
+        name="password_change",
+    ),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include(api)),
     # /healthz, /readyz and /metrics are answered by project.probes, for any Host.
@@ -38,4 +44,4 @@ urlpatterns = [
     path("", pages.sessions_page, name="sessions"),
 ]
 
-handler404 = "sessions_app.pages.not_found_page"
+handler404 = "project.middleware.not_found_page"

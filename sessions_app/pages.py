@@ -8,12 +8,14 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import LogoutView
 from django.contrib.auth.password_validation import password_validators_help_text_html
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from project.errors import NotFound, ValidationFailed
+from project.middleware import not_found_page
 from sessions_app import services
 from sessions_app.access import session_for
 
@@ -29,7 +31,7 @@ def session_page(request: HttpRequest, session_id: str) -> HttpResponse:
         session, role = session_for(request.user, session_id)
     except NotFound:
         # Same answer for "does not exist" and "not yours", as in the API.
-        return render(request, "404.html", status=404)
+        return not_found_page(request)
     return render(
         request, "tandem/session.html", {**_context(request), "session": session, "role": role}
     )
@@ -64,11 +66,14 @@ class SignupForm(forms.Form):
 
 
 def signup_page(request: HttpRequest) -> HttpResponse:
-    if not settings.TANDEM_ALLOW_SIGNUP:
-        return render(request, "registration/signup_closed.html", status=403)
     next_url = request.POST.get("next") or request.GET.get("next") or "/"
     if not url_has_allowed_host_and_scheme(next_url, {request.get_host()}, request.is_secure()):
         next_url = "/"
+    if request.user.is_authenticated:
+        # Signed in already: a new account would log this one out behind the user's back.
+        return redirect(next_url)
+    if not settings.TANDEM_ALLOW_SIGNUP:
+        return render(request, "registration/signup_closed.html", status=403)
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -83,12 +88,21 @@ def signup_page(request: HttpRequest) -> HttpResponse:
     return render(request, "registration/signup.html", {"form": form, "next": next_url})
 
 
-def not_found_page(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    return render(request, "404.html", status=404)
-
-
 def _context(request: HttpRequest) -> dict[str, object]:
     return {
         "max_message_chars": settings.TANDEM_MAX_MESSAGE_CHARS,
         "allow_signup": settings.TANDEM_ALLOW_SIGNUP,
     }
+
+
+class LogoutPage(LogoutView):
+    """``POST /accounts/logout/`` logs out (Django's view). A ``GET`` (a typed or bookmarked
+    URL) shows a page with the POST form instead of Django's empty 405: logging out on a
+    GET would let any other site log a user out with an image tag."""
+
+    http_method_names = ["get", "post", "options"]
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.user.is_authenticated:
+            return render(request, "registration/logout_confirm.html")
+        return render(request, "registration/logged_out.html")

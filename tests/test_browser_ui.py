@@ -137,6 +137,10 @@ def test_owner_creates_renames_and_deletes_sessions_in_the_list(browse: Any, ali
     page.get_by_label("Title").fill("Plan the release")
     page.get_by_label("Agent").select_option("tools")
     page.get_by_role("button", name="Create session").click()
+    # Creating a session opens it; the list has it too.
+    expect(page).to_have_url(re.compile(r"/s/[^/]+/$"))
+    expect(page.locator("#session-title")).to_have_text("Plan the release")
+    page.goto("/")
     item = page.locator(".session-item", has_text="Plan the release")
     expect(item).to_have_count(1)
     expect(item).to_contain_text("agent tools")

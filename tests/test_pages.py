@@ -110,3 +110,112 @@ def test_logout_is_a_post_and_ends_the_login(alice: Any) -> None:
 def test_static_files_are_served_by_the_app() -> None:
     response = Client().get("/static/css/tandem.css")
     assert response.status_code == 200
+
+
+# ---------------------------------------------------------------- issue 14, defects 5 and 6
+
+
+@pytest.mark.parametrize("path", ["/no/such/page/", "/accounts/nope/", "/s/", "/static/nope.css", "/favicon.ico"])
+def test_unknown_pages_are_the_tandem_404_even_with_debug_on(alice: Any, settings: Any, path: str) -> None:
+    settings.DEBUG = True  # the quick start's setting: Django's technical 404 lists the URL patterns
+    response = browser_for(alice).get(path)
+    assert response.status_code == 404
+    body = response.content.decode()
+    assert "There is nothing here" in body and "tandem.css" in body
+    assert "URLconf" not in body and "api/" not in body and "accounts/signup/" not in body
+
+
+def test_anonymous_unknown_pages_are_the_tandem_404_with_debug_on(settings: Any) -> None:
+    settings.DEBUG = True
+    response = Client().get("/nothing-here/")
+    assert response.status_code == 404 and "There is nothing here" in response.content.decode()
+
+
+def test_api_404s_keep_the_json_error_shape_with_debug_on(alice: Any, settings: Any) -> None:
+    settings.DEBUG = True
+    response = browser_for(alice).get("/api/no/such/thing/")
+    assert response.status_code == 404 and response["Content-Type"].startswith("application/json")
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_missing_slash_still_redirects(alice: Any, settings: Any) -> None:
+    settings.DEBUG = True
+    response = browser_for(alice).get("/accounts/login")
+    assert response.status_code == 301 and response["Location"] == "/accounts/login/"
+
+
+def test_logout_by_get_shows_a_confirmation_and_logs_nobody_out(alice: Any) -> None:
+    browser = browser_for(alice)
+    response = browser.get("/accounts/logout/")
+    body = response.content.decode()
+    assert response.status_code == 200
+    assert 'method="post" action="/accounts/logout/"' in body and "csrfmiddlewaretoken" in body
+    assert browser.get("/").status_code == 200  # still signed in: a GET changes nothing
+    assert browser.post("/accounts/logout/").status_code == 302
+    assert browser.get("/").status_code == 302
+
+
+def test_logout_by_get_when_signed_out_says_so() -> None:
+    response = Client().get("/accounts/logout/")
+    assert response.status_code == 200 and "You are logged out" in response.content.decode()
+
+
+def test_a_signed_in_user_is_sent_away_from_sign_up(alice: Any, settings: Any) -> None:
+    settings.TANDEM_ALLOW_SIGNUP = True
+    browser = browser_for(alice)
+    response = browser.get("/accounts/signup/")
+    assert response.status_code == 302 and response["Location"] == "/"
+    response = browser.post("/accounts/signup/", {"username": "newbie", "password1": "x", "password2": "x"})
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert not type(alice).objects.filter(username="newbie").exists()
+    assert browser.get("/accounts/signup/?next=/s/ses_x/")["Location"] == "/s/ses_x/"
+    assert browser.get("/accounts/signup/?next=https://evil.example/")["Location"] == "/"
+
+
+@pytest.mark.parametrize("path,heading", [
+    ("/accounts/password_change/", "Change your password"),
+    ("/accounts/password_reset/", "Forgot your password?"),
+    ("/accounts/password_reset/done/", "Check your email"),
+    ("/accounts/reset/MQ/bad-token/", "This link does not work"),
+    ("/accounts/reset/done/", "Your new password is set"),
+])
+def test_password_pages_are_tandem_pages(alice: Any, path: str, heading: str) -> None:
+    response = browser_for(alice).get(path)
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert heading in body and "css/tandem.css" in body
+    assert "Django administration" not in body and "admin/css" not in body
+
+
+def test_a_password_change_through_the_page_works(alice: Any) -> None:
+    browser = browser_for(alice)
+    new = "quiet-harbour-lantern-93"
+    response = browser.post("/accounts/password_change/", {
+        "old_password": PASSWORD, "new_password1": new, "new_password2": new,
+    })
+    assert response.status_code == 302 and response["Location"] == "/accounts/password_change/done/"
+    assert "Your password was changed" in browser.get(response["Location"]).content.decode()
+    alice.refresh_from_db()
+    assert alice.check_password(new)
+
+
+def test_password_pages_are_linked(alice: Any) -> None:
+    assert 'href="/accounts/password_reset/"' in Client().get("/accounts/login/").content.decode()
+    assert 'href="/accounts/password_change/"' in browser_for(alice).get("/").content.decode()
+
+
+def test_every_page_links_a_favicon_that_is_served(alice: Any) -> None:
+    for page in (Client().get("/accounts/login/"), browser_for(alice).get("/")):
+        assert '<link rel="icon" href="/static/img/favicon.svg"' in page.content.decode()
+    icon = Client().get("/static/img/favicon.svg")
+    assert icon.status_code == 200 and b"<svg" in b"".join(icon.streaming_content)  # type: ignore[attr-defined]
+
+
+def test_an_untitled_session_is_not_named_by_its_id(alice: Any) -> None:
+    from sessions_app import services
+
+    session = services.create_session(alice, title="", agent="echo")
+    body = browser_for(alice).get(f"/s/{session.id}/").content.decode()
+    assert "<title>Untitled session · Tandem</title>" in body
+    assert '<h1 id="session-title">Untitled session</h1>' in body
+    assert f">{session.id}<" not in body

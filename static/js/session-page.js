@@ -599,8 +599,8 @@ function handle(event) {
       break;
     case "session.updated":
       if (props.session?.title !== undefined) {
-        els.title.textContent = props.session.title || SID;
-        document.title = `${props.session.title || SID} · Tandem`;
+        els.title.textContent = props.session.title || "Untitled session";
+        document.title = `${props.session.title || "Untitled session"} · Tandem`;
       }
       break;
     case "session.deleted":
@@ -735,6 +735,12 @@ function endSession(message) {
   syncPermissionUi();
   presence.clear();
   renderPresence();
+  // What this page knew of the members is no longer this user's to see (or true).
+  members = [];
+  renderMembers();
+  showError(els.membersError, "");
+  showError($("invite-error"), "");
+  els.members.replaceChildren(el("li", { class: "member member-gone muted", text: message }));
   els.gone.querySelector("a")?.focus();
 }
 
@@ -1147,6 +1153,7 @@ async function loadMembers() {
   try {
     members = await api.get(`${base}/members/`);
     renderMembers();
+    clearStaleInviteError();
     showError(els.membersError, "");
   } catch (err) {
     if (!(err instanceof TandemError && err.status === 404)) showError(els.membersError, errorText(err, "Could not load the members."));
@@ -1179,6 +1186,7 @@ async function removeMember(username, button) {
     await api.del(`${base}/members/${encodeURIComponent(username)}/`);
     members = members.filter((m) => m.user.username !== username);
     renderMembers();
+    clearStaleInviteError();
     notice(`${username} was removed from this session.`);
     $("invite-username")?.focus();
   } catch (err) {
@@ -1187,18 +1195,32 @@ async function removeMember(username, button) {
   }
 }
 
+// The invite form's error names a person and a fact ("grace is already a member.", "There is
+// no user called …"): it goes when the fact may have changed, that is when the name is
+// edited or the members change, instead of staying on screen after it stopped being true.
+let inviteError = null; // {username, kind: "member" | "unknown" | "other"}
+function setInviteError(message, username = "", kind = "other") {
+  inviteError = message ? { username, kind } : null;
+  showError($("invite-error"), message);
+}
+function clearStaleInviteError() {
+  if (!inviteError) return;
+  const isMember = members.some((m) => m.user.username === inviteError.username);
+  if ((inviteError.kind === "member" && !isMember) || (inviteError.kind === "unknown" && isMember)) setInviteError("");
+}
+$("invite-username")?.addEventListener("input", () => { if (inviteError) setInviteError(""); });
+
 if (els.invite) {
   els.invite.addEventListener("submit", async (e) => {
     e.preventDefault();
     const username = $("invite-username").value.trim();
     const inviteRole = $("invite-role").value;
-    const errorNode = $("invite-error");
     if (!username) {
-      showError(errorNode, "Enter the username of the person to invite.");
+      setInviteError("Enter the username of the person to invite.");
       $("invite-username").focus();
       return;
     }
-    showError(errorNode, "");
+    setInviteError("");
     const button = els.invite.querySelector("button[type=submit]");
     button.disabled = true;
     try {
@@ -1209,11 +1231,13 @@ if (els.invite) {
       notice(`${added.user.username} can now ${added.role === "editor" ? "send messages and answer requests" : "follow this session"}.`);
     } catch (err) {
       let message = errorText(err, "Could not invite them.");
-      if (err instanceof TandemError && err.status === 409) message = `${username} is already a member.`;
+      let kind = "other";
+      if (err instanceof TandemError && err.status === 409) { message = `${username} is already a member.`; kind = "member"; }
       else if (err instanceof TandemError && err.code === "validation_error" && err.details?.username) {
         message = `There is no user called “${username}”.`;
+        kind = "unknown";
       }
-      showError(errorNode, message);
+      setInviteError(message, username, kind);
       $("invite-username").focus();
     } finally {
       button.disabled = false;

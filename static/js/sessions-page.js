@@ -91,7 +91,7 @@ function renderItem(session) {
                    title: session.status?.message || "" , text: STATUS_TEXT[statusType] || statusType }),
       el("span", { class: "meta-item", text: `agent ${session.agent}` }),
       el("span", { class: "meta-item", text: isOwner ? "owner" : `${session.role || "member"} · by ${session.owner?.username || "?"}` }),
-      el("span", { class: "meta-item updated", text: timeAgo(session.updated_at) })));
+      el("span", { class: "meta-item updated", text: timeAgo(session.active_at || session.updated_at) })));
   item.append(main);
 
   if (isOwner) {
@@ -259,7 +259,8 @@ $("create-form").addEventListener("submit", async (e) => {
     upsert(session, { top: true });
     $("new-title").value = "";
     announce(`Created ${titleOf(session)}.`);
-    list.querySelector(`[data-session-id="${CSS.escape(session.id)}"] a`)?.focus();
+    // A new session is made to be used: open it.
+    location.assign(`/s/${encodeURIComponent(session.id)}/`);
   } catch (ex) {
     showError($("create-error"), errorText(ex, "Could not create the session."));
   } finally {
@@ -298,9 +299,29 @@ async function fetchOne(sessionId) {
   }
 }
 
+/** The list is in order of activity, newest first, as the server lists it (every persisted
+ * event is activity): a session with a new event moves to the top, live. */
+function bump(sessionId, time) {
+  const session = sessions.get(sessionId);
+  const item = list.querySelector(`[data-session-id="${CSS.escape(sessionId)}"]`);
+  if (!session || !item) return;
+  if (time) session.active_at = time;
+  const updated = item.querySelector(".updated");
+  if (updated) updated.textContent = timeAgo(session.active_at || session.updated_at);
+  if (list.firstElementChild === item) return;
+  // Moving a node blurs it: give the focus back, so a keyboard user is not thrown out.
+  const focused = item.contains(document.activeElement) ? document.activeElement : null;
+  list.prepend(item);
+  focused?.focus();
+}
+
 function onEvent(event) {
   const props = event.properties || {};
   const sid = event.session_id || props.session_id || props.session?.id;
+  if (typeof event.seq === "number" && sid && event.type !== "session.deleted") {
+    // After the event's own handling below (which may add the session), not before.
+    queueMicrotask(() => bump(sid, event.time));
+  }
   switch (event.type) {
     case "session.created": {
       if (!props.session) break;
@@ -345,7 +366,7 @@ function setConnection(status) {
 // nothing that happens while the list loads is lost, and nothing older wins.
 let buffered = [];
 const sub = api.subscribe(null, {
-  types: "session.*,member.*",
+  types: "session.*,member.*,message.created",
   onEvent: (event) => (buffered ? buffered.push(event) : onEvent(event)),
   onStatus: (status) => setConnection(status),
   onReset: () => reload(),
@@ -360,7 +381,7 @@ setInterval(() => {
   for (const item of list.querySelectorAll(".session-item")) {
     const session = sessions.get(item.dataset.sessionId);
     const node = item.querySelector(".updated");
-    if (session && node) node.textContent = timeAgo(session.updated_at);
+    if (session && node) node.textContent = timeAgo(session.active_at || session.updated_at);
   }
 }, 30_000);
 
