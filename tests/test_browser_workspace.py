@@ -356,6 +356,7 @@ def test_a_removed_member_sees_she_lost_access(browse: Any, live: Any, alice: An
     expect(members.locator('[data-username="alice"]')).to_have_count(0)
     expect(members).to_contain_text("removed")
     expect(page.locator("#members-count")).to_have_text("")
+    expect(page.locator("#session-role")).to_have_text("no longer a member")
     expect(composer(page)).to_be_disabled()
     # The sidebar lets her go on to her other sessions; this one has left it.
     expect(sidebar_item(page, shared_session)).to_have_count(0, timeout=10_000)

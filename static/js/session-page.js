@@ -738,6 +738,7 @@ function endSession(message) {
   // What this page knew of the members is no longer this user's to see (or true).
   members = [];
   renderMembers();
+  $("session-role").textContent = "no longer a member";
   showError(els.membersError, "");
   showError($("invite-error"), "");
   els.members.replaceChildren(el("li", { class: "member member-gone muted", text: message }));
