@@ -4,6 +4,7 @@ bob (editor) and charlie (outsider) side by side, desktop (1280×800) and phone 
 
 The main states are saved to ``test-artifacts/screenshots/`` (``save_screenshot``) on every
 run, for reviewers."""
+# ruff: noqa: F811 (every test takes the imported ``browse`` fixture as a parameter)
 from __future__ import annotations
 
 import re
