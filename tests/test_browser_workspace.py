@@ -312,11 +312,23 @@ def test_the_list_puts_the_most_recent_activity_first_live(
     expect(items.first).to_have_attribute("data-session-id", shared_session.id, timeout=10_000)
     expect(items.first.locator(".updated")).to_have_text("just now")
     expect(page.locator(f'#session-list [data-session-id="{newer.id}"] a')).to_be_focused()
+    # bob's message is news for alice; her own session without activity is not.
+    expect(items.first.locator(".unread-marker")).to_have_text("new messages")
+    expect(page.locator(f'#session-list [data-session-id="{newer.id}"]')).to_have_attribute("data-unread", "false")
     save_screenshot(page, "sessions-list")
 
-    # The server's order agrees after a reload.
+    # The server's order agrees after a reload, and the news is still news.
     page.reload()
     expect(items.first).to_have_attribute("data-session-id", shared_session.id)
+    expect(items.first).to_have_attribute("data-unread", "true")
+
+    # Read in another tab: no longer news here, at once.
+    tab = page.context.new_page()
+    open_session(tab, shared_session.id)
+    expect(items.first).to_have_attribute("data-unread", "false", timeout=10_000)
+    tab.close()
+    page.reload()
+    expect(items.first).to_have_attribute("data-unread", "false")
 
 
 # ---------------------------------------------------------------- members

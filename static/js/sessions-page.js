@@ -1,6 +1,7 @@
 // The sessions list at "/": the caller's sessions over REST, kept current from the
 // user-level stream (session.* and member.* events), with create, rename and delete.
 import { Tandem, TandemError, markSnippet } from "/static/js/tandem.js";
+import { SEEN_KEY, markSeen, readSeen, unreadOnLoad } from "/static/js/seen.js";
 
 const app = document.getElementById("sessions-app");
 const me = { id: Number(app.dataset.userId), username: app.dataset.username };
@@ -91,7 +92,10 @@ function renderItem(session) {
                    title: session.status?.message || "" , text: STATUS_TEXT[statusType] || statusType }),
       el("span", { class: "meta-item", text: `agent ${session.agent}` }),
       el("span", { class: "meta-item", text: isOwner ? "owner" : `${session.role || "member"} · by ${session.owner?.username || "?"}` }),
-      el("span", { class: "meta-item updated", text: timeAgo(session.active_at || session.updated_at) })));
+      el("span", { class: "meta-item updated", text: timeAgo(session.active_at || session.updated_at) }),
+      session.unread ? el("span", { class: "unread-marker", "data-testid": "unread", text: "new" },
+        el("span", { class: "visually-hidden", text: " messages" })) : null));
+  item.dataset.unread = session.unread ? "true" : "false";
   item.append(main);
 
   if (isOwner) {
@@ -276,7 +280,7 @@ async function reload() {
     const seen = new Set(all.map((s) => s.id));
     for (const id of [...sessions.keys()]) if (!seen.has(id)) removeSession(id);
     // Rebuild in server order (newest activity first).
-    for (const session of all) upsert(session);
+    for (const session of all) upsert({ ...session, unread: sessions.get(session.id)?.unread || unreadOnLoad(session) });
     for (const session of all) {
       const item = list.querySelector(`[data-session-id="${CSS.escape(session.id)}"]`);
       if (item) list.append(item);
@@ -301,11 +305,12 @@ async function fetchOne(sessionId) {
 
 /** The list is in order of activity, newest first, as the server lists it (every persisted
  * event is activity): a session with a new event moves to the top, live. */
-function bump(sessionId, time) {
+function bump(sessionId, time, seq) {
   const session = sessions.get(sessionId);
   const item = list.querySelector(`[data-session-id="${CSS.escape(sessionId)}"]`);
   if (!session || !item) return;
   if (time) session.active_at = time;
+  if (typeof seq === "number") session.last_seq = Math.max(session.last_seq || 0, seq);
   const updated = item.querySelector(".updated");
   if (updated) updated.textContent = timeAgo(session.active_at || session.updated_at);
   if (list.firstElementChild === item) return;
@@ -320,7 +325,7 @@ function onEvent(event) {
   const sid = event.session_id || props.session_id || props.session?.id;
   if (typeof event.seq === "number" && sid && event.type !== "session.deleted") {
     // After the event's own handling below (which may add the session), not before.
-    queueMicrotask(() => bump(sid, event.time));
+    queueMicrotask(() => bump(sid, event.time, event.seq));
   }
   switch (event.type) {
     case "session.created": {
@@ -351,10 +356,28 @@ function onEvent(event) {
     case "member.removed":
       if (props.user?.id === me.id && sid) removeSession(sid, "you were removed.");
       break;
+    case "message.created":
+      // Someone else's message, or a reply: news (the sidebar's rule, static/js/sidebar.js).
+      if (sid && sessions.has(sid) && props.message?.author?.id !== me.id && !sessions.get(sid).unread) {
+        upsert({ ...sessions.get(sid), unread: true });
+      }
+      break;
     default:
       break;
   }
+  // Nothing new to read came: the session is seen up to here (as the sidebar does).
+  const seenNow = sid && sessions.get(sid);
+  if (seenNow && !seenNow.unread && typeof event.seq === "number") markSeen(sid, event.seq);
 }
+
+// A session opened in another tab is read here too.
+window.addEventListener("storage", (e) => {
+  if (e.key !== SEEN_KEY) return;
+  const seen = readSeen();
+  for (const session of sessions.values()) {
+    if (session.unread && (seen[session.id] ?? -1) >= session.last_seq) upsert({ ...session, unread: false });
+  }
+});
 
 function setConnection(status) {
   const node = $("list-connection");

@@ -9,6 +9,7 @@
 // read when first listed (there is nothing to compare with), and as unread when the user
 // is added to it live.
 import { Tandem, TandemError } from "/static/js/tandem.js";
+import { SEEN_KEY, forget, markSeen, readSeen } from "/static/js/seen.js";
 
 const nav = document.getElementById("sessions-sidebar");
 const list = document.getElementById("sidebar-list");
@@ -21,7 +22,6 @@ const app = document.getElementById("session-app");
 const CURRENT = app?.dataset.sessionId || "";
 const ME = Number(app?.dataset.userId);
 
-const SEEN_KEY = "tandem.seen";
 const COLLAPSED_KEY = "tandem.sidebar.collapsed";
 const PHONE = window.matchMedia("(max-width: 900px)");
 
@@ -29,32 +29,6 @@ const STATUS_TEXT = { idle: "idle", busy: "running", retry: "retrying", waiting:
 
 /** id -> {session, lastSeq, unread, waiting: Set<permission id>} */
 const entries = new Map();
-
-// ------------------------------------------------------------------ seen store
-
-function readSeen() {
-  try {
-    const value = JSON.parse(localStorage.getItem(SEEN_KEY) || "{}");
-    return value && typeof value === "object" ? value : {};
-  } catch {
-    return {};
-  }
-}
-
-function markSeen(sessionId, seq) {
-  if (!sessionId || typeof seq !== "number") return;
-  const seen = readSeen();
-  if ((seen[sessionId] ?? -1) >= seq) return;
-  seen[sessionId] = seq;
-  try { localStorage.setItem(SEEN_KEY, JSON.stringify(seen)); } catch { /* full or blocked */ }
-}
-
-function forget(sessionId) {
-  const seen = readSeen();
-  if (!(sessionId in seen)) return;
-  delete seen[sessionId];
-  try { localStorage.setItem(SEEN_KEY, JSON.stringify(seen)); } catch { /* full or blocked */ }
-}
 
 // ------------------------------------------------------------------ rendering
 
@@ -243,6 +217,15 @@ function onEvent(event) {
   }
 }
 
+/** After an event of another session that brought nothing to read (a status change, one's
+ * own message), everything up to it counts as seen, unless something unread is waiting:
+ * so a reload agrees with what the live page showed. */
+function afterEvent(event) {
+  const sid = event.session_id;
+  const entry = sid ? entries.get(sid) : null;
+  if (entry && !entry.unread && typeof event.seq === "number") markSeen(sid, event.seq);
+}
+
 // Another tab of this browser opened a session: it is read here too.
 window.addEventListener("storage", (e) => {
   if (e.key !== SEEN_KEY) return;
@@ -267,6 +250,8 @@ function setOpen(open, { remember = false, focus = false } = {}) {
   document.body.classList.toggle("sidebar-open", open);
   document.body.classList.toggle("sidebar-drawer", phone && open);
   if (scrim) scrim.hidden = !(phone && open);
+  // The drawer is modal on a phone: the page behind it takes no focus or taps.
+  if (app) app.inert = phone && open;
   toggle?.setAttribute("aria-expanded", open ? "true" : "false");
   if (remember && !phone) {
     try { localStorage.setItem(COLLAPSED_KEY, open ? "0" : "1"); } catch { /* not remembered */ }
@@ -295,11 +280,11 @@ const api = new Tandem();
 let held = [];
 const sub = api.subscribe(null, {
   types: "session.*,member.*,message.created,permission.*",
-  onEvent: (event) => (held ? held.push(event) : onEvent(event)),
+  onEvent: (event) => (held ? held.push(event) : (onEvent(event), afterEvent(event))),
   onReset: () => reload(),
 });
 await reload();
 const early = held;
 held = null;
-for (const event of early) onEvent(event);
+for (const event of early) { onEvent(event); afterEvent(event); }
 window.addEventListener("pagehide", () => { try { sub.close(); } catch { /* closed */ } });
