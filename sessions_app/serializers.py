@@ -325,10 +325,12 @@ class SessionPageSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class MessagePageSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    """A page; follow `next` (null on the last page)."""
+    """A page; follow `next` (null on the last page) forward, `previous` (null on the
+    first page) back."""
 
     results = MessageSerializer(many=True)
     next = serializers.CharField(allow_null=True)
+    previous = serializers.CharField(allow_null=True)
 
 
 class MessagePostedSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -528,6 +530,23 @@ class SearchQuerySerializer(StrictSerializer):
         if not value.strip():
             raise serializers.ValidationError("Must not be blank.", code="blank")
         return value
+
+
+class MessageListQuerySerializer(StrictSerializer):
+    """``GET …/messages/``: forward pages (``cursor``), or backward ones: ``latest`` (the
+    end of the conversation) and ``before`` (the messages before one already read)."""
+
+    # The paginator reads these two; lenient as it always was (see PAGE_PARAMETERS).
+    cursor = serializers.CharField(required=False, allow_blank=True)
+    limit = serializers.CharField(required=False, allow_blank=True)
+    before = StrictCharField(required=False, min_length=1, max_length=32)
+    latest = serializers.BooleanField(required=False, default=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        chosen = [name for name in ("cursor", "before") if attrs.get(name)] + (["latest"] if attrs["latest"] else [])
+        if len(chosen) > 1:
+            raise serializers.ValidationError({name: ["Use only one of cursor, before and latest."] for name in chosen})
+        return attrs
 
 
 class PermissionListQuerySerializer(StrictSerializer):
