@@ -16,6 +16,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from project.errors import NotFound, ValidationFailed
 from sessions_app import services
 from sessions_app.access import session_for
+from sessions_app.agents import registry as agent_registry
 
 
 @login_required
@@ -30,9 +31,10 @@ def session_page(request: HttpRequest, session_id: str) -> HttpResponse:
     except NotFound:
         # Same answer for "does not exist" and "not yours", as in the API.
         return render(request, "404.html", status=404)
-    return render(
-        request, "tandem/session.html", {**_context(request), "session": session, "role": role}
-    )
+    return render(request, "tandem/session.html", {
+        **_context(request), "session": session, "role": role,
+        "agent_commands": agent_registry.commands(session.agent),
+    })
 
 
 class SignupForm(forms.Form):
