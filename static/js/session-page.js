@@ -608,6 +608,10 @@ async function loadOlder() {
   }
 }
 els.loadOlder.addEventListener("click", () => loadOlder());
+els.newPill.addEventListener("click", () => {
+  scrollToEnd();
+  els.input.disabled ? scroller.focus({ preventScroll: true }) : els.input.focus({ preventScroll: true });
+});
 
 /** Session, messages and pending permissions as of one seq when possible: read the head
  * before and after, retrying while events arrive in between. */
