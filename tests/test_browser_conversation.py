@@ -409,3 +409,19 @@ def test_screen_readers_hear_new_messages_once(browse: Any, alice: Any, bob: Any
     wait_reply(page_a, "can you hear me")
     expect(announcer).to_contain_text("Agent replied: can you hear me")
     assert announcer.inner_text().count("bob: can you hear me") == 1
+
+
+def test_highlighted_code_stays_inert(browse: Any, alice: Any, bob: Any, shared_session: Session) -> None:
+    page_a = open_session(browse(alice, **DESKTOP), shared_session.id)
+    page_b = open_session(browse(bob, **PHONE), shared_session.id)
+    payload = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+    send(page_a, f"```html\n{payload}\n```\n\n```\n{payload}\n```")
+    for page in (page_a, page_b):
+        reply = assistant(page)
+        expect(reply).to_have_attribute("data-status", "completed", timeout=STREAM)
+        expect(reply.locator(".code-wrap")).to_have_count(2)
+        expect(reply.locator(".code-wrap code").first).to_have_text(payload)
+        expect(reply.locator(".code-wrap .hljs-tag").first).to_be_visible()  # highlighted as HTML
+        assert reply.locator("img, script").count() == 0
+        assert page.evaluate("window.__pwned") is None
+    save_screenshot(page_b, "conversation-code-phone")
