@@ -269,6 +269,7 @@ function scheduleDays() {
   if (!daysTimer) daysTimer = setTimeout(syncDays, 0);
 }
 function syncDays() {
+  clearTimeout(daysTimer);
   daysTimer = null;
   let last = "";
   for (const node of els.messages.children) {
@@ -593,6 +594,7 @@ async function loadOlder() {
     stuck = false;
     for (const m of page.results || []) upsertMessage(m);
     flushRenders();
+    syncDays(); // now, so the height measured below includes the date lines
     olderUrl = page.previous || null;
     scroller.scrollTop = scroller.scrollHeight - fromBottom;
     ownTop = scroller.scrollTop;
@@ -1028,7 +1030,6 @@ function syncHints() {
   // A command typed out in full needs no hint (and Enter then sends it).
   hintItems = word === null ? [] : COMMANDS.filter((c) => c.command.startsWith(word) && c.command !== word);
   els.hints.hidden = hintItems.length === 0;
-  els.input.setAttribute("aria-expanded", String(hintItems.length > 0));
   if (!hintItems.length) {
     hintIndex = -1;
     els.input.removeAttribute("aria-activedescendant");
@@ -1058,7 +1059,6 @@ function pickHint(i) {
 function closeHints() {
   hintItems = [];
   els.hints.hidden = true;
-  els.input.setAttribute("aria-expanded", "false");
   els.input.removeAttribute("aria-activedescendant");
 }
 function hintsKeydown(e) {
