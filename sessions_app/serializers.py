@@ -532,13 +532,24 @@ class SearchQuerySerializer(StrictSerializer):
         return value
 
 
+class PassedThrough(serializers.Field):  # type: ignore[type-arg]
+    """A query parameter another part of the view reads and judges: taken as it is."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
 class MessageListQuerySerializer(StrictSerializer):
     """``GET …/messages/``: forward pages (``cursor``), or backward ones: ``latest`` (the
     end of the conversation) and ``before`` (the messages before one already read)."""
 
-    # The paginator reads these two; lenient as it always was (see PAGE_PARAMETERS).
-    cursor = serializers.CharField(required=False, allow_blank=True)
-    limit = serializers.CharField(required=False, allow_blank=True)
+    # The paginator reads these two and judges them itself, as it always did (a bad
+    # cursor is `bad_request`, a bad limit gives the default: see PAGE_PARAMETERS).
+    cursor = PassedThrough(required=False)
+    limit = PassedThrough(required=False)
     before = StrictCharField(required=False, min_length=1, max_length=32)
     latest = serializers.BooleanField(required=False, default=False)
 
