@@ -238,6 +238,7 @@ def test_on_a_phone_enter_is_a_new_line_and_send_sends(browse: Any, alice: Any, 
     after = box.bounding_box()
     assert before and after and after["height"] > before["height"]  # it grew with the text
     expect(page.locator("#composer-hint")).to_have_text("Enter starts a new line; tap Send to send.")
+    expect(box).to_have_attribute("placeholder", "Enter starts a new line; tap Send to send")
     save_screenshot(page, "conversation-composer-phone")
     send_button = page.get_by_role("button", name="Send", exact=True)
     expect(send_button).to_be_in_viewport()

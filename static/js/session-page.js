@@ -997,6 +997,8 @@ function syncComposerHint() {
     ? "Enter starts a new line; tap Send to send."
     : "Enter sends, Shift+Enter starts a new line, Esc stops the reply.";
   els.composer.dataset.enter = touchFirst.matches ? "newline" : "send";
+  // Phone widths hide the hint line: the box itself says it.
+  els.input.placeholder = touchFirst.matches ? "Enter starts a new line; tap Send to send" : "";
 }
 touchFirst.addEventListener?.("change", syncComposerHint);
 syncComposerHint();
