@@ -394,6 +394,19 @@ PAGE_PARAMETERS = [
         "values that are not a positive integer give the default).",
     ),
 ]
+MESSAGE_PAGE_PARAMETERS = [
+    OpenApiParameter(
+        "latest", bool, OpenApiParameter.QUERY,
+        description="`true`: the last page (the latest `limit` messages, then the queue), "
+        "oldest first; its `previous` reads back. Not with `cursor` or `before`.",
+    ),
+    OpenApiParameter(
+        "before", {"type": "string", "maxLength": 32}, OpenApiParameter.QUERY,
+        description="A message id: the `limit` messages whose turns come just before it, "
+        "oldest first (no queued ones). Not with `cursor` or `latest`. A message that is "
+        "not in the session, or is queued, is `400 validation_error`.",
+    ),
+]
 TYPES_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?(,[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?)*$"
 TYPES_PARAMETER = OpenApiParameter(
     "types", {"type": "string", "pattern": TYPES_PATTERN}, OpenApiParameter.QUERY,

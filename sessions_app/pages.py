@@ -18,6 +18,7 @@ from project.errors import NotFound, ValidationFailed
 from project.middleware import not_found_page
 from sessions_app import services
 from sessions_app.access import session_for
+from sessions_app.agents import registry as agent_registry
 
 
 @login_required
@@ -32,9 +33,10 @@ def session_page(request: HttpRequest, session_id: str) -> HttpResponse:
     except NotFound:
         # Same answer for "does not exist" and "not yours", as in the API.
         return not_found_page(request)
-    return render(
-        request, "tandem/session.html", {**_context(request), "session": session, "role": role}
-    )
+    return render(request, "tandem/session.html", {
+        **_context(request), "session": session, "role": role,
+        "agent_commands": agent_registry.commands(session.agent),
+    })
 
 
 class SignupForm(forms.Form):

@@ -325,10 +325,12 @@ class SessionPageSerializer(serializers.Serializer):  # type: ignore[type-arg]
 
 
 class MessagePageSerializer(serializers.Serializer):  # type: ignore[type-arg]
-    """A page; follow `next` (null on the last page)."""
+    """A page; follow `next` (null on the last page) forward, `previous` (null on the
+    first page) back."""
 
     results = MessageSerializer(many=True)
     next = serializers.CharField(allow_null=True)
+    previous = serializers.CharField(allow_null=True)
 
 
 class MessagePostedSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -528,6 +530,34 @@ class SearchQuerySerializer(StrictSerializer):
         if not value.strip():
             raise serializers.ValidationError("Must not be blank.", code="blank")
         return value
+
+
+class PassedThrough(serializers.Field):  # type: ignore[type-arg]
+    """A query parameter another part of the view reads and judges: taken as it is."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class MessageListQuerySerializer(StrictSerializer):
+    """``GET …/messages/``: forward pages (``cursor``), or backward ones: ``latest`` (the
+    end of the conversation) and ``before`` (the messages before one already read)."""
+
+    # The paginator reads these two and judges them itself, as it always did (a bad
+    # cursor is `bad_request`, a bad limit gives the default: see PAGE_PARAMETERS).
+    cursor = PassedThrough(required=False)
+    limit = PassedThrough(required=False)
+    before = StrictCharField(required=False, min_length=1, max_length=32)
+    latest = serializers.BooleanField(required=False, default=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        chosen = [name for name in ("cursor", "before") if attrs.get(name)] + (["latest"] if attrs["latest"] else [])
+        if len(chosen) > 1:
+            raise serializers.ValidationError({name: ["Use only one of cursor, before and latest."] for name in chosen})
+        return attrs
 
 
 class PermissionListQuerySerializer(StrictSerializer):

@@ -359,6 +359,29 @@ def retry_reply(session: Session, message_id: str) -> Message:
     return reply
 
 
+def messages_before(session: Session, before: str | None, limit: int) -> tuple[list[Message], bool]:
+    """A backward page of the conversation: the ``limit`` messages whose turns come just
+    before message ``before`` (None: the end, and then the queue follows them), oldest
+    first, and whether earlier ones exist. Clients open on the latest page and read back
+    on demand, instead of reading the whole history forward."""
+    listed = Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
+    ended = listed.exclude(status=Message.Status.QUEUED)
+    if before is not None:
+        anchor = ended.filter(pk=before).values_list("turn_at", "id").first()
+        if anchor is None:
+            raise ValidationFailed(
+                "`before` is not a message of this session that has taken its turn.",
+                details={"before": ["No such message in this session (a queued one has no place yet)."]},
+            )
+        turn_at, anchor_id = anchor
+        ended = ended.filter(Q(turn_at__lt=turn_at) | Q(turn_at=turn_at, id__lt=anchor_id))
+    rows = list(ended.order_by("-turn_at", "-id")[: limit + 1])
+    page = rows[:limit][::-1]
+    if before is None:
+        page += listed.filter(status=Message.Status.QUEUED).order_by("turn_at", "id")
+    return page, len(rows) > limit
+
+
 def abort(session: Session, user: User | None = None) -> bool:
     """Stop the session's reply, wherever it runs. The flag on the run row is what the
     runner checks when it starts listening, so an abort is not lost to a race with it."""

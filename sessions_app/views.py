@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from django.conf import settings
@@ -28,6 +29,7 @@ from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
 from project.openapi import (
     MESSAGE_ID,
+    MESSAGE_PAGE_PARAMETERS,
     PAGE_PARAMETERS,
     PERMISSION_ID,
     SESSION_ID,
@@ -46,6 +48,7 @@ from sessions_app.serializers import (
     ForkSerializer,
     HealthSerializer,
     MemberAddSerializer,
+    MessageListQuerySerializer,
     MessagePostSerializer,
     PermissionListQuerySerializer,
     PermissionReplySerializer,
@@ -339,24 +342,41 @@ class MessageListView(APIView):
         operation_id="sessions_messages_list",
         summary="The session's messages",
         description="Oldest first (in the order of their turns), cursor-paginated; queued "
-        "messages end the last page, in posting order.",
+        "messages end the last page, in posting order. `latest=true` gives the last page "
+        "first and `before` the page before a message: read back by following `previous`.",
         tags=["messages"],
-        parameters=[SESSION_ID, *PAGE_PARAMETERS],
+        parameters=[SESSION_ID, *PAGE_PARAMETERS, *MESSAGE_PAGE_PARAMETERS],
         responses={200: OpenApiResponse(ref("MessagePage"), description="A page of messages.")},
         errors={
-            400: "`bad_request`: a `cursor` the server did not make.",
+            400: "`bad_request`: a `cursor` the server did not make; `validation_error`: "
+            "`before` is not a message of the session that has taken its turn, `latest` "
+            "is not a boolean, more than one of `cursor`, `before` and `latest`, or an "
+            "unknown parameter.",
             404: "`not_found`: no such session, or you are not a member of it.",
         },
     )
     def get(self, request: Request, session_id: str) -> Response:
         session, _ = session_for(caller(request), session_id)
-        messages = Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
+        query = validated(MessageListQuerySerializer, request.query_params.dict())
         paginator = MessagePage()
+        if query["latest"] or query.get("before"):
+            limit = paginator.get_page_size(request) or paginator.page_size
+            page, more = services.messages_before(session, query.get("before"), limit)
+            previous = None
+            if more:
+                params = {"before": page[0].pk, "limit": str(limit)}
+                previous = request.build_absolute_uri(f"{request.path}?{urlencode(params)}")
+            return Response({"results": [message_data(m) for m in page], "next": None, "previous": previous})
+        messages = Message.objects.filter(session=session).select_related("author").prefetch_related("parts")
         page = list(paginator.paginate_queryset(messages.exclude(status=Message.Status.QUEUED), request, view=self) or [])
         if paginator.get_next_link() is None:
             # The queue (at most TANDEM_MAX_QUEUED) ends the last page, in posting order.
             page += messages.filter(status=Message.Status.QUEUED).order_by("turn_at", "id")
-        return paginator.get_paginated_response([message_data(m) for m in page])
+        return Response({
+            "results": [message_data(m) for m in page],
+            "next": paginator.get_next_link(),
+            "previous": paginator.get_previous_link(),
+        })
 
     @doc(
         summary="Post a message",

@@ -294,73 +294,7 @@ def test_viewer_cannot_send(browse: Any, carol: Any, shared_session: Session) ->
     expect(page.locator('#members > li[data-username="alice"]')).to_contain_text("owner")
 
 
-def test_permission_answered_by_one_closes_the_dialog_for_the_others(
-    browse: Any, alice: Any, bob: Any, carol: Any, shared_session: Session
-) -> None:
-    Session.objects.filter(pk=shared_session.pk).update(agent="tools")
-    page_a = open_session(browse(alice), shared_session.id)
-    page_b = open_session(browse(bob), shared_session.id)
-    page_c = open_session(browse(carol), shared_session.id)
-    composer(page_a).focus()
-
-    send(page_b, "!calc 2*(3+4)")
-    dialogs = [page.get_by_role("dialog", name="Permission requested") for page in (page_a, page_b, page_c)]
-    for page, dialog in zip((page_a, page_b, page_c), dialogs, strict=True):
-        expect(dialog).to_be_visible(timeout=10_000)
-        expect(dialog).to_contain_text("calculator")
-        expect(dialog.locator("#permission-input")).to_contain_text('"expression": "2*(3+4)"')
-        expect(assistant(page).locator(".tool-card")).to_have_attribute("data-status", "pending")
-    # Focus moved into the dialog; the viewer can read but not answer.
-    expect(page_a.locator("#permission-heading")).to_be_focused()
-    expect(dialogs[2].get_by_role("button", name="Approve")).to_be_hidden()
-    expect(dialogs[2]).to_contain_text("You are a viewer")
-
-    # Escape does not lose the request: it waits in a banner that reopens the dialog.
-    page_a.keyboard.press("Escape")
-    expect(dialogs[0]).to_be_hidden()
-    review = page_a.get_by_role("button", name="Review request")
-    expect(review).to_be_visible()
-    expect(review).to_be_focused()
-    page_a.keyboard.press("Enter")
-    expect(dialogs[0]).to_be_visible()
-    expect(page_a.locator("#permission-heading")).to_be_focused()
-
-    dialogs[1].get_by_label("Reason (optional)").fill("fine by me")
-    dialogs[1].get_by_role("button", name="Approve").click()
-    for page, dialog in zip((page_a, page_b, page_c), dialogs, strict=True):
-        expect(dialog).to_be_hidden(timeout=10_000)
-        reply = wait_reply(page, "2*(3+4) = 14")
-        card = reply.locator(".tool-card")
-        expect(card).to_have_attribute("data-status", "completed")
-        expect(card.locator(".tool-io")).to_contain_text("14")
-        expect(page.locator("#pending-permissions")).to_be_hidden()
-    expect(page_a.locator("#page-notice")).to_contain_text("bob approved running calculator")
-    # Focus went back where it was.
-    expect(composer(page_a)).to_be_focused()
-
-
-def test_a_late_answer_is_told_who_answered_first(browse: Any, alice: Any, bob: Any, live: Any, shared_session: Session) -> None:
-    Session.objects.filter(pk=shared_session.pk).update(agent="tools")
-    page = open_session(browse(alice), shared_session.id)
-    send(page, "!calc 1+1")
-    dialog = page.get_by_role("dialog", name="Permission requested")
-    expect(dialog).to_be_visible(timeout=10_000)
-    permission_id = dialog.get_attribute("data-permission-id")
-
-    def bob_answers_first(route: Any) -> None:
-        # alice's click is on its way: bob's answer gets there first.
-        response = api_post(live, bob, f"/api/sessions/{shared_session.id}/permissions/{permission_id}/",
-                            {"approved": False, "reason": "not now"})
-        assert response.status_code == 200, response.text
-        route.continue_()
-
-    page.route(f"**/api/sessions/{shared_session.id}/permissions/{permission_id}/", bob_answers_first)
-    dialog.get_by_role("button", name="Approve").click()
-    expect(dialog).to_be_hidden(timeout=10_000)
-    expect(page.locator("#page-notice")).to_contain_text("bob rejected running calculator")
-    wait_reply(page, re.compile("I did not run the calculator"))
-    card = assistant(page).locator(".tool-card")
-    expect(card).to_have_attribute("data-status", "error")
+# Permission requests are answered inline on the tool card: tests/test_browser_conversation.py.
 
 
 def test_html_and_script_in_messages_are_inert(browse: Any, alice: Any, bob: Any, shared_session: Session) -> None:
@@ -625,17 +559,16 @@ def test_screenshots_of_the_pages(browse: Any, alice: Any, bob: Any, shared_sess
     expect(assistant(page)).to_have_attribute("data-status", "completed", timeout=STREAM)
     composer(page_b).press_sequentially("!calc 2*(3+4)")
     composer(page_b).press("Enter")
-    dialog = page.get_by_role("dialog", name="Permission requested")
-    expect(dialog).to_be_visible(timeout=10_000)
+    expect(assistant(page).locator(".approval")).to_be_visible(timeout=10_000)
     expect(page.locator("#presence > li")).to_have_count(2)
     # The conversation follows its end: the streaming reply and its tool card are in view.
     expect(assistant(page).locator(".tool-card")).to_be_in_viewport()
     expect(assistant(page)).to_have_attribute("data-status", "streaming")
     page.screenshot(path=str(ARTIFACTS / "ui-session.png"), full_page=True)
     page_b.set_viewport_size({"width": 375, "height": 740})
-    expect(page_b.get_by_role("dialog", name="Permission requested")).to_be_visible()
+    expect(assistant(page_b).locator(".approval")).to_be_visible()
     page_b.screenshot(path=str(ARTIFACTS / "ui-session-phone.png"), full_page=True)
-    page.get_by_role("button", name="Approve").click()
+    page.get_by_role("button", name="Approve running calculator").click()
     wait_reply(page, "2*(3+4) = 14")
 
 

@@ -219,7 +219,7 @@ def test_list_is_paginated_oldest_first(shared_session: Any, bob: Any, api: Any)
     client = api(bob)
     page = client.get(messages_url(shared_session) + "?limit=2").json()
     seen = [m["id"] for m in page["results"]]
-    assert set(page) == {"results", "next"}
+    assert set(page) == {"results", "next", "previous"}
     while page["next"]:
         page = client.get(page["next"]).json()
         seen += [m["id"] for m in page["results"]]
@@ -230,7 +230,7 @@ def test_list_is_paginated_oldest_first(shared_session: Any, bob: Any, api: Any)
 def test_viewer_lists_messages(shared_session: Any, carol: Any, api: Any) -> None:
     response = api(carol).get(messages_url(shared_session))
     assert response.status_code == 200
-    assert response.json() == {"results": [], "next": None}
+    assert response.json() == {"results": [], "next": None, "previous": None}
 
 
 # ---------------------------------------------------------------- the echo agent replies (transactional)

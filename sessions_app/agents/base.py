@@ -96,6 +96,9 @@ class ReplyContext:
 
 class Agent:
     name: ClassVar[str]
+    # The commands the agent understands, as (usage, what it does): the session page
+    # offers them as hints while someone types a message starting with "!".
+    commands: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def reply(self, ctx: ReplyContext) -> AsyncIterator[Output]:
         raise NotImplementedError

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sessions_app.agents.base import AGENTS, Agent, register
 
-__all__ = ["create", "names", "register"]
+__all__ = ["commands", "create", "names", "register"]
 
 
 def names() -> list[str]:
@@ -14,6 +14,16 @@ def names() -> list[str]:
 def create(name: str) -> Agent:
     _load_builtins()
     return AGENTS[name]()
+
+
+def commands(name: str) -> list[dict[str, str]]:
+    """The agent's commands as ``{"usage", "command", "description"}`` (none for an agent
+    this server does not know)."""
+    _load_builtins()
+    agent = AGENTS.get(name)
+    if agent is None:
+        return []
+    return [{"usage": usage, "command": usage.split(" ", 1)[0], "description": text} for usage, text in agent.commands]
 
 
 def _load_builtins() -> None:

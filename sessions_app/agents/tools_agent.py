@@ -15,6 +15,10 @@ from sessions_app.agents.echo import EchoAgent
 @register
 class ToolsAgent(Agent):
     name = "tools"
+    commands = (
+        ("!calc <expression>", "Ask to run the calculator (needs an editor's approval)"),
+        ("!time", "Tell the server's time"),
+    )
 
     async def reply(self, ctx: ReplyContext) -> AsyncIterator[Output]:
         text = ctx.last_user_text.strip()

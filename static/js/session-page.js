@@ -2,7 +2,7 @@
 // (SSE if WebSocket cannot connect): streaming replies, tool cards, permission requests,
 // presence and typing, members, and the composer.
 import { Tandem, TandemError } from "/static/js/tandem.js";
-import { renderInto } from "/static/js/markdown.js";
+import { copyText, renderInto } from "/static/js/markdown.js";
 
 const app = document.getElementById("session-app");
 const SID = app.dataset.sessionId;
@@ -40,7 +40,9 @@ const els = {
   pending: $("pending-permissions"),
   pendingSummary: $("pending-summary"),
   review: $("review-permission"),
-  dialog: $("permission-dialog"),
+  loadOlder: $("load-older"),
+  newPill: $("new-messages"),
+  hints: $("command-hints"),
   members: $("members"),
   membersError: $("members-error"),
   invite: $("invite-form"),
@@ -91,6 +93,27 @@ function formatTime(iso) {
   return Number.isNaN(d.getTime()) ? "" : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
+function formatFullDate(iso) {
+  const d = iso ? new Date(iso) : null;
+  if (!d || Number.isNaN(d.getTime())) return "";
+  return d.toLocaleString([], { dateStyle: "full", timeStyle: "medium" });
+}
+
+function dayKey(iso) {
+  const d = iso ? new Date(iso) : null;
+  if (!d || Number.isNaN(d.getTime())) return "";
+  return `${d.getFullYear()}-${d.getMonth()}-${d.getDate()}`;
+}
+
+function dayLabel(iso) {
+  const d = new Date(iso);
+  const today = new Date();
+  const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+  if (dayKey(iso) === dayKey(today.toISOString())) return "Today";
+  if (dayKey(iso) === dayKey(yesterday.toISOString())) return "Yesterday";
+  return d.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+}
+
 function pretty(value) {
   if (value === undefined) return "";
   if (typeof value === "string") return value;
@@ -122,6 +145,7 @@ function nearBottom() {
   return scroller.scrollHeight - (scroller.scrollTop + scroller.clientHeight) < 160;
 }
 function scrollToEnd() {
+  syncNewPill(false);
   scroller.scrollTop = scroller.scrollHeight;
   ownTop = scroller.scrollTop;
   stuck = true;
@@ -135,7 +159,16 @@ let ownTop = -1;
 scroller.addEventListener("scroll", () => {
   if (scroller.scrollTop === ownTop) return;
   stuck = nearBottom();
+  if (stuck) syncNewPill(false);
+  // Reading up to the top loads the page before it.
+  if (scroller.scrollTop < 120 && olderUrl && !loadingOlder) loadOlder();
 }, { passive: true });
+
+// "New messages ↓": something arrived below while the reader is scrolled up.
+function syncNewPill(show) {
+  const pill = document.getElementById("new-messages");
+  if (pill) pill.hidden = !show;
+}
 if (typeof ResizeObserver === "function") {
   const keep = new ResizeObserver(() => { if (stuck) scrollToEnd(); });
   keep.observe(scroller);
@@ -207,12 +240,46 @@ function messageRecord(id, data = {}) {
     hidden: (data.status || "streaming") === "streaming",
   });
   forkButton.addEventListener("click", () => forkFrom(id, forkButton));
-  node.querySelector(".message-head").append(forkButton);
+  const copyButton = el("button", { type: "button", class: "copy-button copy-message", text: "Copy" });
+  copyButton.setAttribute("aria-label", `Copy this message (${author})`);
+  copyButton.addEventListener("click", () => copyText(messageText(rec), copyButton));
+  node.querySelector(".message-head").append(forkButton, copyButton);
   rec = { id, data: { ...data }, el: node, body, statusEl, timeEl, forkButton, parts: new Map() };
   messages.set(id, rec);
   insertMessageNode(rec);
   els.messagesEmpty.hidden = true;
+  scheduleDays();
   return rec;
+}
+
+/** A message as text: its text parts' sources (Markdown as written), tools by name. */
+function messageText(rec) {
+  const out = [];
+  for (const p of rec.parts.values()) {
+    if (p.type === "tool") out.push(`[tool ${p.tool || ""}]`);
+    else if (p.type !== "reasoning" && p.text) out.push(p.text);
+  }
+  return out.join("\n\n");
+}
+
+// A separator with the date above the first message of each day (a data attribute the
+// stylesheet shows, so the list holds messages only).
+let daysTimer = null;
+function scheduleDays() {
+  if (!daysTimer) daysTimer = setTimeout(syncDays, 0);
+}
+function syncDays() {
+  clearTimeout(daysTimer);
+  daysTimer = null;
+  let last = "";
+  for (const node of els.messages.children) {
+    const rec = messages.get(node.dataset.messageId);
+    const at = rec?.data.created_at;
+    const key = dayKey(at);
+    if (key && key !== last) node.dataset.dayLabel = dayLabel(at);
+    else delete node.dataset.dayLabel;
+    if (key) last = key;
+  }
 }
 
 function orderKey(data) {
@@ -296,6 +363,7 @@ function removeMessage(id) {
   if (!rec) return;
   rec.el.remove();
   messages.delete(id);
+  scheduleDays();
   els.messagesEmpty.hidden = messages.size > 0;
   setSessionStatus(sessionStatus);
 }
@@ -353,6 +421,7 @@ function updateMessageMeta(rec, data) {
   if (rec.data.created_at) {
     rec.timeEl.dateTime = rec.data.created_at;
     rec.timeEl.textContent = formatTime(rec.data.created_at);
+    rec.timeEl.title = formatFullDate(rec.data.created_at);
   }
   syncMessageActions(rec);
 }
@@ -442,7 +511,7 @@ function flushRenders() {
     const rec = messages.get(mid);
     const p = rec?.parts.get(pid);
     if (!p) continue;
-    if (p.el.classList.contains("markdown")) renderInto(p.content, p.text);
+    if (p.el.classList.contains("markdown")) renderInto(p.content, p.text, { autodetect: rec.data.status !== "streaming" });
     else p.content.textContent = p.text;
   }
   if (stuck) scrollToEnd();
@@ -455,7 +524,14 @@ function renderTool(p) {
   const status = state.status || "pending";
   p.el.dataset.status = status;
   if (p.callId) p.el.dataset.callId = p.callId;
-  p.el.replaceChildren(
+  // The card's own content is redrawn; its approval slot (which may hold the reason
+  // someone is typing, and the focus) is left alone.
+  if (!p.main) {
+    p.main = el("div", { class: "tool-main" });
+    p.slot = el("div", { class: "tool-approval" });
+    p.el.replaceChildren(p.main, p.slot);
+  }
+  p.main.replaceChildren(
     el("div", { class: "tool-head" },
       el("span", { class: "tool-icon", "aria-hidden": "true", text: "⚙" }),
       el("span", { class: "tool-name" }, "Tool ", el("strong", { text: p.tool || "tool" })),
@@ -465,7 +541,9 @@ function renderTool(p) {
   if (state.input !== undefined) dl.append(el("dt", { text: "Input" }), el("dd", {}, el("pre", { class: "code-block", text: pretty(state.input) })));
   if (state.output !== undefined) dl.append(el("dt", { text: "Output" }), el("dd", {}, el("pre", { class: "code-block", text: pretty(state.output) })));
   if (state.error !== undefined && state.error !== null) dl.append(el("dt", { text: "Error" }), el("dd", {}, el("pre", { class: "code-block error-text", text: pretty(state.error) })));
-  p.el.append(dl);
+  p.main.append(dl);
+  if (p.resolution) p.main.append(el("p", { class: "approval-result", text: p.resolution }));
+  if (pendingForCall(p.callId) && !p.slot.firstChild) placeApprovals();
 }
 
 function onToolStatus(props) {
@@ -492,18 +570,67 @@ function clearMessages() {
 
 // ------------------------------------------------------------------ snapshot (REST)
 
+const PAGE_SIZE = 200;
+let olderUrl = null; // the page before the oldest message shown (null: it is the first)
+let loadingOlder = false;
+
+function syncLoadOlder() {
+  els.loadOlder.hidden = !olderUrl;
+  els.loadOlder.disabled = loadingOlder;
+  els.loadOlder.textContent = loadingOlder ? "Loading older messages…" : "Load older messages";
+}
+
+async function loadOlder() {
+  if (!olderUrl || loadingOlder) return false;
+  loadingOlder = true;
+  syncLoadOlder();
+  const url = olderUrl;
+  try {
+    const page = await api.get(url);
+    if (url !== olderUrl) return false; // a resync replaced the history meanwhile
+    pageHeardFromServer();
+    // Keep what the reader looks at in place while messages go in above it.
+    const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+    stuck = false;
+    for (const m of page.results || []) upsertMessage(m);
+    flushRenders();
+    syncDays(); // now, so the height measured below includes the date lines
+    olderUrl = page.previous || null;
+    scroller.scrollTop = scroller.scrollHeight - fromBottom;
+    ownTop = scroller.scrollTop;
+    showError(els.messagesError, "");
+    return true;
+  } catch (err) {
+    showError(els.messagesError, errorText(err, "Could not load older messages. Try again."));
+    if (err instanceof TandemError && err.code === "network_error") networkErrors.add(els.messagesError);
+    return false;
+  } finally {
+    loadingOlder = false;
+    syncLoadOlder();
+  }
+}
+els.loadOlder.addEventListener("click", () => loadOlder());
+els.newPill.addEventListener("click", () => {
+  scrollToEnd();
+  els.input.disabled ? scroller.focus({ preventScroll: true }) : els.input.focus({ preventScroll: true });
+});
+
 /** Session, messages and pending permissions as of one seq when possible: read the head
  * before and after, retrying while events arrive in between. */
 async function loadSnapshot() {
   let snap = null;
   for (let attempt = 0; attempt < 4; attempt += 1) {
     const before = await api.get(`${base}/`);
-    const [msgs, perms] = await Promise.all([
-      api.getAll(`${base}/messages/?limit=200`),
+    // The latest page only: older messages load when the reader asks (or scrolls up).
+    const [page, perms] = await Promise.all([
+      api.get(`${base}/messages/?latest=true&limit=${PAGE_SIZE}`),
       api.get(`${base}/permissions/?status=pending`),
     ]);
     const after = await api.get(`${base}/`);
-    snap = { session: after, messages: msgs, permissions: perms, low: before.last_seq, high: after.last_seq };
+    snap = {
+      session: after, messages: page.results || [], older: page.previous || null,
+      permissions: perms, low: before.last_seq, high: after.last_seq,
+    };
     if (before.last_seq === after.last_seq) break;
   }
   return snap;
@@ -515,7 +642,7 @@ function applySnapshot(snap) {
   if (s.role && s.role !== role) setRole(s.role);
   if (s.title) {
     els.title.textContent = s.title;
-    document.title = `${s.title} · Tandem`;
+    syncTitle();
   }
   setSessionStatus(s.status);
   for (const m of snap.messages) {
@@ -527,6 +654,9 @@ function applySnapshot(snap) {
     }
   }
   flushRenders();
+  olderUrl = snap.older;
+  syncLoadOlder();
+  showError(els.messagesError, "");
   els.messagesLoading.hidden = true;
   els.messagesEmpty.hidden = messages.size > 0;
   pendingPermissions.clear();
@@ -552,27 +682,48 @@ function onEvent(event) {
 function handle(event) {
   if (event.seq !== null && event.seq !== undefined && event.seq <= floorSeq) return;
   const props = event.properties || {};
+  if (event.seq !== null && event.seq !== undefined) pageHeardFromServer();
   switch (event.type) {
     case "message.created":
       if (props.message) {
+        const known = messages.has(props.message.id);
         upsertMessage(props.message);
         setSessionStatus(sessionStatus);
         flushRenders();
-        if (stuck || props.message.author?.id === ME.id) scrollToEnd();
+        const mine = props.message.author?.id === ME.id;
+        if (stuck || mine) scrollToEnd();
+        else if (!known) syncNewPill(true);
+        if (!known && !mine && props.message.role === "user") {
+          const who = props.message.author?.username || "someone";
+          const text = (props.message.parts || []).map((p) => p.text || "").join(" ").trim();
+          announce(`${who}: ${text}`);
+          attention({});
+        }
       }
       break;
     case "message.part.updated": {
       const rec = messageRecord(props.message_id, { role: "assistant", status: "streaming" });
       if (typeof props.delta === "string") appendDelta(rec, props.part, props.delta, event.seq);
       else setPart(rec, props.part);
+      if (!stuck) syncNewPill(true);
       break;
     }
     case "message.completed": {
       const rec = messages.get(props.message_id);
       if (rec) {
+        const wasStreaming = rec.data.status === "streaming";
         for (const p of rec.parts.values()) if (p.uncertain) { settleOverlap(p); scheduleRender(rec, p); }
         updateMessageMeta(rec, { status: props.status, error: props.error, completed_at: event.time });
+        // Finished: render once more, now guessing the language of unnamed code blocks.
+        for (const p of rec.parts.values()) if (p.el?.classList.contains("markdown")) scheduleRender(rec, p);
         syncRetry();
+        if (wasStreaming && rec.data.role === "assistant") {
+          const said = messageText(rec).trim();
+          if (props.status === "completed") announce(`Agent replied: ${said}`);
+          else if (props.status === "cancelled") announce("The agent's reply was stopped.");
+          else announce(`The agent's reply failed${props.error?.message ? `: ${props.error.message}` : "."}`);
+          attention({});
+        }
       }
       break;
     }
@@ -600,17 +751,14 @@ function handle(event) {
     case "session.updated":
       if (props.session?.title !== undefined) {
         els.title.textContent = props.session.title || "Untitled session";
-        document.title = `${props.session.title || "Untitled session"} · Tandem`;
+        syncTitle();
       }
       break;
     case "session.deleted":
       endSession("This session was deleted.");
       break;
     case "permission.requested":
-      if (props.permission) {
-        pendingPermissions.set(props.permission.id, props.permission);
-        syncPermissionUi();
-      }
+      if (props.permission) permissionRequested(props.permission);
       break;
     case "permission.resolved":
       permissionResolved(props);
@@ -643,6 +791,7 @@ async function onReset() {
     floorSeq = snap.low;
   } catch (err) {
     showError(els.messagesError, errorText(err, "Could not reload the conversation."));
+    if (err instanceof TandemError && err.code === "network_error") networkErrors.add(els.messagesError);
   } finally {
     const held = buffering || [];
     buffering = null;
@@ -672,6 +821,7 @@ function setConnection(status) {
   els.connection.dataset.transport = transport;
   els.connection.querySelector(".connection-text").textContent = CONNECTION_TEXT[status] || status;
   if (status === "live") {
+    pageHeardFromServer();
     everLive = true;
     clearTimeout(fallbackTimer);
     if (presenceDirty) refreshPresence();
@@ -749,6 +899,9 @@ function endSession(message) {
 
 function setRole(newRole) {
   role = newRole;
+  // Approval blocks are made for a role: rebuild them.
+  for (const block of approvals.values()) block.remove();
+  approvals.clear();
   app.dataset.role = newRole;
   $("session-role").textContent = newRole;
   const write = canWrite() && !sessionGone;
@@ -796,8 +949,10 @@ async function sendMessage(ifBusy = "queue") {
   els.composer.setAttribute("aria-busy", "true");
   try {
     const result = await api.post(`${base}/messages/`, { parts: [{ type: "text", text }], if_busy: ifBusy });
+    pageHeardFromServer();
     if (els.input.value === text) els.input.value = "";
     updateCharCount();
+    fitComposer();
     if (result?.message) {
       // Shown at once; a queued one is marked "queued" until its turn comes.
       upsertMessage(result.message);
@@ -825,6 +980,7 @@ async function sendMessage(ifBusy = "queue") {
       }
     }
     showError(els.composerError, message);
+    if (err instanceof TandemError && (err.code === "network_error" || err.status >= 500)) networkErrors.add(els.composerError);
   } finally {
     sending = false;
     els.composer.removeAttribute("aria-busy");
@@ -838,11 +994,110 @@ els.composer.addEventListener("submit", (e) => {
   sendMessage();
 });
 
+// On a touch screen Enter is a new line (a phone keyboard has no Shift+Enter) and the
+// Send button sends; with a keyboard and mouse Enter sends and Shift+Enter is a new line.
+const touchFirst = window.matchMedia("(pointer: coarse)");
+function syncComposerHint() {
+  const hint = document.getElementById("composer-hint");
+  if (!hint || hint.classList.contains("viewer-note")) return;
+  hint.textContent = touchFirst.matches
+    ? "Enter starts a new line; tap Send to send."
+    : "Enter sends, Shift+Enter starts a new line, Esc stops the reply.";
+  els.composer.dataset.enter = touchFirst.matches ? "newline" : "send";
+  // Phone widths hide the hint line: the box itself says it.
+  els.input.placeholder = touchFirst.matches ? "Enter starts a new line; tap Send to send" : "";
+}
+touchFirst.addEventListener?.("change", syncComposerHint);
+syncComposerHint();
+
 els.input.addEventListener("keydown", (e) => {
+  if (hintsKeydown(e)) return;
   if (e.key === "Enter" && !e.shiftKey && !e.altKey && !e.ctrlKey && !e.metaKey && !e.isComposing) {
+    if (touchFirst.matches) return; // a new line
     e.preventDefault();
     sendMessage();
   }
+});
+
+/** The composer grows with its text, up to a third of the window, then scrolls. */
+function fitComposer() {
+  const box = els.input;
+  box.style.height = "auto";
+  const most = Math.max(80, Math.round(window.innerHeight * 0.33));
+  box.style.height = `${Math.min(box.scrollHeight + 2, most)}px`;
+}
+
+// Hints for the agent's commands ("!calc …") while the message starts with "!".
+const COMMANDS = (() => {
+  try { return JSON.parse(document.getElementById("agent-commands")?.textContent || "[]"); } catch { return []; }
+})();
+let hintIndex = -1;
+let hintItems = [];
+function syncHints() {
+  const value = els.input.value;
+  const word = /^![^\s]*$/.test(value) ? value : null;
+  // A command typed out in full needs no hint (and Enter then sends it).
+  hintItems = word === null ? [] : COMMANDS.filter((c) => c.command.startsWith(word) && c.command !== word);
+  els.hints.hidden = hintItems.length === 0;
+  if (!hintItems.length) {
+    hintIndex = -1;
+    els.input.removeAttribute("aria-activedescendant");
+    els.hints.replaceChildren();
+    return;
+  }
+  if (hintIndex >= hintItems.length) hintIndex = hintItems.length - 1;
+  if (hintIndex < 0) hintIndex = 0;
+  els.hints.replaceChildren(...hintItems.map((c, i) => {
+    const li = el("li", { role: "option", id: `command-hint-${i}`, "aria-selected": i === hintIndex ? "true" : "false" },
+      el("code", { text: c.usage }), el("span", { class: "command-text", text: c.description }));
+    li.addEventListener("mousedown", (e) => { e.preventDefault(); pickHint(i); });
+    return li;
+  }));
+  els.input.setAttribute("aria-activedescendant", `command-hint-${hintIndex}`);
+}
+function pickHint(i) {
+  const c = hintItems[i];
+  if (!c) return;
+  els.input.value = `${c.command}${c.usage.includes(" ") ? " " : ""}`;
+  els.input.focus();
+  els.input.setSelectionRange(els.input.value.length, els.input.value.length);
+  hintItems = [];
+  syncHints();
+  els.input.dispatchEvent(new Event("input"));
+}
+function closeHints() {
+  hintItems = [];
+  els.hints.hidden = true;
+  els.input.removeAttribute("aria-activedescendant");
+}
+function hintsKeydown(e) {
+  if (els.hints.hidden || !hintItems.length) return false;
+  if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+    e.preventDefault();
+    hintIndex = (hintIndex + (e.key === "ArrowDown" ? 1 : hintItems.length - 1)) % hintItems.length;
+    syncHints();
+    return true;
+  }
+  if (e.key === "Tab" || (e.key === "Enter" && !e.shiftKey && !e.isComposing)) {
+    e.preventDefault();
+    pickHint(hintIndex);
+    return true;
+  }
+  if (e.key === "Escape") {
+    e.preventDefault();
+    e.stopPropagation();
+    closeHints();
+    return true;
+  }
+  return false;
+}
+
+// Esc stops the running reply (as "Abort reply"), unless it closes something first.
+document.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape" || e.defaultPrevented || e.isComposing) return;
+  if (els.abort.hidden || els.abort.disabled) return;
+  e.preventDefault();
+  abortReply();
 });
 
 let typingSent = false;
@@ -877,17 +1132,19 @@ function setTyping(on) {
 
 els.input.addEventListener("input", () => {
   updateCharCount();
+  fitComposer();
+  syncHints();
   if (els.composerError.textContent && !validate(els.input.value)) {
     showError(els.composerError, "");
     els.input.removeAttribute("aria-invalid");
   }
   setTyping(els.input.value.length > 0);
 });
-els.input.addEventListener("blur", () => setTyping(false));
+els.input.addEventListener("blur", () => { setTyping(false); closeHints(); });
 
 els.sendNow?.addEventListener("click", () => sendMessage("interrupt"));
 
-els.abort.addEventListener("click", async () => {
+async function abortReply() {
   els.abort.disabled = true;
   try {
     const result = await api.post(`${base}/abort/`, {});
@@ -896,112 +1153,113 @@ els.abort.addEventListener("click", async () => {
     notice(errorText(err, "Could not abort the reply."));
     els.abort.disabled = false;
   }
-});
+}
+els.abort.addEventListener("click", abortReply);
 
 // ------------------------------------------------------------------ permissions
 
+// A request is answered on its tool card, inline: nothing is modal and nothing takes the
+// focus, so someone typing keeps typing. Editors and the owner get Approve / Reject and
+// a reason; viewers see the request and who answered it. The first answer wins (the
+// server decides); a late one is told who answered first.
 const pendingPermissions = new Map(); // id -> permission, oldest first
-const dismissed = new Set();
-let shownPermission = null;
-let permissionReturnFocus = null;
-const permButtons = {
-  approve: $("permission-approve"),
-  reject: $("permission-reject"),
-  later: $("permission-later"),
-};
+const approvals = new Map(); // permission id -> its approval block (kept across card re-renders)
+
+function pendingForCall(callId) {
+  if (!callId) return null;
+  for (const perm of pendingPermissions.values()) if (perm.call_id === callId) return perm;
+  return null;
+}
+
+function approvalBlock(perm) {
+  let block = approvals.get(perm.id);
+  if (block) return block;
+  const write = canWrite();
+  const expires = perm.expires_at ? new Date(perm.expires_at) : null;
+  const until = expires && !Number.isNaN(expires.getTime())
+    ? ` If nobody answers by ${expires.toLocaleTimeString()}, it counts as rejected.` : "";
+  block = el("div", { class: "approval", role: "group", "data-permission-id": perm.id,
+                      "aria-label": `Permission request: run ${perm.tool}` },
+    el("p", { class: "approval-marker", text: write ? "Waiting for your approval" : "Waiting for an editor's approval" }),
+    el("p", { class: "approval-note", text: (write
+      ? `The agent asks to run ${perm.tool} with the input above. You, or any editor, can answer; the first answer counts.`
+      : `The agent asks to run ${perm.tool}. You are a viewer: an editor or the owner will answer.`) + until }));
+  if (write) {
+    const reason = el("input", { type: "text", class: "approval-reason", maxLength: 2000, autocomplete: "off" });
+    const approve = el("button", { type: "button", class: "primary approve-button", text: "Approve" });
+    const reject = el("button", { type: "button", class: "danger reject-button", text: "Reject" });
+    approve.setAttribute("aria-label", `Approve running ${perm.tool}`);
+    reject.setAttribute("aria-label", `Reject running ${perm.tool}`);
+    approve.addEventListener("click", () => answerPermission(perm.id, true));
+    reject.addEventListener("click", () => answerPermission(perm.id, false));
+    // Enter in the reason field must not approve by accident: it does nothing there.
+    reason.addEventListener("keydown", (e) => { if (e.key === "Enter") e.preventDefault(); });
+    block.append(el("div", { class: "approval-answer" },
+      el("label", {}, "Reason (optional)", reason), reject, approve));
+  }
+  block.append(el("p", { class: "error approval-error", role: "alert", hidden: true }));
+  approvals.set(perm.id, block);
+  return block;
+}
+
+function placeApprovals() {
+  // Each pending request sits on its tool card; one whose card is not shown (older
+  // history not loaded) sits in the banner.
+  const elsewhere = [];
+  for (const perm of pendingPermissions.values()) {
+    const block = approvalBlock(perm);
+    const card = perm.call_id ? toolCards.get(perm.call_id) : null;
+    const slot = card?.slot?.isConnected ? card.slot : null;
+    if (slot) {
+      if (block.parentElement !== slot) slot.replaceChildren(block);
+      card.el.classList.add("awaiting");
+    } else {
+      elsewhere.push(block);
+    }
+  }
+  const box = $("pending-elsewhere");
+  for (const child of [...box.children]) if (!elsewhere.includes(child)) child.remove();
+  for (const block of elsewhere) if (block.parentElement !== box) box.append(block);
+  for (const [id, block] of approvals) {
+    if (pendingPermissions.has(id)) continue;
+    const hadFocus = block.contains(document.activeElement);
+    const card = block.closest(".tool-card");
+    block.remove();
+    approvals.delete(id);
+    card?.classList.remove("awaiting");
+    if (hadFocus && !els.input.disabled) els.input.focus({ preventScroll: true });
+  }
+}
 
 function syncPermissionUi() {
-  // The banner lists what is still waiting; the dialog opens for requests not put off.
   const waiting = [...pendingPermissions.values()];
   els.pending.hidden = waiting.length === 0;
   if (waiting.length) {
     const tools = waiting.map((p) => p.tool);
+    $("pending-marker").textContent = canWrite() ? "Waiting for your approval." : "Waiting for an editor's approval.";
     els.pendingSummary.textContent = waiting.length === 1
-      ? `It asks to run ${tools[0]}.`
+      ? `The agent asks to run ${tools[0]}.`
       : `${waiting.length} requests: ${tools.join(", ")}.`;
-    els.review.textContent = canWrite() ? "Review request" : "View request";
+    els.review.textContent = waiting.length === 1 ? "Show request" : "Show first request";
   }
-  if (shownPermission && !pendingPermissions.has(shownPermission.id)) closePermissionDialog();
-  if (!shownPermission) {
-    const next = waiting.find((p) => !dismissed.has(p.id));
-    if (next) openPermissionDialog(next);
-  } else {
-    fillPermissionDialog(pendingPermissions.get(shownPermission.id) || shownPermission);
-  }
+  placeApprovals();
+  syncNotificationsControl();
+  syncTitle();
 }
 
-function fillPermissionDialog(perm) {
-  shownPermission = perm;
-  $("permission-tool").textContent = perm.tool;
-  $("permission-input").textContent = pretty(perm.input ?? {});
-  const expires = perm.expires_at ? new Date(perm.expires_at) : null;
-  $("permission-expires").textContent = expires && !Number.isNaN(expires.getTime())
-    ? `If nobody answers by ${expires.toLocaleTimeString()}, it counts as rejected.` : "";
-  const write = canWrite();
-  $("permission-answer").hidden = !write;
-  $("permission-readonly").hidden = write;
-  permButtons.approve.hidden = !write;
-  permButtons.reject.hidden = !write;
-  permButtons.later.textContent = write ? "Later" : "Close";
-  els.dialog.dataset.permissionId = perm.id;
-}
-
-function openPermissionDialog(perm) {
-  if (sessionGone) return;
-  const active = document.activeElement;
-  permissionReturnFocus = active && !els.dialog.contains(active) && active !== document.body ? active : null;
-  fillPermissionDialog(perm);
-  $("permission-reason").value = "";
-  showError($("permission-error"), "");
-  setPermissionBusy(false);
-  if (!els.dialog.open) els.dialog.showModal();
-  // Focus the heading, not a button: an Enter meant for the composer must not approve.
-  $("permission-heading").focus();
-}
-
-function closePermissionDialog(message) {
-  const wasOpen = els.dialog.open;
-  shownPermission = null;
-  delete els.dialog.dataset.permissionId;
-  if (wasOpen) els.dialog.close();
-  if (message) notice(message);
-}
-
-els.dialog.addEventListener("close", () => {
-  if (els.dialog.open) return; // already showing the next request
-  const leftPending = shownPermission && pendingPermissions.has(shownPermission.id);
-  if (leftPending) {
-    // Escape or "Later": the request stays in the banner, with a button to come back.
-    dismissed.add(shownPermission.id);
-    shownPermission = null;
-    notice("The permission request is still waiting. Use “Review request” to answer it.");
-  }
-  shownPermission = null;
-  const target = leftPending
-    ? els.review
-    : permissionReturnFocus?.isConnected && !permissionReturnFocus.disabled ? permissionReturnFocus : els.input;
-  permissionReturnFocus = null;
-  if (target && !target.disabled && target.offsetParent !== null) target.focus();
-  else if (!els.input.disabled) els.input.focus();
-  else els.title.focus?.();
-  // Another request may be waiting.
-  setTimeout(syncPermissionUi, 0);
-});
-
-permButtons.later.addEventListener("click", () => els.dialog.close());
 els.review.addEventListener("click", () => {
   const first = pendingPermissions.values().next().value;
-  if (first) {
-    dismissed.delete(first.id);
-    openPermissionDialog(first);
+  const block = first && approvals.get(first.id);
+  if (!block) return;
+  stuck = false;
+  block.scrollIntoView({ block: "center" });
+  // Asked for: now the focus may go there.
+  (block.querySelector(".approve-button") || block).focus?.({ preventScroll: true });
+  if (!block.querySelector(".approve-button")) {
+    block.tabIndex = -1;
+    block.focus({ preventScroll: true });
   }
 });
-
-function setPermissionBusy(busy) {
-  permButtons.approve.disabled = busy;
-  permButtons.reject.disabled = busy;
-  els.dialog.querySelector("form").setAttribute("aria-busy", busy ? "true" : "false");
-}
 
 function whoAnswered(by) {
   if (by === "timeout") return "nobody answered in time";
@@ -1017,49 +1275,162 @@ function resolvedText(tool, approved, by, reason) {
   return `${Who} ${approved ? "approved" : "rejected"} running ${tool}${reason ? ` (“${reason}”)` : ""}.`;
 }
 
-async function answerPermission(approved) {
-  const perm = shownPermission;
-  if (!perm) return;
-  const reason = $("permission-reason").value.trim();
-  setPermissionBusy(true);
-  showError($("permission-error"), "");
-  try {
-    const result = await api.post(`${base}/permissions/${encodeURIComponent(perm.id)}/`,
-      reason ? { approved, reason } : { approved });
-    pendingPermissions.delete(perm.id);
-    closePermissionDialog(resolvedText(perm.tool, result?.approved ?? approved, ME, reason));
+function showResolution(perm, text) {
+  // The card keeps who answered, after the approval block goes.
+  const card = perm?.call_id ? toolCards.get(perm.call_id) : null;
+  if (card) {
+    card.resolution = text;
+    renderTool(card);
+  }
+}
+
+async function answerPermission(id, approved) {
+  const perm = pendingPermissions.get(id);
+  const block = approvals.get(id);
+  if (!perm || !block) return;
+  const reason = block.querySelector(".approval-reason")?.value.trim() || "";
+  const buttons = block.querySelectorAll("button");
+  buttons.forEach((b) => { b.disabled = true; });
+  block.setAttribute("aria-busy", "true");
+  showError(block.querySelector(".approval-error"), "");
+  const settle = (text) => {
+    pendingPermissions.delete(id);
+    showResolution(perm, text);
+    notice(text);
     syncPermissionUi();
+  };
+  try {
+    const result = await api.post(`${base}/permissions/${encodeURIComponent(id)}/`,
+      reason ? { approved, reason } : { approved });
+    pageHeardFromServer();
+    settle(resolvedText(perm.tool, result?.approved ?? approved, ME, reason));
   } catch (err) {
     if (err instanceof TandemError && (err.code === "already_resolved" || err.status === 409)) {
       const current = err.details?.permission || {};
-      pendingPermissions.delete(perm.id);
-      const text = current.status === "expired"
+      settle(current.status === "expired"
         ? `The request to run ${perm.tool} had already expired.`
-        : `Already answered: ${resolvedText(perm.tool, current.approved, current.resolved_by, current.reason)}`;
-      closePermissionDialog(text);
-      syncPermissionUi();
+        : `Already answered: ${resolvedText(perm.tool, current.approved, current.resolved_by, current.reason)}`);
     } else if (err instanceof TandemError && err.status === 404) {
-      pendingPermissions.delete(perm.id);
-      closePermissionDialog("That permission request no longer exists.");
-      syncPermissionUi();
+      settle("That permission request no longer exists.");
     } else {
-      setPermissionBusy(false);
-      showError($("permission-error"), errorText(err, "Your answer was not sent. Try again."));
+      buttons.forEach((b) => { b.disabled = false; });
+      block.removeAttribute("aria-busy");
+      showError(block.querySelector(".approval-error"), errorText(err, "Your answer was not sent. Try again."));
+      if (err instanceof TandemError && err.code === "network_error") networkErrors.add(block.querySelector(".approval-error"));
     }
   }
 }
 
-permButtons.approve.addEventListener("click", () => answerPermission(true));
-permButtons.reject.addEventListener("click", () => answerPermission(false));
-
 function permissionResolved(props) {
   const perm = pendingPermissions.get(props.permission_id);
   pendingPermissions.delete(props.permission_id);
-  dismissed.delete(props.permission_id);
-  const text = resolvedText(perm?.tool || "the tool", props.approved, props.resolved_by, props.reason);
-  if (shownPermission?.id === props.permission_id) closePermissionDialog(text);
-  else if (perm) notice(text);
+  const tool = perm?.tool || "the tool";
+  // A request closed because its reply ended (an abort, a failure) was never answered:
+  // the server ends the tool first, so its card has already ended when this arrives.
+  // "You rejected running calculator" would be wrong; say what happened.
+  const card = perm?.call_id ? toolCards.get(perm.call_id) : null;
+  const cardEnded = card && ["error", "completed"].includes(card.state?.status);
+  let text;
+  if (props.resolved_by !== "timeout" && props.approved === false && cardEnded) {
+    text = `The request to run ${tool} was cancelled: the reply was stopped.`;
+  } else {
+    text = resolvedText(tool, props.approved, props.resolved_by, props.reason);
+  }
+  if (perm) {
+    showResolution(perm, text);
+    notice(text);
+    announce(text);
+  }
   syncPermissionUi();
+}
+
+function permissionRequested(perm) {
+  const known = pendingPermissions.has(perm.id);
+  pendingPermissions.set(perm.id, perm);
+  syncPermissionUi();
+  if (known) return;
+  const text = canWrite()
+    ? `The agent asks permission to run ${perm.tool}. It waits for your approval.`
+    : `The agent asks permission to run ${perm.tool}.`;
+  announce(text);
+  if (canWrite()) attention({ approval: true, title: "Approval needed", body: text, tag: perm.id });
+}
+
+// ------------------------------------------------------------------ attention
+
+// While the tab is hidden: a count in its title (new messages and requests waiting for
+// you), and for requests a browser notification once the reader allowed them. Permission
+// to notify is asked only when they press "Enable notifications", never on load.
+let unseen = 0;
+const baseTitle = () => `${els.title.textContent || SID} · Tandem`;
+function pageHidden() {
+  return document.visibilityState === "hidden";
+}
+function syncTitle() {
+  const waiting = canWrite() ? pendingPermissions.size : 0;
+  const count = pageHidden() ? unseen : 0;
+  const marks = [];
+  if (count) marks.push(`(${count})`);
+  if (waiting && pageHidden()) marks.push("⏳");
+  const title = `${marks.length ? marks.join(" ") + " " : ""}${baseTitle()}`;
+  if (document.title !== title) document.title = title;
+}
+function attention({ approval = false, title = "", body = "", tag = "" } = {}) {
+  if (!pageHidden()) return;
+  unseen += 1;
+  syncTitle();
+  if (approval && notificationsAllowed()) {
+    try {
+      const n = new Notification(`${title} · ${els.title.textContent || "Tandem"}`, { body, tag });
+      n.onclick = () => { window.focus(); n.close(); };
+    } catch {
+      /* some browsers allow notifications only from a service worker */
+    }
+  }
+}
+document.addEventListener("visibilitychange", () => {
+  if (!pageHidden()) unseen = 0;
+  syncTitle();
+});
+
+function notificationsSupported() {
+  return typeof window.Notification === "function";
+}
+function notificationsAllowed() {
+  return notificationsSupported() && Notification.permission === "granted";
+}
+const enableNotifications = $("enable-notifications");
+function syncNotificationsControl() {
+  enableNotifications.hidden = !(canWrite() && notificationsSupported() && Notification.permission === "default");
+}
+enableNotifications.addEventListener("click", async () => {
+  try {
+    const answer = await Notification.requestPermission();
+    notice(answer === "granted"
+      ? "Notifications are on: you will hear of approval requests while this tab is in the background."
+      : "Notifications stay off. The tab title still counts what waits for you.");
+  } catch {
+    notice("This browser did not allow notifications.");
+  }
+  syncNotificationsControl();
+});
+
+// Screen readers hear new messages once, politely; the history loaded on opening is not
+// read out.
+const announcer = $("announcer");
+function announce(text) {
+  if (!text) return;
+  const line = el("p", { text: text.length > 300 ? `${text.slice(0, 300)}…` : text });
+  announcer.append(line);
+  while (announcer.children.length > 3) announcer.firstElementChild.remove();
+}
+
+// Errors that say the network failed are cleared as soon as the page hears from the
+// server again.
+const networkErrors = new Set();
+function pageHeardFromServer() {
+  for (const node of networkErrors) showError(node, "");
+  networkErrors.clear();
 }
 
 // ------------------------------------------------------------------ presence
@@ -1278,6 +1649,8 @@ async function start() {
   if (window.matchMedia("(max-width: 900px)").matches) $("members-panel").open = false;
   setSessionStatus(sessionStatus);
   updateCharCount();
+  fitComposer();
+  syncNotificationsControl();
   let snap;
   try {
     snap = await loadSnapshot();
@@ -1292,8 +1665,18 @@ async function start() {
   }
   applySnapshot(snap);
   floorSeq = snap.low;
-  if (!showLinkedMessage()) scrollToEnd();
   connect(snap.low);
+  // A link to an older message (#m-…) loads pages back until it is there.
+  for (let pages = 0; /^#m-/.test(location.hash) && !showLinkedMessage() && olderUrl && pages < 25; pages += 1) {
+    if (!(await loadOlder())) break;
+  }
+  if (!showLinkedMessage()) {
+    scrollToEnd();
+    // Ready to write; not on a touch screen, where focus would pop the keyboard up.
+    if (canWrite() && !sessionGone && !touchFirst.matches && document.activeElement === document.body) {
+      els.input.focus({ preventScroll: true });
+    }
+  }
   loadMembers();
   refreshPresence();
 }
