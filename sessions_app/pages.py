@@ -14,7 +14,7 @@ from django.contrib.auth.password_validation import password_validators_help_tex
 from django.contrib.auth.views import LogoutView, PasswordResetView
 from django.core.mail import EmailMessage, get_connection
 from django.core.mail.backends.base import BaseEmailBackend
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import redirect, render
 from django.template import loader
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -142,11 +142,10 @@ class PasswordResetPage(PasswordResetView):
     email_template_name = "registration/password_reset_email.txt"
     subject_template_name = "registration/password_reset_subject.txt"
 
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if settings.TANDEM_EMAIL_BACKEND == "none":
             return render(request, "registration/password_reset_off.html")
-        response: HttpResponse = super().dispatch(request, *args, **kwargs)
-        return response
+        return super().dispatch(request, *args, **kwargs)
 
     def form_valid(self, form: PasswordResetMailForm) -> HttpResponse:  # type: ignore[override]
         try:

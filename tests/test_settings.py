@@ -291,3 +291,12 @@ def test_bad_email_settings_stop_the_process(env: dict[str, str], named: str) ->
     result = _load_settings(env, _EMAIL_SHOW)
     assert result.returncode != 0
     assert named in result.stderr and "ImproperlyConfigured" in result.stderr
+
+
+def test_log_lines_never_carry_a_password_reset_token() -> None:
+    from project.logfilters import redact
+
+    line = "GET /accounts/reset/MQ/cz9k1a-4f1d2b3c4d5e6f708192a3b4c5d6e7f8/ 302 3ms"
+    assert redact(line) == "GET /accounts/reset/MQ/[redacted]/ 302 3ms"
+    # Django's next step holds no secret and stays readable.
+    assert redact("GET /accounts/reset/MQ/set-password/ 200") == "GET /accounts/reset/MQ/set-password/ 200"
