@@ -343,3 +343,9 @@ def test_on_the_quick_start_the_reset_link_shows_in_the_servers_output(
     response = Client().post("/accounts/password_reset/", {"email": "alice@example.test"})
     assert response.status_code == 302
     assert "http://testserver/accounts/reset/" in capsys.readouterr().out
+
+
+def test_the_sidebars_new_session_link_lands_on_the_form(alice: Any, shared_session: Session) -> None:
+    browser = browser_for(alice)
+    assert 'href="/#new-title">+ New session</a>' in browser.get(f"/s/{shared_session.id}/").content.decode()
+    assert '<input id="new-title"' in browser.get("/").content.decode()
