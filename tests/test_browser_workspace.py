@@ -424,3 +424,36 @@ def test_password_pages_are_reached_from_the_menu_and_the_login_page(browse: Any
     expect(anonymous.get_by_role("heading", name="Forgot your password?")).to_be_visible()
     icon = anonymous.locator("link[rel=icon]")
     expect(icon).to_have_attribute("href", "/static/img/favicon.svg")
+
+
+def test_on_the_quick_start_a_forgotten_password_is_reset_from_the_servers_output(
+    browse: Any, live: Any, alice: Any
+) -> None:
+    # The account an administrator made with an address; the server runs with the quick
+    # start's settings, which print the email instead of sending it.
+    alice.email = "alice@example.test"
+    alice.save(update_fields=["email"])
+    page = browse(None, **PHONE)
+    page.goto("/accounts/login/")
+    page.get_by_role("link", name="Forgot your password?").tap()
+    page.get_by_label("Email").fill("alice@example.test")
+    page.get_by_role("button", name="Send the link").tap()
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+    link = re.search(r"http://\S+/accounts/reset/\S+/", live.log())
+    assert link, live.log()
+    assert link.group(0).startswith(live.url)
+    page.goto(link.group(0))
+    expect(page.get_by_role("heading", name="Set a new password")).to_be_visible()
+    assert no_horizontal_scroll(page)
+    save_screenshot(page, "password-reset-phone")
+    new = "amber-willow-compass-58"
+    page.get_by_label("New password", exact=True).fill(new)
+    page.get_by_label("New password confirmation").fill(new)
+    page.get_by_role("button", name="Set password").tap()
+    expect(page.get_by_role("heading", name="Your new password is set")).to_be_visible()
+    alice.refresh_from_db()
+    assert alice.check_password(new)
+    # The server's log lines (the access log) never show the link's token.
+    token = link.group(0).rstrip("/").rsplit("/", 1)[1]
+    assert live.log().count(token) == 1  # once: in the printed email, nowhere else
+    assert re.search(r"GET /accounts/reset/[\w-]+/\[redacted\]/", live.log()), live.log()
