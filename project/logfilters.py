@@ -1,7 +1,7 @@
 """Log hygiene: stream URLs carry ``?token=`` and ``?ticket=`` (browsers cannot send
-headers), and proxies and servers log URLs. Every record passes through this filter, and
-every line the JSON formatter writes is redacted once more as a whole (extra fields,
-tracebacks)."""
+headers), password reset links a token in their path, and proxies and servers log URLs.
+Every record passes through this filter, and every line the JSON formatter writes is
+redacted once more as a whole (extra fields, tracebacks)."""
 from __future__ import annotations
 
 import logging
@@ -23,11 +23,16 @@ _SECRET_PARAM = re.compile(
 )
 _BEARER = re.compile(r"(\bBearer\s+)[^\s\"',)\\]+", re.IGNORECASE)
 _JWT = re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]+")
+# A password reset link's token (``/accounts/reset/<uid>/<token>/``): whoever reads it can
+# set the account's password until it is used. Django's next step, ``set-password``, is no
+# secret.
+_RESET_TOKEN = re.compile(r"(/accounts/reset/[\w-]+/)(?!set-password/)[\w-]+")
 
 
 def redact(text: str) -> str:
     text = _SECRET_PARAM.sub(r"\1[redacted]", text)
     text = _BEARER.sub(r"\1[redacted]", text)
+    text = _RESET_TOKEN.sub(r"\1[redacted]", text)
     return _JWT.sub("[redacted]", text)
 
 

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 from datetime import timedelta
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,63 @@ CORS_PREFLIGHT_MAX_AGE = 600
 TANDEM_LOG_FORMAT = env_str("TANDEM_LOG_FORMAT", "plain")
 if TANDEM_LOG_FORMAT not in ("plain", "json"):
     raise ImproperlyConfigured("TANDEM_LOG_FORMAT must be 'plain' or 'json'.")
+
+# Email: only the password reset page sends any (docs/DEPLOY.md "Email"). "console" prints
+# each message, reset link included, to the server's standard output: what a laptop user
+# needs, and so refused wherever output is production-style (DEBUG off or JSON logs), where
+# the link would land in the journal. "none" (the default there) turns the reset page off.
+TANDEM_EMAIL_BACKEND = env_str(
+    "TANDEM_EMAIL_BACKEND", "console" if DEBUG and TANDEM_LOG_FORMAT == "plain" else "none"
+)
+if TANDEM_EMAIL_BACKEND not in ("console", "smtp", "none"):
+    raise ImproperlyConfigured("TANDEM_EMAIL_BACKEND must be 'console', 'smtp' or 'none'.")
+if TANDEM_EMAIL_BACKEND == "console" and not (DEBUG and TANDEM_LOG_FORMAT == "plain"):
+    raise ImproperlyConfigured(
+        "TANDEM_EMAIL_BACKEND=console writes password reset links to the logs; it is for the "
+        "quick start only (DEBUG on, plain logs). Use 'smtp' or 'none'."
+    )
+EMAIL_BACKEND = {
+    "console": "django.core.mail.backends.console.EmailBackend",
+    "smtp": "django.core.mail.backends.smtp.EmailBackend",
+    # Never called: the reset page says email is off instead of pretending to send.
+    "none": "django.core.mail.backends.dummy.EmailBackend",
+}[TANDEM_EMAIL_BACKEND]
+EMAIL_HOST = env_str("TANDEM_EMAIL_HOST", "")
+EMAIL_PORT = env_int("TANDEM_EMAIL_PORT", 587, minimum=1)
+if EMAIL_PORT > 65535:
+    raise ImproperlyConfigured(f"TANDEM_EMAIL_PORT={EMAIL_PORT} is not a port (1-65535)")
+EMAIL_HOST_USER = env_str("TANDEM_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = env_secret("TANDEM_EMAIL_PASSWORD")
+# "starttls" (port 587), "tls" (implicit TLS, port 465) or "none" (a relay on this machine).
+TANDEM_EMAIL_SECURITY = env_str("TANDEM_EMAIL_SECURITY", "starttls")
+if TANDEM_EMAIL_SECURITY not in ("starttls", "tls", "none"):
+    raise ImproperlyConfigured("TANDEM_EMAIL_SECURITY must be 'starttls', 'tls' or 'none'.")
+EMAIL_USE_TLS = TANDEM_EMAIL_SECURITY == "starttls"
+EMAIL_USE_SSL = TANDEM_EMAIL_SECURITY == "tls"
+# Django waits forever by default: a mail server that stops answering would hold the
+# request, and one of the process's request places, for good.
+EMAIL_TIMEOUT = env_float("TANDEM_EMAIL_TIMEOUT", 10.0, minimum=0.1)
+DEFAULT_FROM_EMAIL = env_str("TANDEM_EMAIL_FROM", "")
+if not DEFAULT_FROM_EMAIL and TANDEM_EMAIL_BACKEND != "smtp":
+    DEFAULT_FROM_EMAIL = "tandem@localhost"  # printed, never sent
+if DEFAULT_FROM_EMAIL and (
+    "@" not in parseaddr(DEFAULT_FROM_EMAIL)[1] or any(c in DEFAULT_FROM_EMAIL for c in "\r\n")
+):
+    raise ImproperlyConfigured(
+        f"TANDEM_EMAIL_FROM={DEFAULT_FROM_EMAIL!r} is not an address (tandem@example.org or "
+        "Tandem <tandem@example.org>)"
+    )
+if TANDEM_EMAIL_BACKEND == "smtp":
+    if not EMAIL_HOST:
+        raise ImproperlyConfigured("TANDEM_EMAIL_BACKEND=smtp needs TANDEM_EMAIL_HOST.")
+    if not DEFAULT_FROM_EMAIL:
+        raise ImproperlyConfigured(
+            "TANDEM_EMAIL_BACKEND=smtp needs TANDEM_EMAIL_FROM, an address the mail server "
+            "accepts as sender."
+        )
+    if EMAIL_HOST_PASSWORD and not EMAIL_HOST_USER:
+        raise ImproperlyConfigured("TANDEM_EMAIL_PASSWORD is set without TANDEM_EMAIL_USER.")
+
 LOGGING_CONFIG = "project.logfilters.configure"
 LOGGING = {
     "version": 1,

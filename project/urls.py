@@ -37,6 +37,12 @@ urlpatterns = [
         sign_in_throttled("password")(PasswordChangeView.as_view()),
         name="password_change",
     ),
+    # It sends mail: throttled per address like the login page, against mail floods.
+    path(
+        "accounts/password_reset/",
+        sign_in_throttled("password")(pages.PasswordResetPage.as_view()),
+        name="password_reset",
+    ),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include(api)),
     # /healthz, /readyz and /metrics are answered by project.probes, for any Host.

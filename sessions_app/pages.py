@@ -2,16 +2,21 @@
 streams every other client uses, through ``static/js/tandem.js``."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import PasswordResetForm
 from django.contrib.auth.password_validation import password_validators_help_text_html
-from django.contrib.auth.views import LogoutView
-from django.http import HttpRequest, HttpResponse
+from django.contrib.auth.views import LogoutView, PasswordResetView
+from django.core.mail import EmailMessage, get_connection
+from django.core.mail.backends.base import BaseEmailBackend
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import redirect, render
+from django.template import loader
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from project.errors import NotFound, ValidationFailed
@@ -19,6 +24,8 @@ from project.middleware import not_found_page
 from sessions_app import services
 from sessions_app.access import session_for
 from sessions_app.agents import registry as agent_registry
+
+log = logging.getLogger(__name__)
 
 
 @login_required
@@ -108,3 +115,47 @@ class LogoutPage(LogoutView):
         if request.user.is_authenticated:
             return render(request, "registration/logout_confirm.html")
         return render(request, "registration/logged_out.html")
+
+
+class PasswordResetMailForm(PasswordResetForm):
+    """Django's form, except that a message that cannot be sent raises instead of being
+    logged and forgotten (Django then shows "check your email" for a mail that never
+    left), and goes out over the connection the page opened."""
+
+    connection: BaseEmailBackend | None = None
+
+    def send_mail(
+        self, subject_template_name: str, email_template_name: str, context: dict[str, Any],
+        from_email: str | None, to_email: str, html_email_template_name: str | None = None,
+    ) -> None:
+        subject = "".join(loader.render_to_string(subject_template_name, context).splitlines())
+        body = loader.render_to_string(email_template_name, context)
+        EmailMessage(subject, body, from_email, [to_email], connection=self.connection).send()
+
+
+class PasswordResetPage(PasswordResetView):
+    """``/accounts/password_reset/``. With email off (``TANDEM_EMAIL_BACKEND=none``) it says
+    so instead of showing a form whose mail would never come. A mail server that is down or
+    refuses the message gives a 503 page that says the mail was not sent; the connection is
+    opened before the address is looked up, so a server that is down gives every address
+    the same answer and the page never tells which addresses have accounts."""
+
+    form_class = PasswordResetMailForm
+    email_template_name = "registration/password_reset_email.txt"
+    subject_template_name = "registration/password_reset_subject.txt"
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if settings.TANDEM_EMAIL_BACKEND == "none":
+            return render(request, "registration/password_reset_off.html")
+        return super().dispatch(request, *args, **kwargs)
+
+    def form_valid(self, form: PasswordResetMailForm) -> HttpResponse:  # type: ignore[override]
+        try:
+            with get_connection(fail_silently=False) as connection:
+                form.connection = connection
+                response: HttpResponse = super().form_valid(form)
+                return response
+        except OSError as exc:  # smtplib's errors, refused connections, TLS failures
+            # The class and the server's words; never the message, which holds the link.
+            log.warning("password reset mail not sent: %s: %s", type(exc).__name__, exc)
+            return render(self.request, "registration/password_reset_failed.html", status=503)

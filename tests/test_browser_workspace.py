@@ -79,7 +79,7 @@ def test_sidebar_switches_sessions_and_shows_status_and_unread_live(
     ids_before = sidebar_ids(page)
     post(live, bob, other, "are we shipping on friday? " + " ".join(f"w{i}" for i in range(60)))
     item = sidebar_item(page, other)
-    expect(item.locator(".sidebar-status")).to_have_text("running", timeout=10_000)
+    expect(item.locator(".sidebar-status")).to_have_text("busy", timeout=10_000)
     expect(item).to_have_attribute("data-unread", "true")
     expect(item.locator(".unread-marker")).to_have_text("new messages")
     expect(page.locator("#sidebar-toggle-count")).to_have_text("1")
@@ -170,6 +170,11 @@ def test_sidebar_is_a_drawer_on_a_phone(browse: Any, live: Any, alice: Any, bob:
     assert box["x"] == 0 and box["width"] <= 390
     expect(sidebar_item(page, shared_session).get_by_role("link")).to_be_focused()
     expect(sidebar_item(page, other)).to_have_attribute("data-unread", "true")
+    # The drawer's two controls are one finger-sized row.
+    new_box = sidebar.get_by_role("link", name="+ New session").bounding_box()
+    close_box = page.get_by_role("button", name="Close the sessions list").bounding_box()
+    assert abs(new_box["height"] - close_box["height"]) < 1 and close_box["height"] >= 38
+    assert abs((new_box["y"] + new_box["height"] / 2) - (close_box["y"] + close_box["height"] / 2)) < 1
     save_screenshot(page, "sidebar-phone-open")
     page.keyboard.press("Escape")
     expect(sidebar).to_be_hidden()
@@ -262,6 +267,17 @@ def test_dark_mode_on_a_phone(browse: Any, live: Any, alice: Any, bob: Any, shar
     expect(page.locator("html")).to_have_attribute("data-theme", "dark")
     assert no_horizontal_scroll(page)
     save_screenshot(page, "session-dark-phone")
+    page.get_by_role("button", name=re.compile("^Sessions")).tap()
+    expect(page.locator("#sessions-sidebar")).to_be_visible()
+    assert background(page, "#sessions-sidebar") == "rgb(23, 28, 34)"
+    save_screenshot(page, "sidebar-phone-dark")
+
+    page.goto("/")
+    expect(page.locator("#list-connection")).to_have_attribute("data-state", LIVE, timeout=15_000)
+    assert no_horizontal_scroll(page)
+    # The search box is a themed field like the others, not the browser's grey one.
+    assert background(page, "#search-input") == background(page, "#new-title") == "rgb(23, 28, 34)"
+    save_screenshot(page, "sessions-list-dark-phone")
 
 
 def test_the_login_page_themes_too(browse: Any) -> None:
@@ -408,3 +424,36 @@ def test_password_pages_are_reached_from_the_menu_and_the_login_page(browse: Any
     expect(anonymous.get_by_role("heading", name="Forgot your password?")).to_be_visible()
     icon = anonymous.locator("link[rel=icon]")
     expect(icon).to_have_attribute("href", "/static/img/favicon.svg")
+
+
+def test_on_the_quick_start_a_forgotten_password_is_reset_from_the_servers_output(
+    browse: Any, live: Any, alice: Any
+) -> None:
+    # The account an administrator made with an address; the server runs with the quick
+    # start's settings, which print the email instead of sending it.
+    alice.email = "alice@example.test"
+    alice.save(update_fields=["email"])
+    page = browse(None, **PHONE)
+    page.goto("/accounts/login/")
+    page.get_by_role("link", name="Forgot your password?").tap()
+    page.get_by_label("Email").fill("alice@example.test")
+    page.get_by_role("button", name="Send the link").tap()
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+    link = re.search(r"http://\S+/accounts/reset/\S+/", live.log())
+    assert link, live.log()
+    assert link.group(0).startswith(live.url)
+    page.goto(link.group(0))
+    expect(page.get_by_role("heading", name="Set a new password")).to_be_visible()
+    assert no_horizontal_scroll(page)
+    save_screenshot(page, "password-reset-phone")
+    new = "amber-willow-compass-58"
+    page.get_by_label("New password", exact=True).fill(new)
+    page.get_by_label("New password confirmation").fill(new)
+    page.get_by_role("button", name="Set password").tap()
+    expect(page.get_by_role("heading", name="Your new password is set")).to_be_visible()
+    alice.refresh_from_db()
+    assert alice.check_password(new)
+    # The server's log lines (the access log) never show the link's token.
+    token = link.group(0).rstrip("/").rsplit("/", 1)[1]
+    assert live.log().count(token) == 1  # once: in the printed email, nowhere else
+    assert re.search(r"GET /accounts/reset/[\w-]+/\[redacted\]/", live.log()), live.log()

@@ -1,13 +1,18 @@
 """The server side of the browser pages: who may open them, and where the others go."""
 from __future__ import annotations
 
+import smtplib
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from django.core import mail
+from django.core.mail import EmailMessage
+from django.core.mail.backends.base import BaseEmailBackend
 from django.test import Client
 
 from sessions_app.models import Session
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -219,3 +224,128 @@ def test_an_untitled_session_is_not_named_by_its_id(alice: Any) -> None:
     assert "<title>Untitled session · Tandem</title>" in body
     assert '<h1 id="session-title">Untitled session</h1>' in body
     assert f">{session.id}<" not in body
+
+
+class RefusingMailBackend(BaseEmailBackend):
+    """A mail server that is down: every connection is refused."""
+
+    def open(self) -> bool:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        self.open()
+        return 0
+
+
+class BouncingMailBackend(BaseEmailBackend):
+    """A mail server that takes the connection and then refuses the message."""
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        raise smtplib.SMTPDataError(451, b"Try again later")
+
+
+@pytest.fixture
+def alice_with_email(alice: Any) -> Any:
+    """An account the administrator made with an email address (sign-up makes none)."""
+    alice.email = "alice@example.test"
+    alice.save(update_fields=["email"])
+    return alice
+
+
+def test_a_reset_for_an_account_with_email_sends_a_tandem_link(alice_with_email: Any) -> None:
+    response = Client().post("/accounts/password_reset/", {"email": "alice@example.test"})
+    assert response.status_code == 302 and response["Location"] == "/accounts/password_reset/done/"
+    [message] = mail.outbox
+    assert message.to == ["alice@example.test"] and "Tandem" in message.subject
+    assert "alice" in message.body and "http://testserver/accounts/reset/" in message.body
+    link = next(word for word in message.body.split() if "/accounts/reset/" in word)
+    # The link works: it leads to the form for a new password.
+    browser = Client()
+    form = browser.get(link, follow=True)
+    assert form.status_code == 200 and "new_password1" in form.content.decode()
+
+
+def test_no_mail_server_gives_a_clear_page_not_a_false_check_your_email(
+    alice_with_email: Any, settings: Any
+) -> None:
+    # Django's default: SMTP on this machine, where nothing listens.
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", free_port(), 5
+    response = Client().post("/accounts/password_reset/", {"email": "alice@example.test"})
+    assert response.status_code == 503
+    body = response.content.decode()
+    assert "could not send" in body and "css/tandem.css" in body and "Check your email" not in body
+
+
+@pytest.mark.parametrize("email", ["alice@example.test", "nobody@example.test"])
+def test_a_mail_server_that_is_down_gives_the_same_clear_page_for_any_address(
+    alice_with_email: Any, settings: Any, email: str
+) -> None:
+    # The same answer whether or not an account has the address: the page must not tell
+    # strangers which addresses have accounts.
+    settings.EMAIL_BACKEND = "tests.test_pages.RefusingMailBackend"
+    response = Client().post("/accounts/password_reset/", {"email": email})
+    assert response.status_code == 503 and "could not send" in response.content.decode()
+
+
+def test_a_refused_message_gives_the_clear_page_too(alice_with_email: Any, settings: Any) -> None:
+    settings.EMAIL_BACKEND = "tests.test_pages.BouncingMailBackend"
+    response = Client().post("/accounts/password_reset/", {"email": "alice@example.test"})
+    assert response.status_code == 503 and "could not send" in response.content.decode()
+
+
+def test_with_email_off_the_reset_page_says_so_and_sends_nothing(
+    alice_with_email: Any, settings: Any
+) -> None:
+    settings.TANDEM_EMAIL_BACKEND = "none"
+    page = Client().get("/accounts/password_reset/")
+    assert page.status_code == 200
+    assert "not set up to send email" in page.content.decode() and 'name="email"' not in page.content.decode()
+    response = Client().post("/accounts/password_reset/", {"email": "alice@example.test"})
+    assert response.status_code == 200 and "not set up to send email" in response.content.decode()
+    assert mail.outbox == []
+
+
+def test_a_bad_reset_form_is_a_form_error_not_a_mail_attempt(alice_with_email: Any, settings: Any) -> None:
+    settings.EMAIL_BACKEND = "tests.test_pages.RefusingMailBackend"
+    response = Client().post("/accounts/password_reset/", {"email": "not an address"})
+    assert response.status_code == 200 and "Enter a valid email address" in response.content.decode()
+
+
+def test_the_reset_page_is_throttled_per_address(alice_with_email: Any, settings: Any) -> None:
+    from tests.test_auth_throttle import fresh_window
+
+    settings.TANDEM_RATE_AUTH_IP = "2/hour"
+    fresh_window()
+    browser = Client(REMOTE_ADDR="203.0.113.81")
+    for _ in range(2):
+        assert browser.post("/accounts/password_reset/", {"email": "alice@example.test"}).status_code == 302
+    refused = browser.post("/accounts/password_reset/", {"email": "alice@example.test"})
+    assert refused.status_code == 429 and int(refused["Retry-After"]) >= 1
+    assert len(mail.outbox) == 2
+    assert browser.get("/accounts/password_reset/").status_code == 200  # the form itself still shows
+
+
+def test_a_password_change_signs_out_the_accounts_other_browsers(alice: Any) -> None:
+    here, elsewhere = Client(), Client()
+    for browser in (here, elsewhere):
+        assert browser.post("/accounts/login/", {"username": "alice", "password": PASSWORD}).status_code == 302
+    new = "quiet-harbour-lantern-93"
+    here.post("/accounts/password_change/", {"old_password": PASSWORD, "new_password1": new, "new_password2": new})
+    assert here.get("/").status_code == 200
+    assert elsewhere.get("/")["Location"] == "/accounts/login/?next=/"
+
+
+def test_on_the_quick_start_the_reset_link_shows_in_the_servers_output(
+    alice_with_email: Any, settings: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings.EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+    response = Client().post("/accounts/password_reset/", {"email": "alice@example.test"})
+    assert response.status_code == 302
+    assert "http://testserver/accounts/reset/" in capsys.readouterr().out
+
+
+def test_the_sidebars_new_session_link_lands_on_the_form(alice: Any, shared_session: Session) -> None:
+    browser = browser_for(alice)
+    assert 'href="/#new-title">+ New session</a>' in browser.get(f"/s/{shared_session.id}/").content.decode()
+    assert '<input id="new-title"' in browser.get("/").content.decode()

@@ -223,3 +223,80 @@ def test_allowed_origins_accept_scheme_host_and_port() -> None:
 def test_sign_in_is_throttled_by_default() -> None:
     result = _load_settings({}, "settings.TANDEM_RATE_AUTH_IP, settings.TANDEM_RATE_AUTH_USER, settings.TANDEM_RATE_TICKET")
     assert result.stdout.split() == ["60/min", "10/min", "120/min"], result.stderr
+
+
+_EMAIL_SHOW = "settings.EMAIL_BACKEND.rsplit('.', 2)[1], settings.TANDEM_EMAIL_BACKEND"
+_SMTP = {
+    "TANDEM_EMAIL_BACKEND": "smtp", "TANDEM_EMAIL_HOST": "mail.example.org",
+    "TANDEM_EMAIL_FROM": "Tandem <tandem@example.org>",
+}
+
+
+def test_email_is_printed_on_the_quick_start_and_off_where_logs_are_production_style() -> None:
+    production = {"DEBUG": "0", "SECRET_KEY": "x" * 50}
+    assert _load_settings({}, _EMAIL_SHOW).stdout.split() == ["console", "console"]
+    assert _load_settings(production, _EMAIL_SHOW).stdout.split() == ["dummy", "none"]
+    json_logs = _load_settings({"TANDEM_LOG_FORMAT": "json"}, _EMAIL_SHOW)
+    assert json_logs.stdout.split() == ["dummy", "none"], json_logs.stderr
+
+
+@pytest.mark.parametrize("env", [
+    {"DEBUG": "0", "SECRET_KEY": "x" * 50, "TANDEM_EMAIL_BACKEND": "console"},
+    {"TANDEM_LOG_FORMAT": "json", "TANDEM_EMAIL_BACKEND": "console"},
+])
+def test_printing_reset_links_into_production_logs_is_refused(env: dict[str, str]) -> None:
+    result = _load_settings(env, _EMAIL_SHOW)
+    assert result.returncode != 0
+    assert "TANDEM_EMAIL_BACKEND=console" in result.stderr and "quick start" in result.stderr
+
+
+def test_smtp_reads_host_port_login_security_sender_and_timeout(tmp_path: Path) -> None:
+    secret = tmp_path / "mail-password"
+    secret.write_text("s3cret\n")
+    show = (
+        "settings.EMAIL_BACKEND, settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_HOST_USER, "
+        "settings.EMAIL_HOST_PASSWORD, settings.EMAIL_USE_TLS, settings.EMAIL_USE_SSL, settings.EMAIL_TIMEOUT, "
+        "repr(settings.DEFAULT_FROM_EMAIL)"
+    )
+    result = _load_settings({
+        **_SMTP, "DEBUG": "0", "SECRET_KEY": "x" * 50, "TANDEM_EMAIL_PORT": "465",
+        "TANDEM_EMAIL_SECURITY": "tls", "TANDEM_EMAIL_USER": "tandem",
+        "TANDEM_EMAIL_PASSWORD_FILE": str(secret), "TANDEM_EMAIL_TIMEOUT": "4",
+    }, show)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(maxsplit=8) == [
+        "django.core.mail.backends.smtp.EmailBackend", "mail.example.org", "465", "tandem", "s3cret",
+        "False", "True", "4.0", "'Tandem <tandem@example.org>'\n",
+    ]
+    # STARTTLS on 587 unless told otherwise, and a timeout even when none is given.
+    defaults = _load_settings(_SMTP, "settings.EMAIL_PORT, settings.EMAIL_USE_TLS, settings.EMAIL_USE_SSL, settings.EMAIL_TIMEOUT")
+    assert defaults.stdout.split() == ["587", "True", "False", "10.0"], defaults.stderr
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"TANDEM_EMAIL_BACKEND": "sendmail"}, "TANDEM_EMAIL_BACKEND"),
+    ({"TANDEM_EMAIL_BACKEND": "smtp", "TANDEM_EMAIL_FROM": "t@example.org"}, "TANDEM_EMAIL_HOST"),
+    ({"TANDEM_EMAIL_BACKEND": "smtp", "TANDEM_EMAIL_HOST": "mail.example.org"}, "TANDEM_EMAIL_FROM"),
+    ({**_SMTP, "TANDEM_EMAIL_PORT": "smtp"}, "TANDEM_EMAIL_PORT"),
+    ({**_SMTP, "TANDEM_EMAIL_PORT": "0"}, "TANDEM_EMAIL_PORT"),
+    ({**_SMTP, "TANDEM_EMAIL_PORT": "70000"}, "TANDEM_EMAIL_PORT"),
+    ({**_SMTP, "TANDEM_EMAIL_SECURITY": "ssl"}, "TANDEM_EMAIL_SECURITY"),
+    ({**_SMTP, "TANDEM_EMAIL_TIMEOUT": "0"}, "TANDEM_EMAIL_TIMEOUT"),
+    ({**_SMTP, "TANDEM_EMAIL_FROM": "tandem"}, "TANDEM_EMAIL_FROM"),
+    ({**_SMTP, "TANDEM_EMAIL_PASSWORD": "s3cret"}, "TANDEM_EMAIL_USER"),
+    ({**_SMTP, "TANDEM_EMAIL_PASSWORD": "a", "TANDEM_EMAIL_PASSWORD_FILE": "/etc/x"}, "TANDEM_EMAIL_PASSWORD"),
+    ({**_SMTP, "TANDEM_EMAIL_PASSWORD_FILE": "/nonexistent/mail-password"}, "TANDEM_EMAIL_PASSWORD_FILE"),
+])
+def test_bad_email_settings_stop_the_process(env: dict[str, str], named: str) -> None:
+    result = _load_settings(env, _EMAIL_SHOW)
+    assert result.returncode != 0
+    assert named in result.stderr and "ImproperlyConfigured" in result.stderr
+
+
+def test_log_lines_never_carry_a_password_reset_token() -> None:
+    from project.logfilters import redact
+
+    line = "GET /accounts/reset/MQ/cz9k1a-4f1d2b3c4d5e6f708192a3b4c5d6e7f8/ 302 3ms"
+    assert redact(line) == "GET /accounts/reset/MQ/[redacted]/ 302 3ms"
+    # Django's next step holds no secret and stays readable.
+    assert redact("GET /accounts/reset/MQ/set-password/ 200") == "GET /accounts/reset/MQ/set-password/ 200"

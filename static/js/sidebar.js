@@ -1,5 +1,5 @@
 // The sessions sidebar of the session page: every session of the caller, most recent
-// activity first, each with its status (idle, running, waiting for approval) and an
+// activity first, each with its status (idle, busy, retrying, waiting for approval) and an
 // unread marker, kept live from the user-level stream. Switching is a plain link.
 //
 // Unread: this browser remembers, per session, the last event seq its user has seen
@@ -25,7 +25,8 @@ const ME = Number(app?.dataset.userId);
 const COLLAPSED_KEY = "tandem.sidebar.collapsed";
 const PHONE = window.matchMedia("(max-width: 900px)");
 
-const STATUS_TEXT = { idle: "idle", busy: "running", retry: "retrying", waiting: "waiting for approval" };
+// The words of the session page and the sessions list, so one status reads the same everywhere.
+const STATUS_TEXT = { idle: "idle", busy: "busy", retry: "retrying", waiting: "waiting for approval" };
 
 /** id -> {session, lastSeq, unread, waiting: Set<permission id>} */
 const entries = new Map();
