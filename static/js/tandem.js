@@ -155,12 +155,12 @@ var TabHub = class {
       case "attached":
         if (m.tab === this.tabId) {
           const entry = this.subs.get(m.sub);
-          if (entry && m.status) entry.sub._sharedStatus(m.status, m.info, m.position);
+          if (entry && m.status) entry.sub._sharedStatus(m.status, { ...m.info, leader: this.leader }, m.position);
         }
         break;
       case "status":
         for (const entry of this.subs.values()) {
-          if (entry.key === m.key) entry.sub._sharedStatus(m.status, m.info, m.position);
+          if (entry.key === m.key) entry.sub._sharedStatus(m.status, { ...m.info, leader: this.leader }, m.position);
         }
         if (m.status === "closed") {
           for (const [id, entry] of this.subs) if (entry.key === m.key) this.subs.delete(id);

@@ -42,7 +42,8 @@ export type ConnectionStatus = "connecting" | "live" | "reconnecting" | "polling
 
 /**
  * The second argument of `onStatus`. Which fields are there depends on the status:
- * - live: `transport`, `resumed`, `connection_id`, `shared` (true when another tab holds the stream)
+ * - live: `transport`, `resumed`, `connection_id`; with tab sharing also `shared: true` and
+ *   `leader` (whether this tab holds the one connection)
  * - reconnecting: `attempt`, `delay` (ms), `reason` (`error`, `ws_closed` + `code`,
  *   `connect_timeout`, `idle_timeout`, `server_unreachable`, `requested`, `online`, `leader_changed`, …)
  * - polling: `reason`, `interval`
@@ -58,6 +59,8 @@ export interface StatusInfo {
   connection_id?: string;
   interval?: number;
   shared?: boolean;
+  /** Tab sharing: whether this tab holds the shared connection. */
+  leader?: boolean;
   error?: { message: string; status: number; code: string; details: Record<string, unknown> };
   [key: string]: unknown;
 }
