@@ -136,6 +136,11 @@ var TabHub = class {
       case "leader":
         if (m.tab !== this.tabId) {
           this.leader = false;
+          for (const [req, pending] of this.pending) {
+            clearTimeout(pending.timer);
+            pending.reject(new TandemError("The connection closed before the reply.", { code: "not_connected" }));
+            this.pending.delete(req);
+          }
           for (const { sub } of this.subs.values()) sub._sharedLost();
           this.refresh();
         }

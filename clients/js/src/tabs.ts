@@ -176,8 +176,14 @@ export class TabHub {
     switch (m.t) {
       case "leader":
         if (m.tab !== this.tabId) {
-          // A new leader: the old one's streams are gone with its tab.
+          // A new leader: the old one's streams are gone with its tab, and so are the
+          // replies to commands it was sending for us.
           this.leader = false;
+          for (const [req, pending] of this.pending) {
+            clearTimeout(pending.timer);
+            pending.reject(new TandemError("The connection closed before the reply.", { code: "not_connected" }));
+            this.pending.delete(req);
+          }
           for (const { sub } of this.subs.values()) sub._sharedLost();
           this.refresh();
         }
