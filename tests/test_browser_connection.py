@@ -237,3 +237,20 @@ def test_ten_tabs_share_one_stream_and_a_new_leader_takes_over(
         expect(tab.locator("#messages > li.message-assistant .part-text").last).to_have_text("three", timeout=20_000)
     assert open_streams(live) == 1
     bob_api.close()
+
+
+def test_a_visible_follower_brings_a_leader_back_that_cannot_probe(
+    browse: Any, alice: Any, shared_session: Session, restartable: Any
+) -> None:
+    # A hidden leader tab's timers are slowed to one a minute: here its probes never
+    # answer at all, and the follower tab must notice the server's return for it.
+    leader = open_session(browse(alice), shared_session.id)
+    follower = open_session(leader.context.new_page(), shared_session.id)
+    assert leader.locator("#connection").get_attribute("data-tab") == "leader"
+    leader.route("**/healthz", lambda route: route.abort())
+    restartable.kill()
+    for tab in (leader, follower):
+        expect(tab.locator("#connection")).to_have_attribute("data-reason", "server_unreachable", timeout=15_000)
+    restartable.restart()
+    for tab in (leader, follower):
+        expect(tab.locator("#connection")).to_have_attribute("data-state", LIVE, timeout=BACK_WITHIN)

@@ -1068,7 +1068,12 @@ var Subscription = class {
     this._retryTimer = setTimeout(() => void this._probe(), delay);
   }
   async _probe() {
-    if (this._final || !this._down || this._conn !== null || this._isOffline()) return;
+    if (this._final || !this._down || this._isOffline()) return;
+    if (this._shared) {
+      await this._probeForLeader();
+      return;
+    }
+    if (this._conn !== null) return;
     const up = await this._client.healthy(this._opts.healthProbeTimeout);
     if (this._final || !this._down || this._conn !== null || this._isOffline()) return;
     if (!up) {
@@ -1080,6 +1085,25 @@ var Subscription = class {
     this._failures = 0;
     this._setStatus("reconnecting", { attempt: 0, delay: 0, reason: "server_back" });
     void this._connect();
+  }
+  /**
+   * Tab sharing: the leader probes, but a browser slows the timers of a hidden tab (to
+   * one a minute after five minutes hidden), and the leader may be one. A visible
+   * follower probes too, and asks the leader to reconnect when the server answers.
+   */
+  async _probeForLeader() {
+    if (typeof document !== "undefined" && document.visibilityState === "hidden") {
+      this._scheduleProbe();
+      return;
+    }
+    const up = await this._client.healthy(this._opts.healthProbeTimeout);
+    if (this._final || !this._down) return;
+    if (!up) {
+      this._scheduleProbe();
+      return;
+    }
+    this._down = false;
+    this._client._hub?.reconnect(this);
   }
   // ------------------------------------------------------------------ polling
   _startPolling(reason) {
@@ -1187,6 +1211,14 @@ var Subscription = class {
       this._cursor = position.cursor;
     }
     conn.connected = status === "live" || status === "polling";
+    const unreachable = status === "reconnecting" && info.reason === "server_unreachable";
+    if (unreachable && !info.leader && !this._down) {
+      this._down = true;
+      this._scheduleProbe();
+    } else if (!unreachable && this._down) {
+      this._down = false;
+      clearTimeout(this._retryTimer);
+    }
     this._setStatus(status, { ...info, shared: true });
   }
   /** @internal The leader tab went away: wait for the next one. */
