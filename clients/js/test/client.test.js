@@ -210,3 +210,86 @@ test("with no server answering, the status says so and the client probes /health
   assert.ok(!rec.statuses.some(([s]) => s === "polling" || s === "live"));
   rec.sub.close();
 });
+
+// A TCP proxy in front of the server that a test can cut (every connection dropped) or
+// take down (nothing listening) and bring back on the same port.
+async function proxy() {
+  const target = new URL(BASE);
+  const sockets = new Set();
+  const handle = (client) => {
+    const upstream = net.connect(Number(target.port), target.hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+      s.on("error", () => { client.destroy(); upstream.destroy(); });
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  };
+  let server = net.createServer(handle);
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = server.address().port;
+  const cut = () => { for (const s of sockets) s.destroy(); };
+  return {
+    url: `http://127.0.0.1:${port}`,
+    cut,
+    async down() {
+      await new Promise((resolve) => { server.close(resolve); cut(); });
+    },
+    async up() {
+      server = net.createServer(handle);
+      await new Promise((resolve) => server.listen(port, "127.0.0.1", resolve));
+    },
+    async stop() {
+      cut();
+      await new Promise((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+for (const transport of ["sse", "ws"]) {
+  test(`${transport}: a dropped connection reconnects by itself and resumes with no loss and no duplicate`, async () => {
+    const p = await proxy();
+    try {
+      const client = new Tandem({ base: p.url, token: alice.token, refreshToken: alice.refreshToken });
+      const start = (await alice.getSession(SID)).last_seq;
+      const rec = follow(client, SID, { transport, after: start, backoffBase: 50 });
+      await rec.live();
+      const first = await publish(bob, 3, `${transport}-before-cut`);
+      await waitFor(() => rec.persisted().length >= 3, "events before the cut");
+      p.cut();
+      const during = await publish(bob, 3, `${transport}-during-cut`); // while it is away
+      await waitFor(() => rec.persisted().length >= 6, "events after the reconnect");
+      await rec.live();
+      assert.deepEqual(rec.seqs(), [...first, ...during]);
+      const reconnecting = rec.statuses.filter(([s]) => s === "reconnecting").map(([, info]) => info);
+      assert.ok(reconnecting.length >= 1 && reconnecting.every((info) => info.reason !== "server_unreachable"));
+      assert.equal(rec.events.filter((e) => e.type === "server.connected").at(-1).properties.resumed, true);
+    } finally {
+      await p.stop();
+    }
+  });
+}
+
+test("a server that goes away: server_unreachable, /healthz probes, live again once it answers", async () => {
+  const p = await proxy();
+  try {
+    const client = new Tandem({ base: p.url, token: alice.token, refreshToken: alice.refreshToken });
+    const start = (await alice.getSession(SID)).last_seq;
+    const rec = follow(client, SID, { transport: "ws", after: start, healthProbeInterval: 100 });
+    await rec.live();
+    await p.down();
+    await waitFor(() => rec.statuses.some(([s, info]) => s === "reconnecting" && info.reason === "server_unreachable"),
+      "server_unreachable");
+    const missed = await publish(bob, 2, "while-down");
+    await new Promise((resolve) => setTimeout(resolve, 4000)); // three failed attempts with the default backoff: polling, before
+    assert.ok(!rec.statuses.some(([s]) => s === "polling"));
+    await p.up();
+    await waitFor(() => rec.persisted().length >= 2, "the events published while down");
+    await rec.live();
+    assert.deepEqual(rec.seqs(), missed);
+    assert.ok(rec.statuses.some(([s, info]) => s === "reconnecting" && info.reason === "server_back"));
+  } finally {
+    await p.stop();
+  }
+});
