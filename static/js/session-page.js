@@ -663,8 +663,9 @@ const CONNECTION_TEXT = {
   offline: "Offline",
   closed: "Disconnected",
 };
-// Why we are not connected, when the client says (StatusInfo.reason).
+// What Enter says while Send is off: the text stays in the box.
 const NOT_CONNECTED = "Not connected: your message stays here. Send it when the connection is back.";
+// Why we are not connected, when the client says (StatusInfo.reason).
 const REASON_TEXT = {
   server_unreachable: "Server unreachable · reconnecting…",
   poll_failed: "Server not answering · reconnecting…",
