@@ -34,6 +34,9 @@ if ! command -v npm >/dev/null 2>&1; then
   apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null
 fi
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+# The JavaScript/TypeScript client (clients/js): TypeScript, esbuild and its own eventsource/ws,
+# for tests/test_js_client.py (types, the committed UI bundle, its Node tests).
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
 PG_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"

@@ -13,6 +13,8 @@ const canWrite = () => role === "owner" || role === "editor";
 const base = `/api/sessions/${encodeURIComponent(SID)}`;
 
 const api = new Tandem({
+  // One live stream per browser: this user's tabs share one connection (docs/CLIENT.md).
+  shareTabs: `user-${ME.id}`,
   onAuthLost: () => location.assign("/accounts/login/?next=" + encodeURIComponent(location.pathname)),
 });
 
@@ -21,6 +23,7 @@ const els = {
   title: $("session-title"),
   status: $("session-status"),
   connection: $("connection"),
+  reconnectNow: $("reconnect-now"),
   presence: $("presence"),
   messages: $("messages"),
   messagesLoading: $("messages-loading"),
@@ -809,24 +812,56 @@ const CONNECTION_TEXT = {
   offline: "Offline",
   closed: "Disconnected",
 };
+// What Enter says while Send is off: the text stays in the box.
+const NOT_CONNECTED = "Not connected: your message stays here. Send it when the connection is back.";
+// Why we are not connected, when the client says (StatusInfo.reason).
+const REASON_TEXT = {
+  server_unreachable: "Server unreachable · reconnecting…",
+  poll_failed: "Server not answering · reconnecting…",
+  leader_changed: "Reconnecting…",
+};
 
 let sub = null;
 let transport = "ws";
 let everLive = false;
 let fallbackTimer = null;
 let closingOnPurpose = false;
+// Whether events flow (live, or polls that answer): presence is current.
+let linkUp = false;
+// Whether Send works: while the first connection opens too (the page just loaded over REST).
+let sendable = true;
 
-function setConnection(status) {
+function setConnection(status, info = {}) {
   els.connection.dataset.state = status;
   els.connection.dataset.transport = transport;
-  els.connection.querySelector(".connection-text").textContent = CONNECTION_TEXT[status] || status;
+  els.connection.dataset.reason = info.reason || "";
+  els.connection.dataset.tab = info.shared ? (info.leader ? "leader" : "follower") : "";
+  const text = (status === "reconnecting" && REASON_TEXT[info.reason]) || CONNECTION_TEXT[status] || status;
+  els.connection.querySelector(".connection-text").textContent = text;
+  els.connection.title = info.error?.message ? `${text} (${info.error.message})` : "";
+  const wasUp = linkUp;
+  linkUp = status === "live" || status === "polling";
+  sendable = linkUp || status === "connecting";
+  // Reconnecting on its own may take a while (it waits for the server): offer it now.
+  if (els.reconnectNow) els.reconnectNow.hidden = sessionGone || !(status === "reconnecting" || status === "offline");
+  els.presence.dataset.stale = linkUp ? "false" : "true";
+  els.presence.title = linkUp ? "" : "Not connected: who is here may be out of date.";
+  if (!sessionGone) {
+    els.send.disabled = !canWrite() || !sendable || sending;
+    els.send.title = sendable ? "" : "Not connected: Send comes back when the connection does.";
+    if (sendable && els.composerError.textContent === NOT_CONNECTED) showError(els.composerError, "");
+  }
   if (status === "live") {
     pageHeardFromServer();
     everLive = true;
     clearTimeout(fallbackTimer);
-    if (presenceDirty) refreshPresence();
   }
+  if (linkUp && (!wasUp || presenceDirty)) refreshPresence();
 }
+
+els.reconnectNow?.addEventListener("click", () => {
+  if (sub && !sessionGone) sub.reconnect();
+});
 
 function connect(after) {
   sub = api.subscribe(SID, {
@@ -836,7 +871,7 @@ function connect(after) {
     onStatus: (status, info = {}) => {
       if (sessionGone) return;
       if (status === "closed" && closingOnPurpose) return;
-      setConnection(status);
+      setConnection(status, info);
       // WebSocket blocked (a proxy, a firewall)? Use SSE: everything but typing works.
       // (Deferred: closing a subscription from inside its own onStatus is not safe.)
       if (transport === "ws" && !everLive && status === "polling") setTimeout(fallBackToSse, 0);
@@ -906,7 +941,7 @@ function setRole(newRole) {
   $("session-role").textContent = newRole;
   const write = canWrite() && !sessionGone;
   els.input.disabled = !write;
-  els.send.disabled = !write;
+  els.send.disabled = !write || !sendable;
   setSessionStatus(sessionStatus);
   syncPermissionUi();
 }
@@ -934,6 +969,10 @@ function updateCharCount() {
 let sending = false;
 async function sendMessage(ifBusy = "queue") {
   if (sending || !canWrite() || sessionGone) return;
+  if (!sendable) {
+    showError(els.composerError, NOT_CONNECTED);
+    return;
+  }
   const text = els.input.value;
   const problem = validate(text);
   if (problem) {
@@ -984,7 +1023,7 @@ async function sendMessage(ifBusy = "queue") {
   } finally {
     sending = false;
     els.composer.removeAttribute("aria-busy");
-    els.send.disabled = !canWrite() || sessionGone;
+    els.send.disabled = !canWrite() || sessionGone || !sendable;
     if (!sessionGone && document.activeElement === document.body) els.input.focus();
   }
 }

@@ -7,6 +7,8 @@ const app = document.getElementById("sessions-app");
 const me = { id: Number(app.dataset.userId), username: app.dataset.username };
 
 const api = new Tandem({
+  // One live stream per browser: this user's tabs share one connection (docs/CLIENT.md).
+  shareTabs: `user-${me.id}`,
   onAuthLost: () => location.assign("/accounts/login/?next=" + encodeURIComponent(location.pathname)),
 });
 
@@ -379,21 +381,35 @@ window.addEventListener("storage", (e) => {
   }
 });
 
-function setConnection(status) {
+// Why we are not connected, when the client says (StatusInfo.reason).
+const REASON_TEXT = {
+  server_unreachable: "Server unreachable · reconnecting…",
+  poll_failed: "Server not answering · reconnecting…",
+};
+
+function setConnection(status, info = {}) {
   const node = $("list-connection");
   node.dataset.state = status;
-  node.querySelector(".connection-text").textContent = CONNECTION_TEXT[status] || status;
+  node.dataset.reason = info.reason || "";
+  node.dataset.tab = info.shared ? (info.leader ? "leader" : "follower") : "";
+  const text = (status === "reconnecting" && REASON_TEXT[info.reason]) || CONNECTION_TEXT[status] || status;
+  node.querySelector(".connection-text").textContent = text;
+  node.title = info.error?.message ? `${text} (${info.error.message})` : "";
+  // Reconnecting on its own may take a while (it waits for the server): offer it now.
+  $("reconnect-now").hidden = !(status === "reconnecting" || status === "offline");
 }
 
 // Subscribe first and hold events until the list is loaded, then apply them in order:
 // nothing that happens while the list loads is lost, and nothing older wins.
 let buffered = [];
 const sub = api.subscribe(null, {
-  types: "session.*,member.*,message.created",
+  // The sidebar's types too, so the list and the session pages' sidebars share one stream.
+  types: "session.*,member.*,message.created,permission.*",
   onEvent: (event) => (buffered ? buffered.push(event) : onEvent(event)),
-  onStatus: (status) => setConnection(status),
+  onStatus: (status, info) => setConnection(status, info),
   onReset: () => reload(),
 });
+$("reconnect-now").addEventListener("click", () => sub.reconnect());
 await reload();
 const pending = buffered;
 buffered = null;

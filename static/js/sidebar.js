@@ -276,7 +276,10 @@ layout();
 
 // ------------------------------------------------------------------ start
 
-const api = new Tandem();
+// The same user-level stream as the sessions list (same types): all of this user's tabs,
+// list and sessions alike, share one connection (docs/CLIENT.md, tab sharing).
+const me = document.getElementById("session-app")?.dataset.userId;
+const api = new Tandem(me ? { shareTabs: `user-${me}` } : {});
 // Held until the list is loaded, then applied in order (as the sessions page does).
 let held = [];
 const sub = api.subscribe(null, {
