@@ -36,7 +36,7 @@ fi
 (cd tests/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 # The shared document editor's npm libraries, locked: tests/test_vendor_collab.py rebuilds
 # static/vendor/collab/collab.js from them and checks it is the committed file.
-(cd static/vendor/collab/build && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+(cd scripts/collab && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
 PG_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"

@@ -1,5 +1,5 @@
 """The shared document editor's bundle (static/vendor/collab/) is what its recorded build
-makes: rebuilt from build/package-lock.json, it is byte for byte the committed one."""
+makes: rebuilt from scripts/collab/package-lock.json, it is byte for byte the committed one."""
 from __future__ import annotations
 
 import json
@@ -11,14 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDOR = ROOT / "static" / "vendor" / "collab"
-BUILD = VENDOR / "build"
+BUILD = ROOT / "scripts" / "collab"
 OUTPUTS = ("collab.js", "VERSIONS.txt", "LICENSES.txt")
 
 
 def test_rebuilding_the_bundle_gives_the_committed_files(tmp_path: Path) -> None:
     node = shutil.which("node")
     if node is None or not (BUILD / "node_modules").is_dir():
-        pytest.fail("Node and static/vendor/collab/build/node_modules are required (scripts/test.sh runs npm ci there)")
+        pytest.fail("Node and scripts/collab/node_modules are required (scripts/test.sh runs npm ci there)")
     proc = subprocess.run(
         [str(ROOT / "scripts" / "build-collab.sh"), str(tmp_path)],
         env={"PATH": str(Path(node).parent) + ":/usr/bin:/bin", "COLLAB_SKIP_NPM_CI": "1"},

@@ -1,6 +1,6 @@
 // What static/js/doc-panel.js uses from npm, in one ES module (one copy of Yjs, which the
 // binding, the provider and the page must share). scripts/build-collab.sh bundles it into
-// ../collab.js.
+// static/vendor/collab/collab.js.
 export { EditorView, basicSetup, minimalSetup } from "codemirror";
 export { EditorState, Compartment } from "@codemirror/state";
 export { keymap, placeholder } from "@codemirror/view";
