@@ -5,6 +5,8 @@ export { EditorView, basicSetup, minimalSetup } from "codemirror";
 export { EditorState, Compartment } from "@codemirror/state";
 export { keymap, placeholder } from "@codemirror/view";
 export { indentWithTab } from "@codemirror/commands";
+export { HighlightStyle, syntaxHighlighting } from "@codemirror/language";
+export { tags } from "@lezer/highlight";
 export { markdown, markdownLanguage } from "@codemirror/lang-markdown";
 export * as Y from "yjs";
 export { yCollab, yUndoManagerKeymap } from "y-codemirror.next";
