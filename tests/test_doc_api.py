@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 import random
+from datetime import timedelta
 from typing import Any
 
 import pytest
