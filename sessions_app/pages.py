@@ -90,5 +90,6 @@ def not_found_page(request: HttpRequest, exception: Exception | None = None) -> 
 def _context(request: HttpRequest) -> dict[str, object]:
     return {
         "max_message_chars": settings.TANDEM_MAX_MESSAGE_CHARS,
+        "max_doc_chars": settings.TANDEM_MAX_DOC_CHARS,
         "allow_signup": settings.TANDEM_ALLOW_SIGNUP,
     }

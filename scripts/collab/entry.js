@@ -2,7 +2,7 @@
 // binding, the provider and the page must share). scripts/build-collab.sh bundles it into
 // static/vendor/collab/collab.js.
 export { EditorView, basicSetup, minimalSetup } from "codemirror";
-export { EditorState, Compartment } from "@codemirror/state";
+export { EditorState, Compartment, Transaction } from "@codemirror/state";
 export { keymap, placeholder } from "@codemirror/view";
 export { indentWithTab } from "@codemirror/commands";
 export { HighlightStyle, syntaxHighlighting } from "@codemirror/language";

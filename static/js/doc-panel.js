@@ -5,7 +5,7 @@
 // the editor for the rendered Markdown. The libraries come from /static/vendor/collab/
 // (scripts/build-collab.sh builds them from npm). On phones the panel is a tab.
 import {
-  EditorView, basicSetup, EditorState, Compartment, keymap, indentWithTab, markdown,
+  EditorView, basicSetup, EditorState, Compartment, Transaction, keymap, indentWithTab, markdown,
   HighlightStyle, syntaxHighlighting, tags, Y, yCollab, WebsocketProvider, Awareness,
 } from "/static/vendor/collab/collab.js";
 import { Tandem, TandemError } from "/static/js/tandem.js";
@@ -95,6 +95,7 @@ class DocPanel {
     this.previewOn = false;
     this.previewPending = false;
     this.readOnly = new Compartment();
+    this.maxChars = Number(mount.dataset.maxChars) || Infinity;
     this.build();
     this.open();
     this.watchPage();
@@ -226,6 +227,7 @@ class DocPanel {
           EditorView.lineWrapping,
           EditorView.contentAttributes.of({ "aria-label": "Shared document (Markdown)" }),
           this.readOnly.of(this.readOnlyExtensions()),
+          EditorState.transactionFilter.of((tr) => this.withinLimit(tr)),
           yCollab(this.ytext, this.awareness),
         ],
       }),
@@ -249,6 +251,18 @@ class DocPanel {
     this.close();
     this.showNotice(message);
     this.open();
+  }
+
+  // The server refuses an update that makes the document longer than its limit (and
+  // closes the connection), so the editor refuses the keystroke or paste instead. Only the
+  // user's own changes: a remote one was accepted by the server already.
+  withinLimit(tr) {
+    if (!tr.docChanged || !tr.annotation(Transaction.userEvent) || tr.newDoc.length <= this.maxChars) return tr;
+    const chars = (doc) => { let n = 0; for (const _ of doc.toString()) n += 1; return n; }; // eslint-disable-line no-unused-vars
+    const after = chars(tr.newDoc);
+    if (after <= this.maxChars || after <= chars(tr.startState.doc)) return tr;
+    this.showNotice(`The document is limited to ${this.maxChars.toLocaleString()} characters: that change would make it ${after.toLocaleString()}.`);
+    return [];
   }
 
   readOnlyExtensions() {
