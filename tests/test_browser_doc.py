@@ -37,6 +37,18 @@ DOC_TEXT = """() => [...document.querySelectorAll('#doc-panel .cm-line')].map((l
 
 
 @pytest.fixture
+def server_env() -> dict[str, str]:
+    """Settings for the test's server process; a test parametrizes it to change them."""
+    return {}
+
+
+@pytest.fixture
+def live(servers: Any, server_env: dict[str, str]) -> Any:
+    (server,) = servers(1, **{"TANDEM_ECHO_DELAY_MS": "15", **server_env})
+    return server
+
+
+@pytest.fixture
 def browse(browse: Any) -> Any:
     """The harness's ``browse``, and afterwards: no page threw an uncaught error."""
     pages: list[Any] = []
@@ -190,6 +202,52 @@ def test_an_edit_in_the_editor_is_stored(browse: Any, live: Any, alice: Any, sha
     while stored(live, alice, sid)["text"] != "Typed by alice" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert stored(live, alice, sid)["text"] == "Typed by alice"
+
+
+def test_edits_made_offline_are_sent_when_the_connection_returns(
+    browse: Any, live: Any, alice: Any, bob: Any, shared_session: Session
+) -> None:
+    sid = shared_session.id
+    insert_over_rest(live, alice, sid, 0, "[shared]")
+    alice_page, bob_page = open_doc(browse, alice, sid), open_doc(browse, bob, sid)
+    alice_page.context.set_offline(True)
+    expect(alice_page.locator("#doc-connection")).to_have_attribute("data-state", "offline")
+    alice_page.locator("#doc-panel .cm-content").click()
+    alice_page.keyboard.press("Control+Home")
+    alice_page.keyboard.type("alice offline ")
+    bob_page.locator("#doc-panel .cm-content").click()
+    bob_page.keyboard.press("Control+End")
+    bob_page.keyboard.type(" bob online")
+    expect_doc_text(bob_page, "[shared] bob online")
+    expect_doc_text(alice_page, "alice offline [shared]")  # nothing reached alice meanwhile
+
+    alice_page.context.set_offline(False)  # a new connection, with a new ticket
+    expect(alice_page.locator("#doc-connection")).to_have_attribute("data-state", "live", timeout=SYNCED)
+    expect_doc_text(alice_page, "alice offline [shared] bob online")
+    expect_doc_text(bob_page, "alice offline [shared] bob online")
+    assert stored(live, bob, sid)["text"] == "alice offline [shared] bob online"
+
+
+@pytest.mark.parametrize("server_env", [{"TANDEM_MAX_DOC_CHARS": "30"}])
+def test_the_editor_refuses_typing_past_the_size_limit(
+    browse: Any, live: Any, alice: Any, shared_session: Session
+) -> None:
+    sid = shared_session.id
+    insert_over_rest(live, alice, sid, 0, "x" * 26)
+    page = open_doc(browse, alice, sid)
+    page.locator("#doc-panel .cm-content").click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type("abcdefgh")
+    expect_doc_text(page, "x" * 26 + "abcd")
+    expect(page.locator("#doc-notice")).to_contain_text("limited to 30 characters")
+    expect(page.locator("#doc-connection")).to_have_attribute("data-state", "live")  # never refused by the server
+    page.keyboard.press("Backspace")
+    page.keyboard.type("Z")
+    expect_doc_text(page, "x" * 26 + "abcZ")
+    deadline = time.monotonic() + 10
+    while stored(live, alice, sid)["text"] != "x" * 26 + "abcZ" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stored(live, alice, sid)["text"] == "x" * 26 + "abcZ"
 
 
 # ---------------------------------------------------------------- viewers

@@ -322,6 +322,7 @@ class DocPanel {
       return;
     }
     if (provider !== this.provider || this.ended) return;
+    if (navigator.onLine === false) { this.setConnection("offline"); return; }
     provider.params = { ticket };
     provider.connect();
   }
@@ -393,9 +394,28 @@ class DocPanel {
     if (gone) {
       new MutationObserver(() => { if (!gone.hidden) this.end(); }).observe(gone, { attributes: true, attributeFilter: ["hidden"] });
     }
-    window.addEventListener("online", () => { if (!this.ended && !this.provider.wsconnected) this.connect(); });
-    window.addEventListener("offline", () => { if (!this.ended && !this.provider.wsconnected) this.setConnection("offline"); });
+    window.addEventListener("online", () => this.backOnline());
+    window.addEventListener("offline", () => this.goOffline());
     window.addEventListener("pagehide", () => { this.closing = true; try { this.provider.disconnect(); } catch { /* closed */ } });
+  }
+
+  // Without a network the socket may take a long time to notice; close it at once, keep
+  // editing locally, and sync when the browser says it is back.
+  goOffline() {
+    if (this.ended) return;
+    clearTimeout(this.retryTimer);
+    this.closing = true;
+    try { this.provider.disconnect(); } catch { /* closed */ }
+    this.closing = false;
+    mount.dataset.synced = "false";
+    this.setConnection("offline");
+  }
+
+  backOnline() {
+    if (this.ended || this.provider.wsconnected || this.provider.wsconnecting) return;
+    this.attempts = 0;
+    this.setConnection("reconnecting");
+    this.connect();
   }
 
   // ---------------------------------------------------------------- preview
