@@ -19,7 +19,7 @@ from websockets.sync.client import connect as ws_connect
 
 from sessions_app.models import Session
 from tests.browser import save_screenshot
-from tests.conftest import token_for
+from tests.conftest import token_for, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -198,10 +198,7 @@ def test_an_edit_in_the_editor_is_stored(browse: Any, live: Any, alice: Any, sha
     page.locator("#doc-panel .cm-content").click()
     page.keyboard.type("Typed by alice")
     expect_doc_text(page, "Typed by alice")
-    deadline = time.monotonic() + 10
-    while stored(live, alice, sid)["text"] != "Typed by alice" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stored(live, alice, sid)["text"] == "Typed by alice"
+    wait_until(lambda: stored(live, alice, sid)["text"] == "Typed by alice", timeout=10)
 
 
 def test_edits_made_offline_are_sent_when_the_connection_returns(
@@ -244,10 +241,7 @@ def test_the_editor_refuses_typing_past_the_size_limit(
     page.keyboard.press("Backspace")
     page.keyboard.type("Z")
     expect_doc_text(page, "x" * 26 + "abcZ")
-    deadline = time.monotonic() + 10
-    while stored(live, alice, sid)["text"] != "x" * 26 + "abcZ" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stored(live, alice, sid)["text"] == "x" * 26 + "abcZ"
+    wait_until(lambda: stored(live, alice, sid)["text"] == "x" * 26 + "abcZ", timeout=10)
 
 
 # ---------------------------------------------------------------- viewers
