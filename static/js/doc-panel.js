@@ -257,10 +257,15 @@ class DocPanel {
   // closes the connection), so the editor refuses the keystroke or paste instead. Only the
   // user's own changes: a remote one was accepted by the server already.
   withinLimit(tr) {
-    if (!tr.docChanged || !tr.annotation(Transaction.userEvent) || tr.newDoc.length <= this.maxChars) return tr;
+    if (!tr.docChanged || !tr.annotation(Transaction.userEvent)) return tr;
+    if (tr.newDoc.length <= this.maxChars) {
+      if (this.overLimit) { this.overLimit = false; this.showNotice(""); }
+      return tr;
+    }
     const chars = (doc) => { let n = 0; for (const _ of doc.toString()) n += 1; return n; }; // eslint-disable-line no-unused-vars
     const after = chars(tr.newDoc);
     if (after <= this.maxChars || after <= chars(tr.startState.doc)) return tr;
+    this.overLimit = true;
     this.showNotice(`The document is limited to ${this.maxChars.toLocaleString()} characters: that change would make it ${after.toLocaleString()}.`);
     return [];
   }
@@ -345,8 +350,9 @@ class DocPanel {
       this.end("This session is gone, or it is no longer shared with you.");
     } else if (code === CLOSE_FORBIDDEN) {
       // Our update was refused: we are (now) a viewer. Reload the role, start over read-only.
-      setTimeout(() => this.reloadRole().then(() => this.restart(
-        this.canWrite() ? "" : "Your change was not saved: you can no longer edit this document.")), 0);
+      setTimeout(() => this.reloadRole().then(() => {
+        if (!this.ended) this.restart(this.canWrite() ? "" : "Your change was not saved: you can no longer edit this document.");
+      }), 0);
     } else if (CLOSE_TOO_BIG.includes(code)) {
       setTimeout(() => this.restart("Your last change was not saved: the document would be over its size limit."), 0);
     } else if (code === CLOSE_NOT_AUTHENTICATED) {
