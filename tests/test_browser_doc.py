@@ -437,3 +437,27 @@ def test_on_a_wide_screen_the_document_is_beside_the_conversation(
     panel = page.locator("#doc-panel").bounding_box()
     assert conversation is not None and panel is not None
     assert panel["x"] >= conversation["x"] + conversation["width"]
+
+
+# ---------------------------------------------------------------- the agent
+
+
+def test_the_agents_approved_edit_appears_live_in_every_open_editor(
+    browse: Any, live: Any, alice: Any, bob: Any, carol: Any, shared_session: Session
+) -> None:
+    sid = shared_session.id
+    Session.objects.filter(pk=sid).update(agent="tools")
+    insert_over_rest(live, alice, sid, 0, "# Plan")
+    alice_page, carol_page = open_doc(browse, alice, sid), open_doc(browse, carol, sid)
+    expect(alice_page.locator("#connection")).to_have_attribute("data-state", "live", timeout=SYNCED)
+    box = alice_page.get_by_label("Message", exact=True)
+    box.fill("!doc append Agreed: ship on Friday.")
+    box.press("Enter")
+    dialog = alice_page.get_by_role("dialog", name="Permission requested")
+    expect(dialog).to_be_visible(timeout=15_000)
+    expect(dialog.locator("#permission-tool")).to_have_text("doc_edit")
+    expect_doc_text(alice_page, "# Plan")  # nothing changes before the answer
+    dialog.get_by_role("button", name="Approve").click()
+    expect_doc_text(alice_page, "# Plan\n\nAgreed: ship on Friday.", timeout=20_000)
+    expect_doc_text(carol_page, "# Plan\n\nAgreed: ship on Friday.")
+    assert stored(live, alice, sid)["text"] == "# Plan\n\nAgreed: ship on Friday."
