@@ -22,6 +22,8 @@ writes as ``AGENT``.
   stored, and the document is unchanged, when it raises.
 - ``sync_reply(session, state_vector) -> (update, version)``: what a client with that
   state vector lacks (y-websocket's sync step 2). ``BadUpdate`` for a malformed vector.
+- ``state_vector(session) -> (state_vector, version)`` (sync step 1) and
+  ``brings_news(session, update) -> bool`` (does a reader's sync step 2 hold anything new).
 - ``doc_text_and_size(session) -> (text, chars)``: for the admin.
 
 Every change is stored (one ``DocUpdate`` row and the version bump, in the caller's
@@ -255,6 +257,56 @@ def sync_reply(session: Session | str, state_vector: bytes) -> tuple[bytes, int]
         except Exception as exc:
             raise BadUpdate("The state vector does not decode.", details={"reason": str(exc)[:200]}) from None
         return update, row.version
+
+
+def state_vector(session: Session | str) -> tuple[bytes, int]:
+    """The document's Yjs state vector (y-websocket's sync step 1), and its version."""
+    session_id = _sid(session)
+    row = Document.objects.filter(pk=session_id).first() or Document(session_id=session_id)
+    slot = _slot(session_id)
+    with slot.lock:
+        try:
+            live = _current(slot, row)
+        except BaseException:
+            slot.live = None
+            raise
+        return live.doc.get_state(), row.version
+
+
+def brings_news(session: Session | str, update: bytes) -> bool:
+    """Whether ``update`` holds insertions the document lacks (for a reader's sync step 2,
+    which y-websocket sends even when it has nothing new; a reader may not write, so its
+    update is never applied). ``BadUpdate`` if it does not decode."""
+    from pycrdt import get_state
+
+    try:
+        theirs = _decode_state_vector(get_state(update))
+    except Exception as exc:
+        raise BadUpdate(details={"reason": str(exc)[:200]}) from None
+    ours = _decode_state_vector(state_vector(session)[0])
+    return any(clock > ours.get(client, 0) for client, clock in theirs.items())
+
+
+def _decode_state_vector(data: bytes) -> dict[int, int]:
+    def var_uint(pos: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("truncated state vector")
+            byte = data[pos]
+            value |= (byte & 0x7F) << shift
+            pos += 1
+            shift += 7
+            if byte < 0x80:
+                return value, pos
+
+    count, pos = var_uint(0)
+    out: dict[int, int] = {}
+    for _ in range(count):
+        client, pos = var_uint(pos)
+        clock, pos = var_uint(pos)
+        out[client] = clock
+    return out
 
 
 def full_state(session: Session | str) -> tuple[bytes, int]:
