@@ -6,6 +6,7 @@ the other writers.
 Every wait is a bounded Playwright expectation; nothing sleeps to make an assertion pass."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -321,13 +322,21 @@ class YClient:
     changes as update frames, and applies what it receives when ``pump`` reads."""
 
     def __init__(self, url: str) -> None:
+        self.url = url
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.text = self.doc.get("doc", type=pycrdt.Text)
-        self.socket = ws_connect(url, max_size=None)
         self.synced = False
-        self._subscription = self.doc.observe(self._send_local)
         self._applying = False
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> YClient:
+        self.socket = self._stack.enter_context(ws_connect(self.url, max_size=None))
+        self._subscription = self.doc.observe(self._send_local)
         self.socket.send(pycrdt.create_sync_message(self.doc))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
     def _send_local(self, event: Any) -> None:
         if not self._applying:
@@ -355,8 +364,6 @@ class YClient:
             if reply is not None:
                 self.socket.send(reply)
 
-    def close(self) -> None:
-        self.socket.close()
 
 
 def test_a_pycrdt_client_and_a_browser_converge(
@@ -364,8 +371,7 @@ def test_a_pycrdt_client_and_a_browser_converge(
 ) -> None:
     sid = shared_session.id
     insert_over_rest(live, alice, sid, 0, "middle")
-    client = YClient(f"ws://127.0.0.1:{live.port}/ws/sessions/{sid}/doc/?ticket={ticket_for(live, bob)}")
-    try:
+    with YClient(f"ws://127.0.0.1:{live.port}/ws/sessions/{sid}/doc/?ticket={ticket_for(live, bob)}") as client:
         client.pump(lambda: client.synced and str(client.text) == "middle")
         page = open_doc(browse, alice, sid)
         expect_doc_text(page, "middle")
@@ -378,8 +384,6 @@ def test_a_pycrdt_client_and_a_browser_converge(
         expect_doc_text(page, expected)
         client.pump(lambda: str(client.text) == expected)
         assert stored(live, alice, sid)["text"] == expected
-    finally:
-        client.close()
 
 
 # ---------------------------------------------------------------- preview, layout, connection
