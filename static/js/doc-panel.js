@@ -37,6 +37,9 @@ const CLOSE_NOT_FOUND = 4404;
 const CLOSE_TOO_MANY = 4429;
 const CLOSE_TOO_BIG = [1009, 4009];
 
+const KEEPALIVE_MS = 10_000;
+const QUERY_AWARENESS = new Uint8Array([3]);
+
 const MAX_NAME = 64;
 const HEX_COLOUR = /^#[0-9a-fA-F]{6}$/;
 
@@ -212,6 +215,15 @@ class DocPanel {
     });
     const provider = this.provider;
     provider.on("connection-close", (event) => this.onClose(provider, event));
+    // The provider closes a socket that has been silent for 30 s. A server that does not
+    // send a connection's own awareness renewals back to it (ours does not) is silent while
+    // nobody else is here, so ask it for the awareness states ("query awareness", one byte
+    // 3) when nothing came for a while: its answer keeps the connection open.
+    this.keepalive = setInterval(() => {
+      if (provider.wsconnected && provider.ws && Date.now() - provider.wsLastMessageReceived > KEEPALIVE_MS) {
+        provider.ws.send(QUERY_AWARENESS);
+      }
+    }, KEEPALIVE_MS / 2);
 
     this.ytext.observe(() => this.schedulePreview());
     this.view = new EditorView({
@@ -238,6 +250,7 @@ class DocPanel {
 
   close() {
     clearTimeout(this.retryTimer);
+    clearInterval(this.keepalive);
     this.closing = true;
     try { this.provider?.destroy(); } catch { /* already closed */ }
     this.closing = false;
