@@ -361,6 +361,8 @@ class DocPanel {
     const code = event?.code; // no event: the provider closed a silent connection itself
     if (code === CLOSE_NOT_FOUND) {
       this.end("This session is gone, or it is no longer shared with you.");
+    } else if (code === CLOSE_FORBIDDEN && event.reason === "member_removed") {
+      this.end("You were removed from this session.");
     } else if (code === CLOSE_FORBIDDEN) {
       // Our update was refused: we are (now) a viewer. Reload the role, start over read-only.
       setTimeout(() => this.reloadRole().then(() => {
