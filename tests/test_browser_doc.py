@@ -314,6 +314,20 @@ def test_an_update_forged_by_a_viewer_is_refused_with_4403_and_nothing_is_stored
     expect_doc_text(page, "Edited by alice. Untouched.")
 
 
+def test_a_member_removed_while_editing_is_cut_off_and_left_read_only(
+    browse: Any, live: Any, alice: Any, bob: Any, shared_session: Session
+) -> None:
+    sid = shared_session.id
+    page = open_doc(browse, bob, sid)
+    expect(page.locator("#doc-panel .cm-content")).to_have_attribute("contenteditable", "true")
+    response = httpx.delete(f"{live.url}/api/sessions/{sid}/members/bob/",
+                            headers={"Authorization": f"Bearer {token_for(alice)}"}, timeout=10)
+    assert response.status_code == 204, response.text
+    expect(page.locator("#doc-connection")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#doc-notice")).to_contain_text("removed from this session")
+    expect(page.locator("#doc-panel .cm-content")).to_have_attribute("contenteditable", "false")
+
+
 # ---------------------------------------------------------------- other clients
 
 

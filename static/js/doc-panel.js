@@ -413,7 +413,9 @@ class DocPanel {
     }).observe(app, { attributes: true, attributeFilter: ["data-role"] });
     const gone = document.getElementById("session-gone");
     if (gone) {
-      new MutationObserver(() => { if (!gone.hidden) this.end(); }).observe(gone, { attributes: true, attributeFilter: ["hidden"] });
+      new MutationObserver(() => {
+        if (!gone.hidden) this.end(document.getElementById("session-gone-text")?.textContent || "");
+      }).observe(gone, { attributes: true, attributeFilter: ["hidden"] });
     }
     window.addEventListener("online", () => this.backOnline());
     window.addEventListener("offline", () => this.goOffline());
