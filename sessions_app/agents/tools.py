@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import jsonschema
 from django.utils import timezone
 
 
@@ -22,22 +24,50 @@ class Tool:
     needs_permission: bool
     run: Callable[[dict[str, Any]], Any]
 
+    @cached_property
+    def _validator(self) -> jsonschema.protocols.Validator:
+        """The validator of the draft the schema names (2020-12 when it names none); a
+        schema that is itself invalid fails here, at the first call, not silently."""
+        cls = jsonschema.validators.validator_for(self.parameters, default=jsonschema.Draft202012Validator)
+        cls.check_schema(self.parameters)
+        return cls(self.parameters)
+
     def check_input(self, input: Any) -> dict[str, Any]:
-        """The input, if its shape is right; ToolFailed otherwise (a model's arguments
-        are untrusted)."""
-        if not isinstance(input, dict):
-            raise ToolFailed("The tool's input must be a JSON object.")
-        properties = self.parameters.get("properties", {})
-        unknown = sorted(set(input) - set(properties))
+        """The input, if it matches the tool's schema; ToolFailed otherwise (a model's
+        arguments are untrusted). The message names the first problem, in the order a
+        person fixes them: not an object, unknown arguments, missing ones, then the rest."""
+        errors = sorted(self._validator.iter_errors(input), key=_error_rank)
+        if errors:
+            raise ToolFailed(_describe(errors[0]))
+        return dict(input)
+
+
+_RANK = {"type": 0, "additionalProperties": 1, "required": 2}
+
+
+def _error_rank(error: jsonschema.ValidationError) -> tuple[int, int, str]:
+    return (len(error.absolute_path), _RANK.get(str(error.validator), 3), str(list(error.absolute_path)))
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line for the user and the model; the phrasing the tools had before their
+    schemas were checked by jsonschema, for the cases it covered."""
+    path = ".".join(str(p) for p in error.absolute_path)
+    if not path and error.validator == "type":
+        return "The tool's input must be a JSON object."
+    if not path and error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        unknown = sorted(k for k in error.instance if k not in known)
         if unknown:
-            raise ToolFailed(f"Unknown argument(s): {', '.join(unknown)}.")
-        for name in self.parameters.get("required", []):
-            if name not in input:
-                raise ToolFailed(f"Missing argument: {name}.")
-        for name, value in input.items():
-            if properties[name].get("type") == "string" and not isinstance(value, str):
-                raise ToolFailed(f"Argument {name} must be a string.")
-        return input
+            return f"Unknown argument(s): {', '.join(unknown)}."
+    if not path and error.validator == "required":
+        missing = [n for n in error.validator_value if isinstance(error.instance, dict) and n not in error.instance]
+        if missing:
+            return f"Missing argument: {missing[0]}."
+    if path and error.validator == "type" and isinstance(error.validator_value, str):
+        article = "an" if error.validator_value[:1] in "aeiou" else "a"
+        return f"Argument {path} must be {article} {error.validator_value}."
+    return f"Argument {path}: {error.message}." if path else f"{error.message}."
 
 
 def _calculator(input: dict[str, Any]) -> int | float:
