@@ -23,6 +23,7 @@ from httpx_sse import EventSource, SSEError
 from sessions_app.agents.base import (
     Agent,
     AgentError,
+    DocumentText,
     Output,
     ReasoningDelta,
     ReplyContext,
@@ -72,6 +73,9 @@ class OpenAIAgent(Agent):
 
     async def reply(self, ctx: ReplyContext) -> AsyncIterator[Output]:
         messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+        document = await ctx.read_document()
+        if document is not None:
+            messages.append({"role": "system", "content": _document_prompt(document)})
         messages += [
             {"role": m["role"], "content": str(m["text"])}
             for m in ctx.history
@@ -225,6 +229,19 @@ def _chunk(payload: str, turn: _Round) -> list[Output]:
             )
         )
     return outputs
+
+
+def _document_prompt(document: DocumentText) -> str:
+    """The shared document as context: read once when the reply starts; ``doc_read``
+    gives the model a fresh copy after anyone's edits."""
+    about = (
+        "The session has a shared document that its people write together (Markdown). "
+        "Use doc_read to read it again and doc_edit to change it; the people are asked to approve "
+        "every edit. "
+    )
+    if not document.text:
+        return about + f"It is empty (version {document.version})."
+    return about + f"Its text now (version {document.version}):\n<document>\n{document.text}\n</document>"
 
 
 def _tool_input(raw: str) -> dict[str, Any]:

@@ -1,6 +1,11 @@
 """The tools agents may use. A tool is a plain, synchronous function of a JSON object;
 the runner asks permission when ``needs_permission`` is set, runs it off the event loop
-and reports its status. Agents name tools; they never call them directly."""
+and reports its status. Agents name tools; they never call them directly.
+
+A tool that works on the reply's session (the shared document's ``doc_read`` and
+``doc_edit``) needs the sessions domain, a layer above this one: its module adds it with
+``add`` when the app starts (``sessions_app.doc_tools``), and it runs as
+``session_run(session_id, input)``."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,6 +28,12 @@ class Tool:
     parameters: dict[str, Any]  # JSON Schema of ``input``, as function calling wants it
     needs_permission: bool
     run: Callable[[dict[str, Any]], Any]
+    # Rules the schema cannot state because function calling refuses them at its top level
+    # (oneOf, not): checked with it, before permission is asked; raises ToolFailed.
+    refine: Callable[[dict[str, Any]], None] | None = None
+    # Set for a tool that works on the reply's session: run instead of ``run``, through
+    # the ORM's thread pool (``project.db.off_loop``).
+    session_run: Callable[[str, dict[str, Any]], Any] | None = None
 
     @cached_property
     def _validator(self) -> jsonschema.protocols.Validator:
@@ -39,6 +50,8 @@ class Tool:
         errors = sorted(self._validator.iter_errors(input), key=_error_rank)
         if errors:
             raise ToolFailed(_describe(errors[0]))
+        if self.refine is not None:
+            self.refine(input)
         return dict(input)
 
 
@@ -114,3 +127,8 @@ TOOLS: dict[str, Tool] = {
 
 def get(name: str) -> Tool | None:
     return TOOLS.get(name)
+
+
+def add(tool: Tool) -> None:
+    """Make ``tool`` known to the agents (from a module above this layer, at start-up)."""
+    TOOLS[tool.name] = tool
