@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,6 +211,7 @@ class Room:
         self.awareness: dict[int, _State] = {}
         self.task: asyncio.Task[None] | None = None
         self.wants_presence = False
+        self.id = f"room_{secrets.token_hex(6)}"
 
     # hub callbacks: the room is the listener of its group
     def deliver(self, frame: Frame) -> None:
@@ -228,6 +230,9 @@ class Room:
         self.head = await off_loop(docs.doc_version)(self.session_id)
         self.task = self.rooms.runtime.spawn(self._run(), name=f"tandem-doc-room-{self.session_id}")
         self.ready.set()
+        # Who is already here, on other processes: their rooms answer with the states
+        # their connections set (clients renew theirs only every 15 s).
+        fanout.send_to_group(self.group, groups.encode_doc_query(self.session_id, self.id))
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -244,7 +249,9 @@ class Room:
                 await self._check_head()
                 continue
             try:
-                if message.get("v") is None:
+                if message.get("q"):
+                    self._on_query(message)
+                elif message.get("v") is None:
                     self._on_awareness(message)
                 else:
                     await self._on_update(message)
@@ -284,9 +291,20 @@ class Room:
             if now - st.seen > AWARENESS_TIMEOUT and not st.owner:
                 del self.awareness[client]
 
+    def _on_query(self, message: groups.DocMessage) -> None:
+        if message["o"] == self.id:
+            return
+        ours = [AwarenessEntry(c, st.clock, st.state) for c, st in self.awareness.items() if st.owner]
+        if ours:
+            fanout.send_to_group(
+                self.group, groups.encode_doc_awareness(self.session_id, encode_awareness(ours), self.id)
+            )
+
     def _on_awareness(self, message: groups.DocMessage) -> None:
         update = message["a"]
         origin = message["o"]
+        if origin == self.id:
+            return  # our answer to another room's query
         if origin not in self.conns:  # another process's (ours were kept when they came in)
             self.keep_awareness(parse_awareness(update), "")
         self._send_all(awareness_frame(update), skip=origin)

@@ -258,3 +258,56 @@ async def test_awareness_is_relayed_to_others_and_cleared_when_they_leave(sessio
     await c.until(lambda: a.doc.client_id not in c.awareness)
     await b.close()
     await c.close()
+
+
+# ---------------------------------------------------------------- ending
+
+
+async def test_socket_opened_with_a_token_closes_when_it_expires(session: Any, bob: Any) -> None:
+    from datetime import timedelta
+
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    token = AccessToken.for_user(bob)
+    token.set_exp(lifetime=timedelta(seconds=3))
+    b = await synced(session.id, None, token=str(token))
+    assert await b.until_closed(timeout=8) == 4401
+
+
+async def test_deactivated_user_is_closed_with_4401(session: Any, bob: Any) -> None:
+    b = await synced(session.id, bob)
+    bob.is_active = False
+    await database_sync_to_async(bob.save)()
+    assert await b.until_closed() == 4401
+
+
+async def test_server_stopping_closes_with_4012_and_a_late_open_too(session: Any, bob: Any) -> None:
+    from events_app.streams import end_all_streams
+
+    b = await synced(session.id, bob)
+    end_all_streams()
+    assert await b.until_closed() == 4012
+    late = peer(session.id, bob)
+    assert await late.open() is None
+    assert await late.until_closed() == 4012
+
+
+async def test_closing_gives_back_the_stream_slot(session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_MAX_CONNECTIONS_PER_USER = 1
+    b = await synced(session.id, bob)
+    second = peer(session.id, bob)
+    await second.open()
+    assert await second.until_closed() == 4429
+    await b.close()
+    third = await eventually(lambda: _opens(session.id, bob))
+    await third.close()
+
+
+async def _opens(session_id: str, user: Any) -> DocPeer | None:
+    p = peer(session_id, user)
+    await p.open()
+    try:
+        await p.sync()
+    except Exception:
+        return None
+    return p
