@@ -8,9 +8,14 @@ import json
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from sessions_app import doc as docs
+from sessions_app import permissions
 from sessions_app.models import Message, PermissionRequest, Session
+from tests.conftest import token_for
+from tests.docpeer import DocPeer, InProcessTransport
 from tests.fake_openai import (  # noqa: F401  (fake_openai is a fixture)
     FakeOpenAI,
     chunk,
@@ -20,6 +25,7 @@ from tests.fake_openai import (  # noqa: F401  (fake_openai is a fixture)
     tool_call,
 )
 from tests.replies import head, log_after, post, wait_for_completed, wait_for_event
+from tests.streamutil import bind_runtime, create_shared_session, eventually
 from tests.test_tools_agent import answer, ask, reply_text, tool_statuses
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -89,6 +95,35 @@ def test_doc_without_a_paragraph_answers_usage_and_asks_nothing(tools_session: S
     wait_for_completed(tools_session.id, before, reply_id)
     assert reply_text(reply_id) == "Usage: !doc append <text>"
     assert not PermissionRequest.objects.filter(session=tools_session).exists()
+
+
+async def test_an_approved_agent_edit_appears_live_in_an_open_editor(alice: Any, bob: Any, carol: Any, charlie: Any) -> None:
+    bind_runtime()
+    session = await create_shared_session(alice)
+    await database_sync_to_async(Session.objects.filter(pk=session.id).update)(agent="tools")
+    editor = DocPeer(InProcessTransport(session.id, {"token": token_for(bob)}))
+    assert await editor.open() is None
+    await editor.sync()
+    await editor.edit(0, "Typed live.")
+    await eventually(lambda: _version_is(session.id, 1))
+
+    response = await sync_to_async(post)(bob, session.id, "!doc append Added by the agent.")
+    assert response.status_code == 202, response.content
+    pending = await eventually(lambda: _pending(session.id))
+    assert (pending.tool, pending.input) == ("doc_edit", {"append": "Added by the agent."})
+    await database_sync_to_async(permissions.answer_permission)(session, pending.id, alice, approved=True, reason=None)
+    await editor.until(lambda: editor.value() == "Typed live.\n\nAdded by the agent.")
+    await editor.close()
+
+
+async def _version_is(session_id: str, version: int) -> bool:
+    return (await database_sync_to_async(docs.read_doc)(session_id)).version == version
+
+
+async def _pending(session_id: str) -> PermissionRequest | None:
+    return await database_sync_to_async(
+        PermissionRequest.objects.filter(session_id=session_id, status="pending").first
+    )()
 
 
 def test_doc_append_past_the_size_limit_is_a_tool_error(
