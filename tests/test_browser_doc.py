@@ -7,6 +7,7 @@ Every wait is a bounded Playwright expectation; nothing sleeps to make an assert
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 from websockets.sync.client import connect as ws_connect
 
+from events_app.models import Event
 from sessions_app.models import Session
 from tests.browser import save_screenshot
 from tests.conftest import token_for, wait_until
@@ -479,3 +481,9 @@ def test_the_agents_approved_edit_appears_live_in_every_open_editor(
     expect_doc_text(alice_page, "# Plan\n\nAgreed: ship on Friday.", timeout=20_000)
     expect_doc_text(carol_page, "# Plan\n\nAgreed: ship on Friday.")
     assert stored(live, alice, sid)["text"] == "# Plan\n\nAgreed: ship on Friday."
+    # The session's log says the agent wrote it (doc.updated is coalesced: the last one).
+    def last_by() -> list[Any]:
+        events = Event.objects.filter(session_id=sid, type="doc.updated").order_by("seq")
+        return [json.loads(e.envelope)["properties"]["by"] for e in events][-1:]
+
+    wait_until(lambda: last_by() == ["agent"], timeout=10)
