@@ -444,6 +444,10 @@ def test_on_a_phone_the_document_is_a_tab(browse: Any, live: Any, bob: Any, shar
     expect(page.locator("#doc-panel")).to_be_visible()
     expect(page.locator("#composer")).to_be_hidden()
     expect(page.locator("#doc-panel")).to_have_attribute("data-synced", "true", timeout=SYNCED)
+    page.locator("#doc-panel .cm-content").click()
+    page.keyboard.type("# On the go\n\n- typed on a phone")
+    expect_doc_text(page, "# On the go\n\n- typed on a phone")
+    save_screenshot(page, "doc-phone-tab")
     page.get_by_role("tab", name="Conversation").click()
     expect(page.locator("#composer")).to_be_visible()
 
