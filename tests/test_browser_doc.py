@@ -441,7 +441,7 @@ def test_on_a_phone_the_document_is_a_tab(browse: Any, live: Any, bob: Any, shar
     expect(page.locator("#doc-panel")).to_be_hidden()
     expect(page.get_by_role("tab", name="Conversation")).to_have_attribute("aria-selected", "true")
     page.get_by_role("tab", name="Document").click()
-    expect(page.locator("#doc-panel")).to_be_visible()
+    expect(page.get_by_role("tabpanel", name="Document")).to_be_visible()
     expect(page.locator("#composer")).to_be_hidden()
     expect(page.locator("#doc-panel")).to_have_attribute("data-synced", "true", timeout=SYNCED)
     page.locator("#doc-panel .cm-content").click()
@@ -457,6 +457,7 @@ def test_on_a_wide_screen_the_document_is_beside_the_conversation(
 ) -> None:
     page = open_doc(browse, bob, shared_session.id)
     expect(page.get_by_role("tab", name="Document")).to_be_hidden()
+    expect(page.get_by_role("tabpanel")).to_have_count(0)
     conversation = page.locator(".conversation").bounding_box()
     panel = page.locator("#doc-panel").bounding_box()
     assert conversation is not None and panel is not None

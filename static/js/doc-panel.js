@@ -157,6 +157,24 @@ class DocPanel {
       tab("conversation", "Conversation", conversation.id), tab("doc", "Document", mount.id));
     layout.before(this.tabs);
     this.layout = layout;
+    // Tab panels only while the tabs show (CSS hides them on wide screens).
+    const narrow = window.matchMedia("(max-width: 1100px)");
+    const panels = [[conversation, "tab-conversation"], [mount, "tab-doc"]];
+    const labels = new Map(panels.map(([panel]) => [panel, panel.getAttribute("aria-labelledby")]));
+    const applyRoles = () => {
+      for (const [panel, tabId] of panels) {
+        if (narrow.matches) {
+          panel.setAttribute("role", "tabpanel");
+          panel.setAttribute("aria-labelledby", tabId);
+        } else {
+          panel.removeAttribute("role");
+          if (labels.get(panel)) panel.setAttribute("aria-labelledby", labels.get(panel));
+          else panel.removeAttribute("aria-labelledby");
+        }
+      }
+    };
+    narrow.addEventListener("change", applyRoles);
+    applyRoles();
     this.showView("conversation");
   }
 
