@@ -10,6 +10,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ from websockets.sync.client import connect as ws_connect
 from events_app.models import Event
 from sessions_app.models import Session
 from tests.browser import save_screenshot
-from tests.conftest import token_for, wait_until
+from tests.conftest import start_server, token_for, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -226,6 +227,33 @@ def test_edits_made_offline_are_sent_when_the_connection_returns(
     expect_doc_text(alice_page, "alice offline [shared] bob online")
     expect_doc_text(bob_page, "alice offline [shared] bob online")
     assert stored(live, bob, sid)["text"] == "alice offline [shared] bob online"
+
+
+def test_a_server_killed_mid_editing_loses_nothing_and_the_editors_converge_after_it_returns(
+    browse: Any, live: Any, alice: Any, bob: Any, shared_session: Session, tmp_path: Path
+) -> None:
+    sid = shared_session.id
+    alice_page, bob_page = open_doc(browse, alice, sid), open_doc(browse, bob, sid)
+    alice_page.locator("#doc-panel .cm-content").click()
+    alice_page.keyboard.type("seen by bob.")
+    expect_doc_text(bob_page, "seen by bob.")  # relayed, so stored
+
+    live.proc.kill()  # kill -9: no goodbye to anyone
+    live.proc.wait()
+    for page in (alice_page, bob_page):
+        expect(page.locator("#doc-connection")).to_have_attribute("data-state", "reconnecting", timeout=SYNCED)
+    alice_page.keyboard.type(" Typed while it was down.")  # kept in alice's Y.Doc meanwhile
+
+    restarted = start_server({"TANDEM_AGENT_MODE": "inline", "TANDEM_ECHO_DELAY_MS": "15"}, tmp_path,
+                             name="restarted", port=live.port)
+    try:
+        text = "seen by bob. Typed while it was down."
+        for page in (alice_page, bob_page):  # each on a new connection, with a new ticket
+            expect(page.locator("#doc-connection")).to_have_attribute("data-state", "live", timeout=30_000)
+            expect_doc_text(page, text)
+        assert stored(restarted, alice, sid)["text"] == text
+    finally:
+        restarted.stop()
 
 
 @pytest.mark.parametrize("server_env", [{"TANDEM_MAX_DOC_CHARS": "30"}])
