@@ -19,7 +19,8 @@ writes as ``AGENT``.
 - ``apply_update(actor, session, update, origin="") -> Applied | None``: a binary Yjs
   update (v1 encoding) from a client; ``None`` when it changed nothing. Raises
   ``BadUpdate`` (400) for bytes that do not decode, ``DocTooLarge`` (413). Nothing is
-  stored, and the document is unchanged, when it raises.
+  stored, and the document is unchanged, when it raises. ``apply_updates(session,
+  [Incoming(actor, update, origin)…])`` does several in one transaction, answering each.
 - ``sync_reply(session, state_vector) -> (update, version)``: what a client with that
   state vector lacks (y-websocket's sync step 2). ``BadUpdate`` for a malformed vector.
 - ``state_vector(session) -> (state_vector, version)`` (sync step 1) and
@@ -59,7 +60,7 @@ from events_app import fanout, groups
 from events_app.services import publish
 from project import runtime
 from project.db import off_loop
-from project.errors import BadRequest, PayloadTooLarge, ValidationFailed, VersionConflict
+from project.errors import ApiError, BadRequest, PayloadTooLarge, ValidationFailed, VersionConflict
 from sessions_app.models import Document, DocUpdate, Session
 from sessions_app.serializers import user_data
 
@@ -353,27 +354,67 @@ def _too_large_error() -> DocTooLarge:
 
 
 def apply_update(actor: Actor, session: Session | str, update: bytes, *, origin: str = "") -> Applied | None:
-    if update == EMPTY_UPDATE:
-        return None
+    [result] = apply_updates(session, [Incoming(actor, update, origin)])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One Yjs update from a client: who sent it, and from which connection."""
+
+    actor: Actor
+    update: bytes
+    origin: str = ""
+
+
+def apply_updates(session: Session | str, items: Sequence[Incoming]) -> list[Applied | None | ApiError]:
+    """``apply_update`` for several updates of one document in one transaction (one row
+    lock, one commit): each gets its own version and its own answer, and a refused one
+    (``BadUpdate``, ``DocTooLarge``, returned in its place) does not stop the others."""
     session_id = _sid(session)
     slot = _slot(session_id)
+    results: list[Applied | None | ApiError] = []
     with transaction.atomic():
         row = _lock_row(session_id)
         with slot.lock:
             try:
                 live = _current(slot, row)
-                before = len(live.text)
-                _apply_raw(live, update)
-                change = _take_changes(live)
-                if change is None:
-                    return None  # known already, or waiting for updates it depends on
-                if _too_large(live, before):
-                    raise _too_large_error()
-                version = _store(row, change, actor, origin, live)
+                stored: list[tuple[bytes, Actor, str]] = []
+                for item in items:
+                    if item.update == EMPTY_UPDATE:
+                        results.append(None)
+                        continue
+                    before = len(live.text)
+                    try:
+                        # yrs decodes the whole update before applying any of it: a refused
+                        # one has changed nothing.
+                        _apply_raw(live, item.update)
+                    except BadUpdate as exc:
+                        live.changes.clear()
+                        results.append(exc)
+                        continue
+                    change = _take_changes(live)
+                    if change is None:
+                        results.append(None)  # known already, or waiting for one it needs
+                    elif _too_large(live, before):
+                        results.append(_too_large_error())
+                        # It is in memory now: rebuild from what is stored, this
+                        # transaction's changes included.
+                        _record(row, stored, live)
+                        stored = []
+                        slot.live = None
+                        live = _current(slot, row)
+                        live.committed = False
+                    else:
+                        stored.append((change, item.actor, item.origin))
+                        results.append(Applied(row.version + len(stored), change))
+                _record(row, stored, live)
             except BaseException:
                 slot.live = None  # it may hold what was refused: rebuilt on next use
                 raise
-    return Applied(version, change)
+    return results
 
 
 def _edit_fields(edit: Edit | Mapping[str, Any]) -> Edit:
@@ -463,15 +504,27 @@ def append_paragraph(actor: Actor, session: Session | str, text: str) -> DocStat
 
 
 def _store(row: Document, change: bytes, actor: Actor, origin: str, live: _Live) -> int:
-    """Store ``change`` as the next version (inside the caller's transaction, with the
-    row locked), announce it as the coalescing allows, and send it to every process's
-    editors once the transaction commits."""
+    _record(row, [(change, actor, origin)], live)
+    return row.version
+
+
+def _record(row: Document, changes: list[tuple[bytes, Actor, str]], live: _Live) -> None:
+    """Store ``changes`` as the next versions (inside the caller's transaction, with the
+    row locked: one INSERT and one UPDATE however many), announce them as the coalescing
+    allows, and send each to every process's editors once the transaction commits."""
+    if not changes:
+        return
     now = timezone.now()
-    row.version += 1
+    first = row.version + 1
+    row.version += len(changes)
     row.updated_at = now
+    actor = changes[-1][1]
     row.last_by = None if isinstance(actor, str) else actor
     row.last_by_agent = isinstance(actor, str)
-    DocUpdate.objects.create(session_id=row.session_id, version=row.version, data=change, created_at=now)
+    DocUpdate.objects.bulk_create([
+        DocUpdate(session_id=row.session_id, version=version, data=change, created_at=now)
+        for version, (change, _, _) in enumerate(changes, start=first)
+    ])
     fields = ["version", "updated_at", "last_by", "last_by_agent"]
     interval = settings.TANDEM_DOC_EVENT_SECONDS
     trailing: float | None = None
@@ -483,18 +536,21 @@ def _store(row: Document, change: bytes, actor: Actor, origin: str, live: _Live)
     row.save(update_fields=fields)
     live.version = row.version
     live.committed = False
-    session_id, version = row.session_id, row.version
+    session_id = row.session_id
+    messages = [
+        groups.encode_doc_update(session_id, version, change, origin)
+        for version, (change, _, origin) in enumerate(changes, start=first)
+    ]
 
     def committed() -> None:
         live.committed = True
-        fanout.send_to_group(
-            groups.doc_group(session_id), groups.encode_doc_update(session_id, version, change, origin)
-        )
+        group = groups.doc_group(session_id)
+        for message in messages:
+            fanout.send_to_group(group, message)
         if trailing is not None:
             _announce_later(session_id, trailing)
 
     transaction.on_commit(committed)
-    return version
 
 
 def _announce(row: Document, now: datetime) -> None:
