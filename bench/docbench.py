@@ -170,7 +170,10 @@ async def doc(args: argparse.Namespace, target: Target) -> dict[str, Any]:
 
     async def connect(editor: Editor) -> None:
         async with gate:
-            await editor.connect()
+            try:
+                await editor.connect()
+            except Exception as exc:
+                raise BenchError(f"editor {editor.index} could not connect: {exc}") from None
 
     started = time.monotonic()
     await asyncio.wait_for(asyncio.gather(*(connect(e) for e in editors)), args.timeout)
@@ -178,6 +181,7 @@ async def doc(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     await asyncio.sleep(args.settle)
     rate = args.rate[0]
     cpu_before = [s.cpu_seconds() for s in servers]
+    client_cpu_before = time.process_time()
 
     async def typist(editor: Editor, seed: int) -> None:
         rng = random.Random(seed)
@@ -207,6 +211,7 @@ async def doc(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         await asyncio.wait_for(shared.all_in.wait(), args.drain)
     settle_seconds = time.monotonic() - drain_started
     cpu_after = [s.cpu_seconds() for s in servers]
+    client_cpu = time.process_time() - client_cpu_before
     text = str(editors[0].text)
     r = await target.http.get(f"/api/sessions/{session}/doc/", headers=target.headers)
     stored = r.json() if r.status_code == 200 else {}
@@ -232,6 +237,7 @@ async def doc(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         "stored_version": stored.get("version"),
         "doc_chars": len(text),
         "errors": [e.error for e in editors if e.error],
+        "client_cpu_seconds": round(client_cpu, 2),
         "server": {
             "pids": [s.pids for s in servers],
             "cpu_seconds": cpu,

@@ -208,10 +208,12 @@ def _sid(session: Session | str) -> str:
 
 def _lock_row(session_id: str) -> Document:
     """The document's row, locked until the transaction ends; made on first use."""
-    row = Document.objects.select_for_update().filter(pk=session_id).first()
+    # The base (the whole document, once compacted) is read only when a process needs it.
+    rows = Document.objects.select_for_update().defer("base")
+    row = rows.filter(pk=session_id).first()
     if row is None:
         Document.objects.get_or_create(session_id=session_id)
-        row = Document.objects.select_for_update().get(pk=session_id)
+        row = rows.get(pk=session_id)
     return row
 
 
