@@ -279,6 +279,9 @@ class Room:
                 return
         self.head = version
         self._send_all(sync_frame(SYNC_UPDATE, message["u"]), skip=message["o"])
+        # Another process's change, already stored: into this process's copy of the
+        # document (microseconds; never waits), so the next change here skips reading it.
+        docs.absorb(self.session_id, version, message["u"])
 
     async def _fill(self, upto: int) -> None:
         updates = await off_loop(docs.updates_between)(self.session_id, self.head, upto)

@@ -26,6 +26,7 @@ writes as ``AGENT``.
 - ``state_vector(session) -> (state_vector, version)`` (sync step 1) and
   ``brings_news(session, update) -> bool`` (does a reader's sync step 2 hold anything new).
 - ``doc_text_and_size(session) -> (text, chars)``: for the admin.
+- ``absorb(session_id, version, update)``: a relayed update, into this process's copy.
 
 Every change is stored (one ``DocUpdate`` row and the version bump, in the caller's
 transaction) before anything is sent: once it commits, the update goes to the document's
@@ -189,6 +190,32 @@ def _current(slot: _Slot, row: Document) -> _Live:
     live.changes.clear()
     slot.live = live
     return live
+
+
+def absorb(session_id: str, version: int, update: bytes) -> bool:
+    """A committed update another process relayed (version ``version``): applied to this
+    process's copy of the document when that copy is at the version before it, so the
+    next change here need not read it back from the database under the row lock. Never
+    waits: when the copy is busy or elsewhere, the next change catches up as usual. True
+    if applied."""
+    with _slots_lock:
+        slot = _slots.get(session_id)
+    if slot is None or not slot.lock.acquire(blocking=False):
+        return False
+    try:
+        live = slot.live
+        if live is None or not live.committed or live.version != version - 1:
+            return False
+        try:
+            _apply_raw(live, update)
+        except BaseException:
+            slot.live = None
+            raise
+        live.changes.clear()
+        live.version = version
+        return True
+    finally:
+        slot.lock.release()
 
 
 def _take_changes(live: _Live) -> bytes | None:

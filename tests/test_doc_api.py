@@ -279,3 +279,25 @@ def test_a_batch_answers_each_update_and_a_refused_one_spoils_none(shared_sessio
     assert list(DocUpdate.objects.order_by("version").values_list("version", flat=True)) == [1, 2]
     docs._slots.clear()  # and the stored updates alone give the same text
     assert docs.read_doc(shared_session).text == "abcdef"
+
+
+def test_absorbing_a_relayed_update_saves_the_read_back(shared_session: Any, alice: Any, bob: Any) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, "one")])
+    # Another process stores version 2; this one hears of it through its room.
+    other: Doc[Any] = Doc()
+    other.apply_update(docs.full_state(shared_session)[0])
+    before = other.get_state()
+    other.get("doc", type=Text).insert(3, " two")
+    update = other.get_update(before)
+    slot = docs._slots.pop(shared_session.id)
+    docs.apply_update(alice, shared_session, update)  # as if elsewhere: this copy is set aside
+    docs._slots[shared_session.id] = slot
+    assert docs.absorb(shared_session.id, 2, update) is True
+    assert docs.absorb(shared_session.id, 2, update) is False  # not the next version any more
+    with CaptureQueriesContext(connection) as queries:
+        docs.apply_edits(bob, shared_session, [docs.Edit(7, 0, "!")])
+    assert not any("docupdate" in q["sql"].lower() and q["sql"].lstrip().upper().startswith("SELECT") for q in queries)
+    assert docs.read_doc(shared_session).text == "one two!"
