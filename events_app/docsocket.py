@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -38,6 +39,7 @@ from events_app.metrics import OPEN_STREAMS
 from events_app.streams import STREAMS, StreamRequest, prepare, serving
 from events_app.types import Frame
 from project import runtime
+from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, NotFound, PayloadTooLarge
 from project.limits import arelease_stream_slot
@@ -212,6 +214,12 @@ class Room:
         self.task: asyncio.Task[None] | None = None
         self.wants_presence = False
         self.id = f"room_{secrets.token_hex(6)}"
+        # The updates this process's editors send, stored a batch at a time: one
+        # transaction (one row lock, one commit) for every update that arrived while the
+        # last batch was being stored, so a busy document is not one commit per keystroke.
+        self.writes: Batcher[docs.Incoming, docs.Applied | None] = Batcher(
+            f"doc-{session_id}", off_loop(functools.partial(docs.apply_updates, session_id)), limit=200
+        )
 
     # hub callbacks: the room is the listener of its group
     def deliver(self, frame: Frame) -> None:
@@ -271,6 +279,9 @@ class Room:
                 return
         self.head = version
         self._send_all(sync_frame(SYNC_UPDATE, message["u"]), skip=message["o"])
+        # Another process's change, already stored: into this process's copy of the
+        # document (microseconds; never waits), so the next change here skips reading it.
+        docs.absorb(self.session_id, version, message["u"])
 
     async def _fill(self, upto: int) -> None:
         updates = await off_loop(docs.updates_between)(self.session_id, self.head, upto)
@@ -477,7 +488,9 @@ class DocConnection:
         try:
             # Stored (committed) before this returns; then sent to every process's
             # editors of the document, this one's through its room.
-            await off_loop(docs.apply_update)(self.user, self.session_id, message.payload, origin=self.id)
+            if self.room is None:
+                raise Closing("internal_error")
+            await self.room.writes.submit(docs.Incoming(self.user, message.payload, self.id))
         except docs.BadUpdate:
             raise Closing("bad_request") from None
         except PayloadTooLarge:

@@ -311,3 +311,35 @@ async def _opens(session_id: str, user: Any) -> DocPeer | None:
     except Exception:
         return None
     return p
+
+
+# ---------------------------------------------------------------- doc.updated
+
+
+async def test_edits_inside_the_window_are_announced_when_it_ends(session: Any, alice: Any, bob: Any, settings: Any) -> None:
+    import json
+
+    from events_app.models import Event
+
+    settings.TANDEM_DOC_EVENT_SECONDS = 0.5
+
+    def announced() -> list[dict[str, Any]]:
+        rows = Event.objects.filter(session_id=session.id, type="doc.updated").order_by("seq")
+        return [json.loads(e.envelope)["properties"] for e in rows]
+
+    a = await synced(session.id, alice)
+    await a.edit(0, "first")
+    await eventually(lambda: version_is(session.id, 1))
+    b = await synced(session.id, bob)
+    await b.edit(5, " second")
+    await b.edit(12, " third")
+    await eventually(lambda: version_is(session.id, 3))
+    # The first change was announced at once; the two inside its window together, by the
+    # last author, once the window ended, with nobody editing meanwhile.
+    found = await eventually(lambda: database_sync_to_async(lambda: len(announced()) == 2 and announced())())
+    assert found == [
+        {"version": 1, "by": {"id": alice.pk, "username": "alice"}},
+        {"version": 3, "by": {"id": bob.pk, "username": "bob"}},
+    ]
+    await a.close()
+    await b.close()
