@@ -8,7 +8,9 @@ code it replaced (kept below, verbatim in what it computes, as the baseline):
 - a tool's input check: the hand-written shape check, against jsonschema with the
   validator built once per tool, per call, valid and invalid input;
 - for scale, one ``JsonFormatter`` log line (python-json-logger) and the cost a load
-  client would pay per event reading a stream through httpx + httpx-sse.
+  client would pay per event reading a stream through httpx + httpx-sse;
+- the shared document's y-websocket frames, kept by hand (``events_app/docsocket.py``),
+  against pycrdt's own ``create_update_message`` and ``Decoder``, per 512-byte update.
 
     python scripts/libs_bench.py [--events 20000] [--repeat 5]
 
@@ -35,8 +37,10 @@ import django
 django.setup()
 
 import httpx  # noqa: E402
+import pycrdt  # noqa: E402
 from httpx_sse import EventSource  # noqa: E402
 
+from events_app import docsocket  # noqa: E402
 from project.logfilters import JsonFormatter  # noqa: E402
 from sessions_app.agents import openai  # noqa: E402
 from sessions_app.agents.tools import TOOLS, Tool, ToolFailed  # noqa: E402
@@ -173,6 +177,26 @@ def main() -> None:
     record = logging.LogRecord("tandem.bench", logging.INFO, __file__, 1, "GET %s %s", ("/api/x", 200), None)
     seconds = _lowest(repeat, lambda: [formatter.format(record) for _ in range(n)])
     rows.append(("JSON log line (python-json-logger OrjsonFormatter + redaction)", seconds / n))
+
+    payload = bytes(range(256)) * 2
+    frame = docsocket.sync_frame(2, payload)
+    assert frame == pycrdt.create_update_message(payload)
+
+    def pycrdt_decode() -> bytes | None:
+        decoder = pycrdt.Decoder(frame)
+        decoder.read_var_uint()
+        decoder.read_var_uint()
+        return decoder.read_message()
+
+    frames: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("y-websocket update frame, encoded by hand (docsocket.sync_frame)", lambda: docsocket.sync_frame(2, payload)),
+        ("y-websocket update frame, encoded by pycrdt.create_update_message", lambda: pycrdt.create_update_message(payload)),
+        ("y-websocket update frame, decoded by hand (docsocket.parse_frame)", lambda: docsocket.parse_frame(frame)),
+        ("y-websocket update frame, decoded by pycrdt.Decoder (no truncation check)", pycrdt_decode),
+    )
+    for label, work in frames:
+        seconds = _lowest(repeat, lambda work=work: [work() for _ in range(n)])
+        rows.append((label, seconds / n))
 
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()

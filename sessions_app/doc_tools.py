@@ -56,7 +56,10 @@ def _edit(session_id: str, input: dict[str, Any]) -> dict[str, Any]:
             + ": read it again with doc_read."
         ) from None
     except ApiError as exc:  # out of range, too long, the session gone
-        raise ToolFailed(exc.message) from None
+        # The details say where an edit went wrong (the text's length then): the model
+        # needs them to correct itself.
+        where = exc.details.get("edits")
+        raise ToolFailed(" ".join([exc.message, *(map(str, where) if isinstance(where, list) else [])])) from None
     return {"version": state.version, "chars": len(state.text)}
 
 

@@ -67,8 +67,8 @@ class NotFoundError(TandemError):
 
 
 class ConflictError(TandemError):
-    """409: ``conflict``, ``session_busy``, ``queue_full``, ``not_queued``, ``not_latest``
-    or ``already_resolved``."""
+    """409: ``conflict``, ``session_busy``, ``queue_full``, ``not_queued``, ``not_latest``,
+    ``already_resolved`` or ``version_conflict``."""
 
 
 class RateLimitedError(TandemError):

@@ -240,6 +240,26 @@ def test_a_doc_edit_for_a_stale_version_is_refused_and_the_model_is_told(
     assert Message.objects.get(pk=reply_id).status == "completed"
 
 
+def test_an_approved_edit_out_of_range_changes_nothing_and_the_model_learns_the_length(
+    fake_openai: FakeOpenAI, ai_session: Session, alice: Any, bob: Any
+) -> None:
+    docs.apply_edits(alice, ai_session.id, [{"at": 0, "insert": "short"}])
+    fake_openai.script(
+        stream(chunk({"role": "assistant"}),
+               tool_call(0, id="call_o", name="doc_edit", arguments='{"edits": [{"at": 99, "insert": "x"}]}'),
+               chunk(finish_reason="tool_calls")),
+        stream(*text_chunks("Oops.")),
+    )
+    before, reply_id = start(bob, ai_session, "append at 99")
+    requested = wait_for_event(ai_session.id, before, "permission.requested")["properties"]["permission"]
+    answer(alice, ai_session, requested["id"], approved=True)
+    wait_for_completed(ai_session.id, before, reply_id)
+    assert docs.read_doc(ai_session.id).text == "short"
+    error = tool_result(fake_openai, 1, "call_o")["error"]
+    assert "past the end" in error and "the text has 5 characters" in error
+    assert tool_statuses(log_after(ai_session.id, before)) == ["pending", "running", "error"]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -17,6 +17,7 @@ from tandem_client import (
     Document,
     NotFoundError,
     PermissionDeniedError,
+    TandemError,
     ValidationError,
 )
 from tests.conftest import PASSWORD
@@ -49,9 +50,12 @@ def test_sdk_reads_sets_appends_and_edits_the_document(servers: Any, shared_sess
 
 
 def test_sdk_bad_cases_have_their_codes(servers: Any, shared_session: Any, alice: Any, carol: Any, charlie: Any) -> None:
-    (server,) = servers(1)
+    (server,) = servers(1, TANDEM_MAX_DOC_CHARS="50")
     sid = shared_session.id
     with client_for(server, alice) as owner:
+        with pytest.raises(TandemError) as too_long:
+            owner.set_doc(sid, "x" * 51)
+        assert (too_long.value.status, too_long.value.code) == (413, "payload_too_large")
         start = owner.set_doc(sid, "one")
         owner.append_doc(sid, "two")  # the document moves on
         with pytest.raises(ConflictError) as stale:
