@@ -205,6 +205,26 @@ def test_an_edit_in_the_editor_is_stored(browse: Any, live: Any, alice: Any, sha
     wait_until(lambda: stored(live, alice, sid)["text"] == "Typed by alice", timeout=10)
 
 
+def test_an_editor_alone_in_the_document_keeps_its_connection(
+    browse: Any, live: Any, alice: Any, shared_session: Session
+) -> None:
+    # y-websocket closes a socket on which nothing arrived for 30 s, and the server does not
+    # send a connection its own awareness back: alone, an editor hears nothing. The page's
+    # clock is Playwright's, so 40 s pass in steps without waiting for them.
+    page = browse(alice, viewport=WIDE)
+    page.clock.install()
+    sockets: list[Any] = []
+    page.on("websocket", lambda ws: sockets.append(ws) if "/doc/" in ws.url else None)
+    page.goto(f"/s/{shared_session.id}/")
+    expect(page.locator("#doc-panel")).to_have_attribute("data-synced", "true", timeout=SYNCED)
+    assert len(sockets) == 1
+    for _ in range(4):
+        with sockets[0].expect_event("framereceived", timeout=10_000):
+            page.clock.run_for(10_000)  # quiet for 10 s: the panel asks, the server answers
+    assert len(sockets) == 1, "the panel reconnected"
+    expect(page.locator("#doc-connection")).to_have_attribute("data-state", "live")
+
+
 def test_edits_made_offline_are_sent_when_the_connection_returns(
     browse: Any, live: Any, alice: Any, bob: Any, shared_session: Session
 ) -> None:
