@@ -5,7 +5,7 @@
 // the editor for the rendered Markdown. The libraries come from /static/vendor/collab/
 // (scripts/build-collab.sh builds them from npm). On phones the panel is a tab.
 import {
-  EditorView, basicSetup, EditorState, Compartment, Transaction, keymap, indentWithTab, markdown,
+  EditorView, basicSetup, EditorState, Compartment, Transaction, markdown,
   HighlightStyle, syntaxHighlighting, tags, Y, yCollab, WebsocketProvider, Awareness,
 } from "/static/vendor/collab/collab.js";
 import { Tandem, TandemError } from "/static/js/tandem.js";
@@ -249,8 +249,7 @@ class DocPanel {
       state: EditorState.create({
         doc: this.ytext.toString(),
         extensions: [
-          basicSetup,
-          keymap.of([indentWithTab]),
+          basicSetup, // Tab is left to the page (moving focus); Mod-] and Mod-[ indent
           markdown(),
           syntaxHighlighting(markdownStyle),
           themeFromPage,
