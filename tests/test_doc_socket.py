@@ -156,6 +156,27 @@ async def test_refusals_accept_then_close(session: Any, request: Any, who: str |
     assert await p.until_closed() == code
 
 
+def _session_cookie(user: Any) -> str:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return str(client.cookies["sessionid"].value)
+
+
+async def test_a_browser_cookie_opens_it_from_the_servers_own_origin(session: Any, alice: Any) -> None:
+    cookie = await database_sync_to_async(_session_cookie)(alice)
+    headers = {"Origin": "http://localhost:8000", "Host": "localhost:8000", "Cookie": f"sessionid={cookie}"}
+    p = peer(session.id, None, headers=headers)
+    assert await p.open() is None
+    await p.sync()
+    await p.close()
+    # Without an Origin (not a browser) the cookie counts for nothing.
+    bare = peer(session.id, None, headers={"Cookie": f"sessionid={cookie}"})
+    await bare.open()
+    assert await bare.until_closed() == 4401
+
+
 async def test_unknown_session_is_4404(session: Any, bob: Any) -> None:
     p = peer("ses_nope", bob)
     await p.open()
