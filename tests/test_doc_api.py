@@ -319,3 +319,13 @@ def test_housekeeping_compacts_what_is_due_and_announces_what_was_owed(shared_se
     assert docs.housekeeping() == (0, 0)
     docs._slots.clear()
     assert docs.read_doc(shared_session).text == "cba"
+
+
+def test_a_change_by_an_account_deleted_since_is_announced_by_null(shared_session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_DOC_EVENT_SECONDS = 3600
+    docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, "a")])
+    docs.apply_edits(bob, shared_session, [docs.Edit(1, 0, "b")])
+    bob.delete()
+    Document.objects.update(event_at=Document.objects.get().event_at - timedelta(hours=2))
+    assert docs.announce_if_due(shared_session.id) is None
+    assert doc_events(shared_session)[-1] == {"version": 2, "by": None}

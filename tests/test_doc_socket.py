@@ -75,6 +75,12 @@ async def test_two_editors_sync_and_every_update_is_stored(session: Any, alice: 
     # A third, late, gets everything in its sync.
     c = await synced(session.id, alice)
     assert c.value() == "Hello, world"
+    # However many sockets, this process holds one subscription for the document.
+    from events_app import fanout
+    from events_app.groups import doc_group
+
+    listeners = fanout.get_hub().groups[doc_group(session.id)]
+    assert len(listeners) == 1 and len(next(iter(listeners)).conns) == 3  # type: ignore[attr-defined]
     for p in (a, b, c):
         await p.close()
 
