@@ -17,6 +17,7 @@ from sessions_app import doc as docs
 from sessions_app import services
 from tests.conftest import token_for
 from tests.docpeer import (
+    STEP1,
     STEP2,
     UPDATE,
     DocPeer,
@@ -229,6 +230,8 @@ def _bad_frames() -> list[bytes | str]:
     for cut in (1, 5, 10, len(update) - 1):
         frames.append(sync_frame(UPDATE, update[:cut]))  # truncated updates
     frames.append(sync_frame(STEP2, update[:7]))
+    frames.append(sync_frame(STEP1, b"\x05\x01"))  # a state vector cut short
+    frames.append(sync_frame(STEP1, b"\xff\xff\xff"))
     for _ in range(6):
         frames.append(sync_frame(UPDATE, os.urandom(rng.randrange(3, 60))))
     return frames
