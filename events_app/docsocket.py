@@ -208,7 +208,6 @@ class Room:
         self.group = groups.doc_group(session_id)
         self.conns: dict[str, DocConnection] = {}
         self.head = 0
-        self.ready = asyncio.Event()
         self.inbox: asyncio.Queue[groups.DocMessage] = asyncio.Queue()
         self.awareness: dict[int, _State] = {}
         self.task: asyncio.Task[None] | None = None
@@ -237,7 +236,6 @@ class Room:
         # version, anything after arrives through the group.
         self.head = await off_loop(docs.doc_version)(self.session_id)
         self.task = self.rooms.runtime.spawn(self._run(), name=f"tandem-doc-room-{self.session_id}")
-        self.ready.set()
         # Who is already here, on other processes: their rooms answer with the states
         # their connections set (clients renew theirs only every 15 s).
         fanout.send_to_group(self.group, groups.encode_doc_query(self.session_id, self.id))
@@ -385,10 +383,6 @@ class _Rooms:
 
 
 ROOMS = runtime.Component("doc-rooms", _Rooms)
-
-
-def room_count() -> int:
-    return sum(len(r.rooms) for rt in runtime.every() if (r := ROOMS.find(rt)) is not None)
 
 
 # ---------------------------------------------------------------- one connection
@@ -562,6 +556,10 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
             log.exception("Opening a document socket failed")
             await self._release()
             await self._refuse(None)
+            return
+        if self.ended:  # removed, or the session deleted, while it was being admitted
+            self.conn = None
+            await self._release()
             return
         await self.accept()
         OPEN_STREAMS.labels("ws_doc").inc()
