@@ -563,6 +563,10 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
             await self._release()
             await self._refuse(None)
             return
+        if self.ended:  # removed, or the session deleted, while it was being admitted
+            self.conn = None
+            await self._release()
+            return
         await self.accept()
         OPEN_STREAMS.labels("ws_doc").inc()
         self.writer = asyncio.ensure_future(self._write(conn))

@@ -583,9 +583,8 @@ def _record(row: Document, changes: list[tuple[bytes, Actor, str]], live: _Live)
 
 
 def _announce(row: Document, now: datetime) -> None:
+    # None when the author's account is gone.
     by: dict[str, Any] | str | None = AGENT if row.last_by_agent else user_data(row.last_by)
-    if by is None:  # the author's account is gone
-        by = AGENT if row.last_by_agent else {"id": 0, "username": ""}
     publish(row.session_id, "doc.updated", {"version": row.version, "by": by})
     row.event_version = row.version
     row.event_at = now

@@ -301,3 +301,31 @@ def test_absorbing_a_relayed_update_saves_the_read_back(shared_session: Any, ali
         docs.apply_edits(bob, shared_session, [docs.Edit(7, 0, "!")])
     assert not any("docupdate" in q["sql"].lower() and q["sql"].lstrip().upper().startswith("SELECT") for q in queries)
     assert docs.read_doc(shared_session).text == "one two!"
+
+
+def test_housekeeping_compacts_what_is_due_and_announces_what_was_owed(shared_session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_DOC_COMPACT_UPDATES = 3
+    settings.TANDEM_DOC_EVENT_SECONDS = 3600
+    for word in ("a", "b", "c"):
+        docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, word)])
+    assert doc_events(shared_session) == [{"version": 1, "by": {"id": bob.pk, "username": "bob"}}]
+    # The process that owed the announcement of versions 2-3 died: the sweep makes it.
+    long_ago = Document.objects.get().updated_at - timedelta(hours=3)
+    Document.objects.update(updated_at=long_ago, event_at=long_ago)
+    assert docs.housekeeping() == (1, 1)
+    row = Document.objects.get()
+    assert (row.base_version, DocUpdate.objects.count()) == (3, 0)
+    assert doc_events(shared_session)[-1] == {"version": 3, "by": {"id": bob.pk, "username": "bob"}}
+    assert docs.housekeeping() == (0, 0)
+    docs._slots.clear()
+    assert docs.read_doc(shared_session).text == "cba"
+
+
+def test_a_change_by_an_account_deleted_since_is_announced_by_null(shared_session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_DOC_EVENT_SECONDS = 3600
+    docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, "a")])
+    docs.apply_edits(bob, shared_session, [docs.Edit(1, 0, "b")])
+    bob.delete()
+    Document.objects.update(event_at=Document.objects.get().event_at - timedelta(hours=2))
+    assert docs.announce_if_due(shared_session.id) is None
+    assert doc_events(shared_session)[-1] == {"version": 2, "by": None}

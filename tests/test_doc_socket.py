@@ -17,6 +17,7 @@ from sessions_app import doc as docs
 from sessions_app import services
 from tests.conftest import token_for
 from tests.docpeer import (
+    STEP1,
     STEP2,
     UPDATE,
     DocPeer,
@@ -75,6 +76,12 @@ async def test_two_editors_sync_and_every_update_is_stored(session: Any, alice: 
     # A third, late, gets everything in its sync.
     c = await synced(session.id, alice)
     assert c.value() == "Hello, world"
+    # However many sockets, this process holds one subscription for the document.
+    from events_app import fanout
+    from events_app.groups import doc_group
+
+    listeners = fanout.get_hub().groups[doc_group(session.id)]
+    assert len(listeners) == 1 and len(next(iter(listeners)).conns) == 3  # type: ignore[attr-defined]
     for p in (a, b, c):
         await p.close()
 
@@ -156,6 +163,27 @@ async def test_refusals_accept_then_close(session: Any, request: Any, who: str |
     assert await p.until_closed() == code
 
 
+def _session_cookie(user: Any) -> str:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return str(client.cookies["sessionid"].value)
+
+
+async def test_a_browser_cookie_opens_it_from_the_servers_own_origin(session: Any, alice: Any) -> None:
+    cookie = await database_sync_to_async(_session_cookie)(alice)
+    headers = {"Origin": "http://localhost:8000", "Host": "localhost:8000", "Cookie": f"sessionid={cookie}"}
+    p = peer(session.id, None, headers=headers)
+    assert await p.open() is None
+    await p.sync()
+    await p.close()
+    # Without an Origin (not a browser) the cookie counts for nothing.
+    bare = peer(session.id, None, headers={"Cookie": f"sessionid={cookie}"})
+    await bare.open()
+    assert await bare.until_closed() == 4401
+
+
 async def test_unknown_session_is_4404(session: Any, bob: Any) -> None:
     p = peer("ses_nope", bob)
     await p.open()
@@ -202,6 +230,8 @@ def _bad_frames() -> list[bytes | str]:
     for cut in (1, 5, 10, len(update) - 1):
         frames.append(sync_frame(UPDATE, update[:cut]))  # truncated updates
     frames.append(sync_frame(STEP2, update[:7]))
+    frames.append(sync_frame(STEP1, b"\x05\x01"))  # a state vector cut short
+    frames.append(sync_frame(STEP1, b"\xff\xff\xff"))
     for _ in range(6):
         frames.append(sync_frame(UPDATE, os.urandom(rng.randrange(3, 60))))
     return frames
