@@ -4,6 +4,7 @@ through the permission flow, and the ``openai`` agent's document context and its
 agent's (``doc.updated`` ``by: "agent"``); a rejected or refused one changes nothing."""
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -15,7 +16,7 @@ from sessions_app import doc as docs
 from sessions_app import permissions
 from sessions_app.models import Message, PermissionRequest, Session
 from tests.conftest import token_for
-from tests.docpeer import DocPeer, InProcessTransport
+from tests.docpeer import DocPeer, InProcessTransport, SocketTransport
 from tests.fake_openai import (  # noqa: F401  (fake_openai is a fixture)
     FakeOpenAI,
     chunk,
@@ -26,6 +27,7 @@ from tests.fake_openai import (  # noqa: F401  (fake_openai is a fixture)
 )
 from tests.replies import head, log_after, post, wait_for_completed, wait_for_event
 from tests.streamutil import bind_runtime, create_shared_session, eventually
+from tests.test_sse_real_socket import api_client
 from tests.test_tools_agent import answer, ask, reply_text, tool_statuses
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -289,3 +291,43 @@ def test_doc_edit_input_that_does_not_fit_is_refused_before_permission(
     assert not [e for e in events if e["type"].startswith("permission.")]
     assert [e["properties"].get("error") for e in events if e["type"] == "tool.status"][-1] == message
     assert docs.read_doc(ai_session.id).version == 0
+
+
+# ---------------------------------------------------------------- worker mode, real processes
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_workers_approved_edit_reaches_an_editor_on_the_server(
+    servers: Any, shared_session: Session, alice: Any, bob: Any
+) -> None:
+    """With Redis the default is worker mode: the reply, and so the agent's edit, runs in
+    a ``run_agents`` process; the editor is connected to a server process."""
+    (server,) = servers(1, redis=True, workers=1)
+    Session.objects.filter(pk=shared_session.pk).update(agent="tools")
+    sid = shared_session.id
+
+    async def main() -> str:
+        base = server.url.replace("http://", "ws://")
+        editor = DocPeer(SocketTransport(base, sid, {"token": token_for(bob)}))
+        assert await editor.open() is None
+        await editor.sync(timeout=10)
+        with api_client(server, bob) as client:
+            response = client.post(f"/api/sessions/{sid}/messages/",
+                                   json={"parts": [{"type": "text", "text": "!doc append From a worker."}]})
+            assert response.status_code == 202, response.text
+
+            def pending() -> Any:
+                found = client.get(f"/api/sessions/{sid}/permissions/", params={"status": "pending"}).json()
+                return found[0] if found else None
+
+            permission = await eventually(pending, timeout=15)
+            assert permission["tool"] == "doc_edit"
+        with api_client(server, alice) as owner:
+            answered = owner.post(f"/api/sessions/{sid}/permissions/{permission['id']}/", json={"approved": True})
+            assert answered.status_code == 200, answered.text
+        await editor.until(lambda: editor.value() == "From a worker.", timeout=15)
+        await editor.close()
+        return editor.value()
+
+    assert asyncio.run(main()) == "From a worker."
