@@ -788,6 +788,7 @@ TAGS = [
     {"name": "messages", "description": "Posting messages (which start the agent) and aborting replies."},
     {"name": "permissions", "description": "Human-in-the-loop approval of tool calls."},
     {"name": "events", "description": "The event log: history, polling and custom publishing."},
+    {"name": "document", "description": "The session's shared document (its live editing is the WebSocket `/ws/sessions/{id}/doc/`)."},
     {"name": "streams", "description": "Server-Sent Events (Channels consumers, not REST views)."},
     {"name": "schema", "description": "This description."},
     {"name": "operations", "description": "Liveness, readiness and metrics (outside /api/)."},
@@ -803,7 +804,8 @@ Every non-2xx JSON response has one shape, the `Error` schema:
 Authenticate with `Authorization: Bearer <access JWT>` (`POST /api/auth/token/`) or the
 session cookie of the browser UI (unsafe methods also need `X-CSRFToken`). The stream
 endpoints also take `?token=` or `?ticket=`. WebSocket (`/ws/sessions/{id}/`,
-`/ws/stream/`) carries the same envelopes plus commands; see `docs/API.md`.
+`/ws/stream/`) carries the same envelopes plus commands; `/ws/sessions/{id}/doc/` carries
+the session's shared document in the y-websocket protocol; see `docs/API.md`.
 """
 
 

@@ -37,6 +37,9 @@ fi
 # The JavaScript/TypeScript client (clients/js): TypeScript, esbuild and its own eventsource/ws,
 # for tests/test_js_client.py (types, the committed UI bundle, its Node tests).
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+# The shared document editor's npm libraries, locked: tests/test_vendor_collab.py rebuilds
+# static/vendor/collab/collab.js from them and checks it is the committed file.
+(cd scripts/collab && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
 PG_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"

@@ -13,15 +13,16 @@ from typing import Any
 from django.contrib import admin
 from django.contrib.admin.utils import quote
 from django.contrib.auth.models import User
-from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import Count, F, IntegerField, OuterRef, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce, Length
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from project.errors import NotQueued
+from sessions_app import doc as docs
 from sessions_app import services
-from sessions_app.models import Membership, Message, Part, PermissionRequest, Role, Session
+from sessions_app.models import Document, DocUpdate, Membership, Message, Part, PermissionRequest, Role, Session
 
 
 def _count_per_session(model: type[Membership] | type[Message]) -> Coalesce:
@@ -95,7 +96,7 @@ _SHOWN = 50  # messages and events on a session's page; the full lists are linke
 class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "id", "title", "owner", "agent", "status_type", "member_count", "message_count",
-        "last_seq", "last_activity_at",
+        "doc_version", "last_seq", "last_activity_at",
     )
     list_display_links = ("id", "title")
     list_filter = (StatusFilter, "agent", "owner")
@@ -106,7 +107,7 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     ordering = ("-last_activity_at",)
     fields = (
         "id", "title", "agent", "owner", "status", "last_seq", "forked_from",
-        "created_at", "updated_at", "last_activity_at", "recent_messages", "recent_events",
+        "created_at", "updated_at", "last_activity_at", "shared_document", "recent_messages", "recent_events",
     )
     readonly_fields = fields
     inlines = (MembershipInline, PendingPermissionInline)
@@ -122,6 +123,19 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "<a href='{}'>{}</a>, at message {}",
             reverse("admin:sessions_app_session_change", args=[quote(obj.forked_from_session_id)]),
             obj.forked_from_session_id, message,
+        )
+
+    @admin.display(description="shared document")
+    def shared_document(self, obj: Session) -> str:
+        text, chars = docs.doc_text_and_size(obj)
+        row = Document.objects.filter(pk=obj.pk).first()
+        stored = DocUpdate.objects.filter(session=obj).aggregate(n=Count("pk"), size=Sum(Length("data")))
+        base = len(row.base) if row is not None else 0
+        return format_html(
+            "<p>{} characters, version {}; stored: a base of {} bytes and {} update(s) of {} bytes "
+            "not yet compacted</p><pre style='white-space: pre-wrap; max-height: 40em; overflow: auto'>{}</pre>",
+            chars, row.version if row is not None else 0, base, stored["n"], stored["size"] or 0,
+            text or "(empty)",
         )
 
     @admin.display(description=f"messages (latest {_SHOWN})")
@@ -189,6 +203,9 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             .annotate(
                 member_count=_count_per_session(Membership),
                 message_count=_count_per_session(Message),
+                # The version, not the size: the text's length needs the document decoded,
+                # one per row; the session's page shows it.
+                doc_version=F("document__version"),
             )
         )
         return sessions
@@ -196,6 +213,10 @@ class SessionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.display(description="status", ordering="status__type")
     def status_type(self, obj: Session) -> str:
         return str((obj.status or {}).get("type", "idle"))
+
+    @admin.display(description="doc version", ordering="document__version")
+    def doc_version(self, obj: Session) -> int:
+        return int(getattr(obj, "doc_version", None) or 0)
 
     @admin.display(description="members", ordering="member_count")
     def member_count(self, obj: Session) -> int:

@@ -9,8 +9,9 @@ class SessionsAppConfig(AppConfig):
     verbose_name = "Sessions"
 
     def ready(self) -> None:
-        from sessions_app import signals
+        from sessions_app import doc_tools, signals
         from sessions_app.agents import pool
 
         signals.connect()
         pool.register()
+        doc_tools.register()

@@ -100,6 +100,7 @@ def signup_page(request: HttpRequest) -> HttpResponse:
 def _context(request: HttpRequest) -> dict[str, object]:
     return {
         "max_message_chars": settings.TANDEM_MAX_MESSAGE_CHARS,
+        "max_doc_chars": settings.TANDEM_MAX_DOC_CHARS,
         "allow_signup": settings.TANDEM_ALLOW_SIGNUP,
     }
 

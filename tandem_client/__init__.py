@@ -5,6 +5,8 @@ from tandem_client.sdk import (
     AuthenticationError,
     Client,
     ConflictError,
+    DocEdit,
+    Document,
     Event,
     EventPage,
     EventStream,
@@ -25,7 +27,8 @@ from tandem_client.sdk import (
 )
 
 __all__ = [
-    "AsyncClient", "AsyncEventStream", "AuthenticationError", "Client", "ConflictError", "Event", "EventPage",
+    "AsyncClient", "AsyncEventStream", "AuthenticationError", "Client", "ConflictError", "DocEdit", "Document", "Event",
+    "EventPage",
     "EventStream", "Member", "Message", "NetworkError", "NotFoundError", "Permission", "PermissionDeniedError",
     "PostedMessage", "RateLimitedError", "ServerError", "Session", "TandemError", "Tokens", "User", "ValidationError",
 ]

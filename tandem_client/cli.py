@@ -19,6 +19,7 @@ from tandem_client.sdk import (
     AuthenticationError,
     Client,
     ConflictError,
+    Document,
     Event,
     NetworkError,
     NotFoundError,
@@ -540,6 +541,73 @@ def search_command(query: str, limit: int, as_json: bool, url: str | None) -> No
         where = f"{h.session_id} {h.message_id or '(title)'}"
         marked = h.marked("\033[1m", "\033[0m") if tty else h.marked("[", "]")
         _out(f"{where}  {_clip(h.session_title, 30) or '(untitled)'}\n    {marked}\n")
+
+
+@cli.group("doc")
+def doc_group() -> None:
+    """SESSION's shared document: print it, replace it, add a paragraph to it."""
+
+
+def _doc_text(text: str | None, what: str) -> str:
+    """TEXT, or standard input when TEXT is "-" or missing."""
+    if text is None or text == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError(f"Give the {what} as an argument, or pipe it on standard input.")
+        text = sys.stdin.read()
+    return text
+
+
+def _doc_written(document: Document, as_json: bool) -> None:
+    if as_json:
+        _json_line(document.raw)
+    else:
+        _note(f"The document is at version {document.version} ({len(document.text)} characters).")
+
+
+@doc_group.command("get")
+@session_argument
+@json_option
+@url_option
+def doc_get(session_id: str, as_json: bool, url: str | None) -> None:
+    """Print SESSION's shared document (Markdown); --json adds its version."""
+    with _client(url) as client, _about(session_id):
+        document = client.get_doc(session_id)
+    if as_json:
+        _json_line(document.raw)
+    elif document.text:
+        _out(document.text if document.text.endswith("\n") else document.text + "\n")
+
+
+@doc_group.command("set")
+@session_argument
+@click.argument("text", required=False)
+@click.option("--version", "if_version", type=click.IntRange(min=0), metavar="N",
+              help="Only if the document is still at version N (else exit 1, version_conflict).")
+@json_option
+@url_option
+def doc_set(session_id: str, text: str | None, if_version: int | None, as_json: bool, url: str | None) -> None:
+    """Replace SESSION's shared document with TEXT (TEXT "-" or none: read standard input),
+    exactly as given. Editors and owners."""
+    body = _doc_text(text, "new text")
+    with _client(url) as client, _about(session_id):
+        document = client.set_doc(session_id, body, version=if_version)
+    _doc_written(document, as_json)
+
+
+@doc_group.command("append")
+@session_argument
+@click.argument("text", required=False)
+@json_option
+@url_option
+def doc_append(session_id: str, text: str | None, as_json: bool, url: str | None) -> None:
+    """Add TEXT (TEXT "-" or none: read standard input) to SESSION's shared document as a
+    new paragraph at the end. Editors and owners."""
+    paragraph = _doc_text(text, "paragraph").strip("\n")
+    if not paragraph.strip():
+        raise click.UsageError("The paragraph is empty.")
+    with _client(url) as client, _about(session_id):
+        document = client.append_doc(session_id, paragraph)
+    _doc_written(document, as_json)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -21,8 +21,8 @@ import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse, connect_sse
 
 __all__ = [
-    "AsyncClient", "AsyncEventStream", "AuthenticationError", "Client", "ConflictError", "Event",
-    "EventPage", "EventStream", "Member", "Message", "NetworkError", "NotFoundError", "Permission",
+    "AsyncClient", "AsyncEventStream", "AuthenticationError", "Client", "ConflictError", "DocEdit", "Document",
+    "Event", "EventPage", "EventStream", "Member", "Message", "NetworkError", "NotFoundError", "Permission",
     "PermissionDeniedError", "PostedMessage", "RateLimitedError", "SearchHit", "ServerError", "Session",
     "TandemError", "Tokens", "User", "ValidationError",
 ]
@@ -67,8 +67,8 @@ class NotFoundError(TandemError):
 
 
 class ConflictError(TandemError):
-    """409: ``conflict``, ``session_busy``, ``queue_full``, ``not_queued``, ``not_latest``
-    or ``already_resolved``."""
+    """409: ``conflict``, ``session_busy``, ``queue_full``, ``not_queued``, ``not_latest``,
+    ``already_resolved`` or ``version_conflict``."""
 
 
 class RateLimitedError(TandemError):
@@ -215,6 +215,78 @@ class SearchHit:
             highlights=[(int(a), int(b)) for a, b in data.get("highlights") or []],
             created_at=data.get("created_at", ""),
         )
+
+
+@dataclass(frozen=True)
+class Document:
+    """A session's shared document (PROTOCOL §10): Markdown ``text``, its ``version``
+    (one more with every change, by anyone) and when it last changed."""
+
+    text: str
+    version: int
+    updated_at: str
+    raw: JSON = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: JSON) -> Document:
+        return cls(text=str(data.get("text", "")), version=int(data.get("version") or 0),
+                   updated_at=str(data.get("updated_at", "")), raw=data)
+
+
+@dataclass(frozen=True)
+class DocEdit:
+    """One edit: at code point ``at`` of the text at that moment, delete ``delete``
+    code points, then insert ``insert``."""
+
+    at: int
+    delete: int = 0
+    insert: str = ""
+
+    def to_json(self) -> JSON:
+        body: JSON = {"at": self.at}
+        if self.delete:
+            body["delete"] = self.delete
+        if self.insert:
+            body["insert"] = self.insert
+        return body
+
+
+# Whole-document writes (set_doc, append_doc) read the version, then write with it; when
+# someone else's change lands in between, they read again, at most this many times.
+DOC_ATTEMPTS = 5
+
+
+def _edits_body(edits: Sequence[DocEdit | JSON], version: int | None) -> JSON:
+    body: JSON = {"edits": [e.to_json() if isinstance(e, DocEdit) else dict(e) for e in edits]}
+    if version is not None:
+        body["version"] = version
+    return body
+
+
+def _replace_edits(current: Document, text: str) -> list[DocEdit]:
+    """``text`` in place of ``current``'s, as the smallest edit: what both share at the
+    start and the end stays (an editor's cursor there does not jump)."""
+    old = current.text
+    start = 0
+    while start < min(len(old), len(text)) and old[start] == text[start]:
+        start += 1
+    end = 0
+    while end < min(len(old), len(text)) - start and old[-1 - end] == text[-1 - end]:
+        end += 1
+    return [DocEdit(start, len(old) - start - end, text[start:len(text) - end])]
+
+
+def _append_edits(current: Document, text: str) -> list[DocEdit]:
+    """``text`` as a new paragraph: after a blank line, unless the document is blank or
+    already ends with one (the rule the server's agent uses)."""
+    body = current.text
+    if not body.strip() or body.endswith("\n\n"):
+        return [DocEdit(len(body), 0, text)]
+    return [DocEdit(len(body), 0, ("\n" if body.endswith("\n") else "\n\n") + text)]
+
+
+def _version_conflict(exc: TandemError) -> bool:
+    return isinstance(exc, ConflictError) and exc.code == "version_conflict"
 
 
 EXPORT_FORMATS = ("markdown", "json")
@@ -656,6 +728,38 @@ class Client(_Base):
         body: JSON = {"approved": approved, **({"reason": reason} if reason is not None else {})}
         return Permission.from_json(self._call("POST", _s(session_id, "permissions", permission_id), json=body))
 
+    # ------------------------------------------------------------ the shared document
+
+    def get_doc(self, session_id: str) -> Document:
+        """The session's shared document (any member)."""
+        return Document.from_json(self._call("GET", _s(session_id, "doc")))
+
+    def edit_doc(self, session_id: str, edits: Sequence[DocEdit | JSON], version: int | None = None) -> Document:
+        """Apply ``edits`` in order, as one change (editors and owners). With ``version``,
+        :class:`ConflictError` ``version_conflict`` if the document has moved on since;
+        :class:`ValidationError` for a position out of range."""
+        return Document.from_json(self._call("PATCH", _s(session_id, "doc"), json=_edits_body(edits, version)))
+
+    def set_doc(self, session_id: str, text: str, *, version: int | None = None) -> Document:
+        """Replace the whole text. With ``version``, only if the document is still at it
+        (else ``version_conflict``); without, whatever it is now (re-read and retried when
+        a change lands between the read and the write)."""
+        return self._write_doc(session_id, lambda current: _replace_edits(current, text), version)
+
+    def append_doc(self, session_id: str, text: str) -> Document:
+        """Add ``text`` as a new paragraph at the end."""
+        return self._write_doc(session_id, lambda current: _append_edits(current, text), None)
+
+    def _write_doc(self, session_id: str, edits_for: Callable[[Document], list[DocEdit]], version: int | None) -> Document:
+        for attempt in range(1, DOC_ATTEMPTS + 1):
+            current = self.get_doc(session_id)
+            try:
+                return self.edit_doc(session_id, edits_for(current), current.version if version is None else version)
+            except ConflictError as exc:
+                if version is not None or not _version_conflict(exc) or attempt == DOC_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
     # ------------------------------------------------------------ events
 
     def events(self, session_id: str, after: int = 0, limit: int | None = None, types: str | Sequence[str] | None = None) -> EventPage:
@@ -922,6 +1026,30 @@ class AsyncClient(_Base):
     async def answer_permission(self, session_id: str, permission_id: str, approved: bool, reason: str | None = None) -> Permission:
         body: JSON = {"approved": approved, **({"reason": reason} if reason is not None else {})}
         return Permission.from_json(await self._call("POST", _s(session_id, "permissions", permission_id), json=body))
+
+    async def get_doc(self, session_id: str) -> Document:
+        return Document.from_json(await self._call("GET", _s(session_id, "doc")))
+
+    async def edit_doc(self, session_id: str, edits: Sequence[DocEdit | JSON], version: int | None = None) -> Document:
+        return Document.from_json(await self._call("PATCH", _s(session_id, "doc"), json=_edits_body(edits, version)))
+
+    async def set_doc(self, session_id: str, text: str, *, version: int | None = None) -> Document:
+        return await self._write_doc(session_id, lambda current: _replace_edits(current, text), version)
+
+    async def append_doc(self, session_id: str, text: str) -> Document:
+        return await self._write_doc(session_id, lambda current: _append_edits(current, text), None)
+
+    async def _write_doc(
+        self, session_id: str, edits_for: Callable[[Document], list[DocEdit]], version: int | None
+    ) -> Document:
+        for attempt in range(1, DOC_ATTEMPTS + 1):
+            current = await self.get_doc(session_id)
+            try:
+                return await self.edit_doc(session_id, edits_for(current), current.version if version is None else version)
+            except ConflictError as exc:
+                if version is not None or not _version_conflict(exc) or attempt == DOC_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     async def events(
         self, session_id: str, after: int = 0, limit: int | None = None, types: str | Sequence[str] | None = None

@@ -323,3 +323,43 @@ def test_withdraw_action_removes_only_queued_messages_and_publishes(
     assert [(e["type"], e["properties"]) for e in log_after(shared_session.id, before)] == [
         ("message.removed", {"message_id": queued.pk})
     ]
+
+
+# ---------------------------------------------------------------- the shared document
+
+
+def test_session_page_shows_the_documents_text_and_size(
+    superuser_client: Client, shared_session: Any, alice: Any
+) -> None:
+    from sessions_app import doc as docs
+
+    docs.apply_edits(alice, shared_session.id, [{"at": 0, "insert": "# Plan <b>bold</b>"}])
+    state = docs.append_paragraph(docs.AGENT, shared_session.id, "Ship on Friday.")
+    body = superuser_client.get(_admin_url("session", "change", shared_session.id)).content.decode()
+    text = "# Plan <b>bold</b>\n\nShip on Friday."
+    assert state.text == text
+    assert f"{len(text)} characters, version {state.version}" in body
+    assert "# Plan &lt;b&gt;bold&lt;/b&gt;\n\nShip on Friday." in body  # escaped, never rendered
+    assert "update(s)" in body
+
+
+def test_session_page_of_a_session_without_a_document(superuser_client: Client, shared_session: Any) -> None:
+    body = superuser_client.get(_admin_url("session", "change", shared_session.id)).content.decode()
+    assert "0 characters, version 0" in body and "(empty)" in body
+
+
+def test_session_changelist_shows_each_documents_version_in_a_fixed_number_of_queries(
+    superuser_client: Client, alice: Any, django_assert_max_num_queries: Any
+) -> None:
+    from sessions_app import doc as docs
+
+    sessions = [services.create_session(alice, title=f"d{i}", agent="echo") for i in range(3)]
+    with django_assert_max_num_queries(12) as few:
+        superuser_client.get("/admin/sessions_app/session/")
+    for session in sessions:
+        docs.apply_edits(alice, session.id, [{"at": 0, "insert": "x"}])
+    docs.apply_edits(alice, sessions[0].id, [{"at": 1, "insert": "y"}])
+    with django_assert_max_num_queries(len(few.captured_queries)):
+        response = superuser_client.get("/admin/sessions_app/session/")
+    versions = {s.id: s.doc_version for s in _rows(response)}
+    assert versions[sessions[0].id] == docs.read_doc(sessions[0].id).version > versions[sessions[1].id] > 0

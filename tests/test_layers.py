@@ -37,11 +37,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("sessions domain", [
         "sessions_app.access", "sessions_app.serializers", "sessions_app.permissions",
         "sessions_app.runs", "sessions_app.services", "sessions_app.search",
-        "sessions_app.signals", "sessions_app.admin",
+        "sessions_app.signals", "sessions_app.admin", "sessions_app.doc", "sessions_app.doc_tools",
     ]),
     ("live transport", [
         "events_app.presence", "events_app.streams", "events_app.commands",
-        "events_app.consumers", "events_app.routing", "events_app.publishing",
+        "events_app.consumers", "events_app.docsocket", "events_app.routing", "events_app.publishing",
         "events_app.ingest", "events_app.management.commands.ingest_redis",
     ]),
     ("HTTP surface", [

@@ -26,6 +26,7 @@ from tests.conftest import free_port
 from tests.fake_openai import (  # noqa: F401  (fake_openai is a fixture)
     FakeOpenAI,
     Hang,
+    Scripted,
     chunk,
     error,
     fake_openai,
@@ -182,6 +183,45 @@ async def test_malformed_json_in_a_data_line_is_a_provider_error(fake_openai: Fa
     outputs, exc = await collect_error(context())
     assert outputs == [TextDelta("ok")]
     assert exc.code == "provider_error" and "malformed JSON" in exc.message
+
+
+async def test_bare_cr_line_endings_are_understood(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(stream(": hello", "", *text_chunks("one ", "two"), newline="\r"))
+    assert await collect(context()) == [TextDelta("one "), TextDelta("two")]
+
+
+async def test_data_over_several_lines_is_one_chunk(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(stream('data: {"choices": [{"delta":', 'data:{"content": "joined"}}]}', ""))
+    assert await collect(context()) == [TextDelta("joined")]
+
+
+async def test_lines_without_a_colon_empty_data_and_unknown_fields_are_ignored(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(
+        stream("garbage without a colon", "id: 7", "retry: soon", "", "data:", "", "x-custom: 1", chunk({"content": "ok"}))
+    )
+    assert await collect(context()) == [TextDelta("ok")]
+
+
+async def test_a_json_value_that_is_not_an_object_is_a_provider_error(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(stream(chunk({"content": "ok"}), "data: [1, 2]", ""))
+    outputs, exc = await collect_error(context())
+    assert outputs == [TextDelta("ok")]
+    assert exc.code == "provider_error" and "unexpected chunk" in exc.message
+
+
+async def test_an_event_cut_off_by_the_end_of_the_stream_is_dropped(fake_openai: FakeOpenAI) -> None:
+    # The last event has no blank line after it: it may be half a chunk, so it is not read.
+    fake_openai.script(stream(chunk({"content": "kept"}), 'data: {"choices": [{"delta": {"content": "cut"}}]}', done=False))
+    assert await collect(context()) == [TextDelta("kept")]
+
+
+async def test_a_200_that_is_not_an_event_stream_is_a_provider_error_without_retry(fake_openai: FakeOpenAI) -> None:
+    body = json.dumps(chunk({"content": "whole"})).encode()
+    fake_openai.script(Scripted(status=200, headers={"Content-Type": "application/json"}, body=body))
+    outputs, exc = await collect_error(context())
+    assert outputs == []
+    assert exc.code == "provider_error" and "event stream" in exc.message and "application/json" in exc.message
+    assert len(fake_openai.requests) == 1
 
 
 # ---------------------------------------------------------------- tools

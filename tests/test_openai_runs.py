@@ -162,6 +162,31 @@ def test_malformed_arguments_from_the_model_are_a_tool_error(
     assert Message.objects.get(pk=reply_id).status == "completed"
 
 
+def test_arguments_that_fail_the_schema_are_a_tool_error_the_model_reads(
+    fake_openai: FakeOpenAI, ai_session: Session, bob: Any
+) -> None:
+    fake_openai.script(
+        stream(
+            chunk({"role": "assistant"}),
+            tool_call(0, id="call_t", name="calculator", arguments='{"expression": 42}'),
+            chunk(finish_reason="tool_calls"),
+        ),
+        stream(*text_chunks("I passed a number.")),
+    )
+    before, reply_id = start(bob, ai_session, "calc 42")
+    wait_for_completed(ai_session.id, before, reply_id)
+    events = log_after(ai_session.id, before)
+    assert not [e for e in events if e["type"] == "permission.requested"]
+    tool_events = [e["properties"] for e in events if e["type"] == "tool.status"]
+    assert [t["status"] for t in tool_events] == ["pending", "error"]
+    assert tool_events[-1]["error"] == "Invalid input: Argument expression must be a string."
+    tool_message = fake_openai.requests[1]["messages"][-1]
+    assert tool_message == {
+        "role": "tool", "tool_call_id": "call_t",
+        "content": '{"error": "Invalid input: Argument expression must be a string."}',
+    }
+
+
 def test_abort_closes_the_upstream_request_and_cancels(
     fake_openai: FakeOpenAI, ai_session: Session, bob: Any, settings: Any
 ) -> None:

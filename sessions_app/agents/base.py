@@ -72,6 +72,23 @@ class ToolUser(Protocol):
     ) -> ToolResult: ...
 
 
+@dataclass(frozen=True)
+class DocumentText:
+    """The session's shared document as the agent sees it: its Markdown and the version
+    that text is (for ``doc_edit``'s ``version``)."""
+
+    text: str
+    version: int
+
+
+class DocumentReader(Protocol):
+    async def __call__(self) -> DocumentText | None: ...
+
+
+async def _no_document() -> DocumentText | None:
+    return None
+
+
 async def _no_tools(tool: str, input: dict[str, Any], call_id: str | None = None) -> ToolResult:
     return ToolResult(ok=False, error="Tools are not available here.")
 
@@ -79,12 +96,14 @@ async def _no_tools(tool: str, input: dict[str, Any], call_id: str | None = None
 @dataclass(frozen=True)
 class ReplyContext:
     """What an agent sees. ``history`` is the session's messages before this reply,
-    oldest first: ``{"role": "user"|"assistant", "text": str}``."""
+    oldest first: ``{"role": "user"|"assistant", "text": str}``. ``read_document()`` is
+    the session's shared document now (None where there is none, as in unit tests)."""
 
     session_id: str
     message_id: str
     history: list[dict[str, Any]] = field(default_factory=list)
     use_tool: ToolUser = _no_tools
+    read_document: DocumentReader = _no_document
 
     @property
     def last_user_text(self) -> str:

@@ -1,25 +1,29 @@
 """``openai``: streams Chat Completions from any OpenAI-compatible server, with tools.
 
-The SSE stream is parsed here rather than by an SDK because compatible servers differ in
-small ways (CRLF, comment keep-alives, role-only chunks, ``reasoning`` vs
-``reasoning_content``, usage-only chunks) and every one of them must be tolerated.
+The chunks are read here rather than by a provider's SDK because compatible servers differ
+in small ways (role-only chunks, ``reasoning`` vs ``reasoning_content``, usage-only
+chunks) and every one of them must be tolerated. The event stream itself (CRLF, comment
+keep-alives, multi-line data) is httpx-sse's: it follows the WHATWG parsing rules, which
+is all a compatible server can rely on.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import httpx
 from django.conf import settings
+from httpx_sse import EventSource, SSEError
 
 from sessions_app.agents.base import (
     Agent,
     AgentError,
+    DocumentText,
     Output,
     ReasoningDelta,
     ReplyContext,
@@ -69,6 +73,9 @@ class OpenAIAgent(Agent):
 
     async def reply(self, ctx: ReplyContext) -> AsyncIterator[Output]:
         messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+        document = await ctx.read_document()
+        if document is not None:
+            messages.append({"role": "system", "content": _document_prompt(document)})
         messages += [
             {"role": m["role"], "content": str(m["text"])}
             for m in ctx.history
@@ -168,28 +175,21 @@ class OpenAIAgent(Agent):
 
 async def _parse(response: httpx.Response, turn: _Round) -> AsyncIterator[Output]:
     """Server-sent events to outputs; tool-call fragments and the text also go to
-    ``turn``. ``aiter_lines`` splits on ``\\n``, ``\\r\\n`` and ``\\r`` alike."""
-    data: list[str] = []
-    # aiter_lines is an async generator; httpx annotates it as a plain iterator.
-    async with aclosing(cast(AsyncGenerator[str, None], response.aiter_lines())) as lines:
-        while True:
-            line = await anext(lines, None)
-            if line is not None and line.startswith(":"):
-                continue  # comment: a keep-alive
-            if line:
-                field_name, _, value = line.partition(":")
-                if field_name == "data":
-                    data.append(value[1:] if value.startswith(" ") else value)
-                continue  # event:, id:, retry: mean nothing here
-            # A blank line, or the end of the stream, dispatches the event.
-            if data:
-                payload, data = "\n".join(data), []
-                if payload.strip() == "[DONE]":
+    ``turn``. An event the stream's end cuts off before its blank line is dropped, as the
+    SSE rules say: it may be a chunk cut in half."""
+    events = EventSource(response).aiter_sse()
+    # aclosing: an abort (CancelledError) closes the event reader, and with it the body.
+    async with aclosing(events):
+        try:
+            async for event in events:
+                if not event.data:
+                    continue  # an id:, retry: or event: alone carries nothing here
+                if event.data.strip() == "[DONE]":
                     return
-                for output in _chunk(payload, turn):
+                for output in _chunk(event.data, turn):
                     yield output
-            if line is None:
-                return
+        except SSEError as exc:  # a 200 that is not an event stream
+            raise AgentError("provider_error", f"The provider did not send an event stream: {exc}") from exc
 
 
 def _chunk(payload: str, turn: _Round) -> list[Output]:
@@ -229,6 +229,19 @@ def _chunk(payload: str, turn: _Round) -> list[Output]:
             )
         )
     return outputs
+
+
+def _document_prompt(document: DocumentText) -> str:
+    """The shared document as context: read once when the reply starts; ``doc_read``
+    gives the model a fresh copy after anyone's edits."""
+    about = (
+        "The session has a shared document that its people write together (Markdown). "
+        "Use doc_read to read it again and doc_edit to change it; the people are asked to approve "
+        "every edit. "
+    )
+    if not document.text:
+        return about + f"It is empty (version {document.version})."
+    return about + f"Its text now (version {document.version}):\n<document>\n{document.text}\n</document>"
 
 
 def _tool_input(raw: str) -> dict[str, Any]:

@@ -20,10 +20,12 @@ from events_app import groups
 from events_app.fanout import Hub, get_hub, subscribe_eventually
 from events_app.types import Frame, iso
 from project.db import off_loop
+from sessions_app import doc as docs
 from sessions_app import services
 from sessions_app.agents import registry, tools
 from sessions_app.agents.base import (
     AgentError,
+    DocumentText,
     Output,
     ReasoningDelta,
     ReplyContext,
@@ -155,7 +157,8 @@ class Run:
             if asked:
                 self.aborted.set()  # asked before we were listening
             ctx = ReplyContext(
-                self.session_id, self.message_id, context["history"], use_tool=self._use_tool
+                self.session_id, self.message_id, context["history"], use_tool=self._use_tool,
+                read_document=self._read_document,
             )
             self.producer = asyncio.get_running_loop().create_task(self._produce(ctx))
             # A task cancelled before its first step never runs its body, nor the
@@ -278,6 +281,10 @@ class Run:
         if writes:
             await off_loop(services.write_parts)(self.message_id, self.session_id, writes)
 
+    async def _read_document(self) -> DocumentText:
+        state = await off_loop(docs.read_doc)(self.session_id)
+        return DocumentText(state.text, state.version)
+
     # ------------------------------------------------------------ tools
 
     async def _run_tool(self, call: _ToolCall) -> ToolResult:
@@ -337,7 +344,13 @@ class Run:
         return ToolResult(ok=True, output=output)
 
     async def _execute(self, tool: tools.Tool, checked: dict[str, Any]) -> Any:
-        work = asyncio.ensure_future(asyncio.to_thread(tool.run, checked))
+        work: asyncio.Future[Any]
+        if tool.session_run is not None:
+            # It reads and writes the session's rows: off_loop closes its connection after
+            # the call and lets shutdown wait for it.
+            work = asyncio.ensure_future(off_loop(tool.session_run)(self.session_id, checked))
+        else:
+            work = asyncio.ensure_future(asyncio.to_thread(tool.run, checked))
         stop = asyncio.ensure_future(self.aborted.wait())
         try:
             done, _ = await asyncio.wait(

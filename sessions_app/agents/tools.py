@@ -1,12 +1,19 @@
 """The tools agents may use. A tool is a plain, synchronous function of a JSON object;
 the runner asks permission when ``needs_permission`` is set, runs it off the event loop
-and reports its status. Agents name tools; they never call them directly."""
+and reports its status. Agents name tools; they never call them directly.
+
+A tool that works on the reply's session (the shared document's ``doc_read`` and
+``doc_edit``) needs the sessions domain, a layer above this one: its module adds it with
+``add`` when the app starts (``sessions_app.doc_tools``), and it runs as
+``session_run(session_id, input)``."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import jsonschema
 from django.utils import timezone
 
 
@@ -21,23 +28,59 @@ class Tool:
     parameters: dict[str, Any]  # JSON Schema of ``input``, as function calling wants it
     needs_permission: bool
     run: Callable[[dict[str, Any]], Any]
+    # Rules the schema cannot state because function calling refuses them at its top level
+    # (oneOf, not): checked with it, before permission is asked; raises ToolFailed.
+    refine: Callable[[dict[str, Any]], None] | None = None
+    # Set for a tool that works on the reply's session: run instead of ``run``, through
+    # the ORM's thread pool (``project.db.off_loop``).
+    session_run: Callable[[str, dict[str, Any]], Any] | None = None
+
+    @cached_property
+    def _validator(self) -> jsonschema.protocols.Validator:
+        """The validator of the draft the schema names (2020-12 when it names none); a
+        schema that is itself invalid fails here, at the first call, not silently."""
+        cls = jsonschema.validators.validator_for(self.parameters, default=jsonschema.Draft202012Validator)
+        cls.check_schema(self.parameters)
+        return cls(self.parameters)
 
     def check_input(self, input: Any) -> dict[str, Any]:
-        """The input, if its shape is right; ToolFailed otherwise (a model's arguments
-        are untrusted)."""
-        if not isinstance(input, dict):
-            raise ToolFailed("The tool's input must be a JSON object.")
-        properties = self.parameters.get("properties", {})
-        unknown = sorted(set(input) - set(properties))
+        """The input, if it matches the tool's schema; ToolFailed otherwise (a model's
+        arguments are untrusted). The message names the first problem, in the order a
+        person fixes them: not an object, unknown arguments, missing ones, then the rest."""
+        errors = sorted(self._validator.iter_errors(input), key=_error_rank)
+        if errors:
+            raise ToolFailed(_describe(errors[0]))
+        if self.refine is not None:
+            self.refine(input)
+        return dict(input)
+
+
+_RANK = {"type": 0, "additionalProperties": 1, "required": 2}
+
+
+def _error_rank(error: jsonschema.ValidationError) -> tuple[int, int, str]:
+    return (len(error.absolute_path), _RANK.get(str(error.validator), 3), str(list(error.absolute_path)))
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line for the user and the model; the phrasing the tools had before their
+    schemas were checked by jsonschema, for the cases it covered."""
+    path = ".".join(str(p) for p in error.absolute_path)
+    if not path and error.validator == "type":
+        return "The tool's input must be a JSON object."
+    if not path and error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        unknown = sorted(k for k in error.instance if k not in known)
         if unknown:
-            raise ToolFailed(f"Unknown argument(s): {', '.join(unknown)}.")
-        for name in self.parameters.get("required", []):
-            if name not in input:
-                raise ToolFailed(f"Missing argument: {name}.")
-        for name, value in input.items():
-            if properties[name].get("type") == "string" and not isinstance(value, str):
-                raise ToolFailed(f"Argument {name} must be a string.")
-        return input
+            return f"Unknown argument(s): {', '.join(unknown)}."
+    if not path and error.validator == "required":
+        missing = [n for n in error.validator_value if isinstance(error.instance, dict) and n not in error.instance]
+        if missing:
+            return f"Missing argument: {missing[0]}."
+    if path and error.validator == "type" and isinstance(error.validator_value, str):
+        article = "an" if error.validator_value[:1] in "aeiou" else "a"
+        return f"Argument {path} must be {article} {error.validator_value}."
+    return f"Argument {path}: {error.message}." if path else f"{error.message}."
 
 
 def _calculator(input: dict[str, Any]) -> int | float:
@@ -84,3 +127,8 @@ TOOLS: dict[str, Tool] = {
 
 def get(name: str) -> Tool | None:
     return TOOLS.get(name)
+
+
+def add(tool: Tool) -> None:
+    """Make ``tool`` known to the agents (from a module above this layer, at start-up)."""
+    TOOLS[tool.name] = tool

@@ -2,10 +2,12 @@
 
 ``!calc <expression>`` asks permission to run the calculator and answers
 ``<expression> = <result>``; ``!time`` (no permission needed) tells the server time;
-anything else is echoed.
+``!doc append <text>`` asks permission for ``doc_edit`` and adds the text to the shared
+document as a new paragraph; anything else is echoed.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 from sessions_app.agents.base import Agent, Output, ReplyContext, TextDelta, register
@@ -32,6 +34,8 @@ class ToolsAgent(Agent):
                 yield TextDelta(f"I did not run the calculator ({result.error})")
             else:
                 yield TextDelta(f"I could not calculate {expression}: {result.error}")
+        elif _DOC.match(text):
+            yield TextDelta(await _doc(ctx, text))
         elif text == "!time":
             result = await ctx.use_tool("time", {})
             if result.ok:
@@ -41,6 +45,23 @@ class ToolsAgent(Agent):
         else:
             async for output in EchoAgent().reply(ctx):
                 yield output
+
+
+_DOC = re.compile(r"!doc(\s|$)")
+_DOC_APPEND = re.compile(r"!doc\s+append\s+(\S.*)", re.DOTALL)
+DOC_USAGE = "Usage: !doc append <text>"
+
+
+async def _doc(ctx: ReplyContext, text: str) -> str:
+    match = _DOC_APPEND.fullmatch(text)
+    if match is None:
+        return DOC_USAGE
+    result = await ctx.use_tool("doc_edit", {"append": match[1]})
+    if result.ok:
+        return "I added it to the document as a new paragraph."
+    if result.rejected:
+        return f"I did not change the document ({result.error})"
+    return f"I could not change the document: {result.error}"
 
 
 def _number(value: object) -> str:
