@@ -526,11 +526,12 @@ def test_the_agents_approved_edit_appears_live_in_every_open_editor(
     box = alice_page.get_by_label("Message", exact=True)
     box.fill("!doc append Agreed: ship on Friday.")
     box.press("Enter")
-    dialog = alice_page.get_by_role("dialog", name="Permission requested")
-    expect(dialog).to_be_visible(timeout=15_000)
-    expect(dialog.locator("#permission-tool")).to_have_text("doc_edit")
+    # The request is answered inline, on the tool card that asks (no modal dialog).
+    approval = alice_page.locator(".tool-card .approval")
+    approve = approval.get_by_role("button", name="Approve running doc_edit")
+    expect(approve).to_be_visible(timeout=15_000)
     expect_doc_text(alice_page, "# Plan")  # nothing changes before the answer
-    dialog.get_by_role("button", name="Approve").click()
+    approve.click()
     expect_doc_text(alice_page, "# Plan\n\nAgreed: ship on Friday.", timeout=20_000)
     expect_doc_text(carol_page, "# Plan\n\nAgreed: ship on Friday.")
     assert stored(live, alice, sid)["text"] == "# Plan\n\nAgreed: ship on Friday."
