@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("agent definitions", [
         "sessions_app.agents.base", "sessions_app.agents.registry", "sessions_app.agents.echo",
         "sessions_app.agents.tools_agent", "sessions_app.agents.openai",
-        "sessions_app.agents.tools", "sessions_app.agents.calculator",
+        "sessions_app.agents.tools", "sessions_app.agents.calculator", "sessions_app.agents.mcp_tools",
     ]),
     ("schema", ["sessions_app.models", "events_app.models"]),
     ("event log", [

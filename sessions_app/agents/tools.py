@@ -1,9 +1,10 @@
-"""The tools agents may use. A tool is a plain, synchronous function of a JSON object;
+"""The tools agents may use. A tool is a plain, synchronous function of a JSON object
+(or, for tools of MCP servers, ``mcp_tools``, a coroutine function);
 the runner asks permission when ``needs_permission`` is set, runs it off the event loop
 and reports its status. Agents name tools; they never call them directly."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,10 @@ class Tool:
     parameters: dict[str, Any]  # JSON Schema of ``input``, as function calling wants it
     needs_permission: bool
     run: Callable[[dict[str, Any]], Any]
+    # A tool that waits on the network (an MCP server's) is a coroutine instead: the
+    # runner cancels it on timeout or abort, which a thread cannot be.
+    arun: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
+    timeout: float | None = None  # seconds; None: TANDEM_TOOL_TIMEOUT
 
     def check_input(self, input: Any) -> dict[str, Any]:
         """The input, if its shape is right; ToolFailed otherwise (a model's arguments
