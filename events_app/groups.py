@@ -47,6 +47,11 @@ def run_group(session_id: str) -> str:
     return _checked(f"tandem.r.{session_id}")
 
 
+def doc_group(session_id: str) -> str:
+    """The updates and awareness of one session's shared document (PROTOCOL §10)."""
+    return _checked(f"tandem.d.{session_id}")
+
+
 # Every agents pool that takes queued replies listens here for wake-ups (worker mode).
 WORKERS_GROUP = "tandem.workers"
 
@@ -81,6 +86,34 @@ def encode_event(group: str, frame: Frame, sent_at: float) -> EventMessage:
 
 def decode_event(message: EventMessage) -> Frame:
     return Frame(message["q"], message["s"], message["t"], message["e"])
+
+
+# ---------------------------------------------------------------- document messages
+
+DOC = "tandem.doc"
+
+
+class DocMessage(TypedDict):
+    """A stored update of a shared document (``v`` its version, ``u`` its bytes), or an
+    awareness update (``v`` None, ``a`` its bytes, never stored), on the doc's group."""
+
+    type: str  # DOC
+    g: str  # the group it was sent to
+    s: str  # session id
+    v: int | None  # the update's version; None for awareness
+    u: NotRequired[bytes]  # the Yjs update
+    a: NotRequired[bytes]  # the awareness update
+    o: str  # the connection it came from ("" for REST and agents), which has it already
+
+
+def encode_doc_update(session_id: str, version: int, update: bytes, origin: str) -> DocMessage:
+    group = doc_group(session_id)
+    return {"type": DOC, "g": group, "s": session_id, "v": version, "u": update, "o": origin}
+
+
+def encode_doc_awareness(session_id: str, awareness: bytes, origin: str) -> DocMessage:
+    group = doc_group(session_id)
+    return {"type": DOC, "g": group, "s": session_id, "v": None, "a": awareness, "o": origin}
 
 
 # ---------------------------------------------------------------- control messages

@@ -130,6 +130,14 @@ EVENT_TYPES: dict[str, EventType] = {
         ),
         _t("message.removed", True, message_id=ID),
         _t(
+            "doc.updated", True,
+            version={**SEQ, "description": "The shared document's version after the change."},
+            by={
+                "oneOf": [ref("User"), one_of("agent")],
+                "description": 'Who made the latest change: a user, or `"agent"`.',
+            },
+        ),
+        _t(
             "tool.status", True,
             message_id=ID, call_id=ID, tool=STRING, status=TOOL_STATUS,
             input=Omittable(ANY), output=Omittable(ANY), error=Omittable(STRING),
@@ -167,6 +175,7 @@ def referenced_components() -> set[str]:
 
 RESERVED_PREFIXES = (
     "server.", "stream.", "session.", "message.", "permission.", "presence.", "auth.", "member.",
+    "doc.",
 )
 # Matched with fullmatch: "$" also matches before a trailing newline, and a type ending
 # in "\n" would break the "event:" line of every named SSE stream.

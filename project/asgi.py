@@ -57,9 +57,12 @@ def _start_housekeeping(rt: runtime.Runtime) -> list[asyncio.Task[None]]:
     from django.conf import settings
 
     from project import liveness
+    from sessions_app import doc
     from sessions_app.agents import pool
 
-    jobs: list[Any] = [prune_forever, presence.refresh_forever, pool.reap_forever, liveness.beat_forever]
+    jobs: list[Any] = [
+        prune_forever, presence.refresh_forever, pool.reap_forever, liveness.beat_forever, doc.compact_forever,
+    ]
     if settings.TANDEM_AGENT_MODE == "inline":
         jobs.append(pool.start_inline)
     return [rt.spawn(job()) for job in jobs]

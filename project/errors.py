@@ -101,6 +101,11 @@ class AlreadyResolved(Conflict):
     default_message = "This permission request has already been answered."
 
 
+class VersionConflict(Conflict):
+    code = "version_conflict"
+    default_message = "The document has changed since that version."
+
+
 class RequestTimeout(ApiError):
     code, status = "request_timeout", 408
     default_message = "The request body did not arrive in time."

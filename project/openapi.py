@@ -775,6 +775,7 @@ TAGS = [
     {"name": "messages", "description": "Posting messages (which start the agent) and aborting replies."},
     {"name": "permissions", "description": "Human-in-the-loop approval of tool calls."},
     {"name": "events", "description": "The event log: history, polling and custom publishing."},
+    {"name": "document", "description": "The session's shared document (its live editing is the WebSocket `/ws/sessions/{id}/doc/`)."},
     {"name": "streams", "description": "Server-Sent Events (Channels consumers, not REST views)."},
     {"name": "schema", "description": "This description."},
     {"name": "operations", "description": "Liveness, readiness and metrics (outside /api/)."},

@@ -445,6 +445,13 @@ TANDEM_MAX_EVENT_BYTES = env_int("TANDEM_MAX_EVENT_BYTES", 65_536, minimum=256)
 TANDEM_MAX_BODY_BYTES = env_int("TANDEM_MAX_BODY_BYTES", 262_144, minimum=1024)
 TANDEM_MAX_WS_FRAME = env_int("TANDEM_MAX_WS_FRAME", 524_288, minimum=1024)
 TANDEM_MAX_PRESENCE_BYTES = 4096
+# The shared document (PROTOCOL §10): its size in characters (Unicode code points), how
+# often at most a session's log gets a doc.updated event, and how often each server
+# process folds a document's stored updates into one (sessions_app/doc.py).
+TANDEM_MAX_DOC_CHARS = env_int("TANDEM_MAX_DOC_CHARS", 200_000, minimum=1)
+TANDEM_DOC_EVENT_SECONDS = env_float("TANDEM_DOC_EVENT_SECONDS", 2.0, minimum=0.0)
+TANDEM_DOC_COMPACT_SECONDS = env_float("TANDEM_DOC_COMPACT_SECONDS", 10.0, minimum=0.1)
+TANDEM_DOC_COMPACT_UPDATES = env_int("TANDEM_DOC_COMPACT_UPDATES", 100, minimum=1)
 TANDEM_EVENT_RETENTION_SECONDS = env_int("TANDEM_EVENT_RETENTION_SECONDS", 86_400, minimum=1)
 TANDEM_EVENT_RETENTION_COUNT = env_int("TANDEM_EVENT_RETENTION_COUNT", 10_000, minimum=1)
 TANDEM_PRUNE_INTERVAL_SECONDS = env_float("TANDEM_PRUNE_INTERVAL_SECONDS", 5.0, minimum=0.1)

@@ -229,3 +229,52 @@ class ReplyRun(models.Model):
 
     def __str__(self) -> str:
         return f"run of {self.message_id} ({self.runner or 'queued'})"
+
+
+class Document(models.Model):
+    """A session's shared document (PROTOCOL §10), stored as Yjs updates: ``base`` holds
+    every update up to ``base_version`` merged into one, and a ``DocUpdate`` row each
+    update after it. Storing an update is one small INSERT (and this row's version bump)
+    in the transaction that accepts it, so it is durable before anyone is sent it;
+    compaction folds the rows into ``base`` later, in the background. The row is made on
+    the first change: a session that never had one reads as empty at version 0."""
+
+    session = models.OneToOneField(
+        Session, primary_key=True, on_delete=models.CASCADE, related_name="document"
+    )
+    # Bumped by one for every stored update: the versions of the DocUpdate rows are
+    # contiguous, which lets a process that missed a relayed update find it.
+    version = models.BigIntegerField(default=0)
+    base = models.BinaryField(default=b"")
+    base_version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+    # Who made the latest change, for the doc.updated that announces it.
+    last_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    last_by_agent = models.BooleanField(default=False)
+    # The newest version doc.updated has announced, and when: events are coalesced to at
+    # most one every TANDEM_DOC_EVENT_SECONDS per session.
+    event_version = models.BigIntegerField(default=0)
+    event_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"document of {self.session_id} (version {self.version})"
+
+
+class DocUpdate(models.Model):
+    """One stored Yjs update of a session's document, not yet compacted into its base."""
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="doc_updates")
+    version = models.BigIntegerField()
+    data = models.BinaryField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["session", "version"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "version"], name="one_doc_update_per_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"update {self.version} of {self.session_id}"

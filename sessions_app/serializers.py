@@ -424,6 +424,14 @@ class AbortResultSerializer(serializers.Serializer):  # type: ignore[type-arg]
     aborted = serializers.BooleanField()
 
 
+class DocumentSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The session's shared document (PROTOCOL §10)."""
+
+    text = serializers.CharField(help_text="The Markdown text of the `Y.Text` named `doc`.")
+    version = serializers.IntegerField(min_value=0, help_text="Increases with every applied change.")
+    updated_at = TimeField()
+
+
 # The components the OpenAPI document takes from here (project/openapi.py).
 OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-arg]
     UserSerializer, SessionSerializer, MemberSerializer, MessageSerializer, PartSerializer,
@@ -431,6 +439,7 @@ OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-
     PresenceSerializer, HealthSerializer, TicketSerializer, AbortResultSerializer,
     RetryResultSerializer,
     ForkedFromSerializer, SearchHitSerializer, SearchPageSerializer, ExportSerializer,
+    DocumentSerializer,
 ]
 
 _USER = UserSerializer()
@@ -532,3 +541,50 @@ class SearchQuerySerializer(StrictSerializer):
 
 class PermissionListQuerySerializer(StrictSerializer):
     status = serializers.ChoiceField(choices=PermissionRequest.Status.choices, required=False)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only: DRF's IntegerField also takes "3", 3.0 and true."""
+
+    default_error_messages = {"not_an_integer": "Must be an integer."}
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("not_an_integer")
+        return super().to_internal_value(data)
+
+
+DOC_EDITS_MAX = 1000
+DOC_POSITION_MAX = 10**9
+
+
+class DocEditSerializer(StrictSerializer):
+    at = StrictIntegerField(
+        min_value=0, max_value=DOC_POSITION_MAX,
+        help_text="Where, in Unicode code points of the text as the edits before this one left it.",
+    )
+    delete = StrictIntegerField(
+        min_value=0, max_value=DOC_POSITION_MAX, required=False, default=0,
+        help_text="How many code points to delete from `at` (default 0).",
+    )
+    insert = StrictCharField(
+        required=False, allow_blank=True, trim_whitespace=False, default="",
+        help_text="Text to insert at `at`, after the deletion (default none).",
+    )
+
+
+class DocPatchSerializer(StrictSerializer):
+    edits: serializers.ListSerializer[dict[str, Any]] = serializers.ListSerializer(
+        child=DocEditSerializer(), allow_empty=False, max_length=DOC_EDITS_MAX,
+        help_text="Applied in order, all or none.",
+    )
+    version = StrictIntegerField(
+        min_value=0, required=False,
+        help_text="The version the edits were made against: if the document has moved on, "
+        "`409 version_conflict` and nothing is applied.",
+    )
+
+
+def document_data(state: Any) -> dict[str, Any]:
+    """A ``sessions_app.doc.DocState`` in the shape of ``Document``."""
+    return {"text": state.text, "version": state.version, "updated_at": iso(state.updated_at)}

@@ -15,6 +15,7 @@ urlpatterns = [
     path("sessions/<str:session_id>/messages/<str:message_id>/", views.MessageDetailView.as_view()),
     path("sessions/<str:session_id>/messages/<str:message_id>/retry/", views.RetryView.as_view()),
     path("sessions/<str:session_id>/abort/", views.AbortView.as_view()),
+    path("sessions/<str:session_id>/doc/", views.DocumentView.as_view()),
     path("sessions/<str:session_id>/fork/", views.ForkView.as_view()),
     path("sessions/<str:session_id>/export/", views.ExportView.as_view()),
     path("search/", views.SearchView.as_view()),

@@ -35,6 +35,7 @@ from project.openapi import (
     doc,
     json_body,
 )
+from sessions_app import doc as docs
 from sessions_app import permissions, runs, search, services
 from sessions_app.access import session_for
 from sessions_app.models import Membership, Message, Role, Session
@@ -42,6 +43,7 @@ from sessions_app.serializers import (
     SEARCH_MAX_CHARS,
     AbortResultSerializer,
     CredentialsSerializer,
+    DocPatchSerializer,
     ExportQuerySerializer,
     ForkSerializer,
     HealthSerializer,
@@ -55,6 +57,7 @@ from sessions_app.serializers import (
     SessionCreateSerializer,
     SessionUpdateSerializer,
     TicketSerializer,
+    document_data,
     member_data,
     message_data,
     out,
@@ -639,3 +642,44 @@ def _search_offset(cursor: str | None) -> int:
     if not (raw.startswith("o") and raw[1:].isascii() and raw[1:].isdigit() and len(raw) <= 8):
         raise BadRequest("The cursor is not valid.", details={"cursor": cursor[:40]})
     return int(raw[1:])
+
+
+class DocumentView(APIView):
+    @doc(
+        summary="The shared document",
+        description="Any member. The text of the session's shared document (PROTOCOL §10); "
+        "a session whose document was never edited has `\"\"` at version 0.",
+        tags=["document"],
+        parameters=[SESSION_ID],
+        responses={200: OpenApiResponse(ref("Document"), description="The document.")},
+        errors={404: "`not_found`: no such session, or you are not a member of it."},
+    )
+    def get(self, request: Request, session_id: str) -> Response:
+        session, _ = session_for(caller(request), session_id)
+        return Response(document_data(docs.read_doc(session)))
+
+    @doc(
+        summary="Edit the shared document",
+        description="Editors and owners. The edits are applied in order, as one change, "
+        "positions in Unicode code points of the text at that moment; open editors see it "
+        "at once, and `doc.updated` is published (coalesced).",
+        tags=["document"],
+        parameters=[SESSION_ID],
+        request=DocPatchSerializer,
+        responses={200: OpenApiResponse(ref("Document"), description="The document after the edits.")},
+        errors={
+            400: "`validation_error`: a position or length out of range (`details.edits`), "
+            "a field missing, unknown or of the wrong type.",
+            403: "`permission_denied`: viewers cannot edit.",
+            404: "`not_found`: no such session, or you are not a member of it.",
+            409: "`version_conflict`: `version` was given and the document has moved on "
+            "(`details.version` is the current one); nothing was applied.",
+            413: "`payload_too_large`: the text would be longer than `TANDEM_MAX_DOC_CHARS`.",
+        },
+    )
+    def patch(self, request: Request, session_id: str) -> Response:
+        user = caller(request)
+        session, _ = session_for(user, session_id, Role.EDITOR)
+        data = validated(DocPatchSerializer, request.data)
+        state = docs.apply_edits(user, session, data["edits"], data.get("version"))
+        return Response(document_data(state))

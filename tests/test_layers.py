@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("sessions domain", [
         "sessions_app.access", "sessions_app.serializers", "sessions_app.permissions",
         "sessions_app.runs", "sessions_app.services", "sessions_app.search",
-        "sessions_app.signals", "sessions_app.admin",
+        "sessions_app.signals", "sessions_app.admin", "sessions_app.doc",
     ]),
     ("live transport", [
         "events_app.presence", "events_app.streams", "events_app.commands",

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('sessions_app', '0005_fork_search'),
+        ('sessions_app', '0006_shared_document'),
     ]
 
     operations = [
