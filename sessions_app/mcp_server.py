@@ -38,12 +38,15 @@ from project.errors import (
     to_api_error,
 )
 from project.limits import check_write_rate
+from sessions_app import doc as docs
 from sessions_app import permissions, services
 from sessions_app.access import session_for
 from sessions_app.models import Membership, Message, PermissionRequest, Role, Session
 from sessions_app.serializers import (
+    DocPatchSerializer,
     EventPublishSerializer,
     MessagePostSerializer,
+    document_data,
     message_data,
     permission_data,
     posted_data,
@@ -58,7 +61,8 @@ INSTRUCTIONS = (
     "list_sessions shows the sessions you are a member of; read_messages reads one; "
     "post_message writes to it (its agent replies); publish_event sends a custom event "
     "such as task.progress; request_approval asks the session's people a yes/no question "
-    "and waits for their answer."
+    "and waits for their answer; read_doc and edit_doc read and change the session's shared "
+    "document."
 )
 # How often a waiting request_approval rereads its request: answers may come through
 # any process, and a stdio server shares no channel layer with the web processes.
@@ -137,6 +141,30 @@ def build(identify: Identify) -> MCPServer:
         return await _answer(
             ctx, identify, _request_approval, session_id, question, details, timeout_seconds
         )
+
+    @server.tool(
+        description="The session's shared document: its text (Markdown) and version. Any member."
+    )
+    async def read_doc(ctx: Context, session_id: SessionId) -> CallToolResult:
+        return await _answer(ctx, identify, _read_doc, session_id)
+
+    @server.tool(
+        description="Edit the session's shared document (editors and owners). `edits` apply in "
+        "order, all or none: each {at, delete?, insert?} with positions in Unicode code points "
+        "of the text as the edits before it left it. Pass the `version` you read to refuse the "
+        "edit (version_conflict) if someone changed the document since. Returns the new text "
+        "and version."
+    )
+    async def edit_doc(
+        ctx: Context,
+        session_id: SessionId,
+        edits: Annotated[
+            list[dict[str, Any]],
+            Field(description='e.g. [{"at": 0, "insert": "# Plan\\n"}, {"at": 10, "delete": 3}]'),
+        ],
+        version: Annotated[int | None, Field(description="The version the edits were made against.")] = None,
+    ) -> CallToolResult:
+        return await _answer(ctx, identify, _edit_doc, session_id, edits, version)
 
     return server
 
@@ -225,6 +253,29 @@ def _publish(user: User, session_id: str, type_name: str, properties: dict[str, 
     frame = publish_custom(session.id, user, data["type"], data["properties"], body_bytes=size)
     envelope: dict[str, Any] = orjson.loads(frame.envelope)
     return envelope
+
+
+async def _read_doc(user: User, session_id: str) -> dict[str, Any]:
+    return await off_loop(_doc_of)(user, session_id)
+
+
+def _doc_of(user: User, session_id: str) -> dict[str, Any]:
+    session, _ = session_for(user, session_id)
+    return document_data(docs.read_doc(session))
+
+
+async def _edit_doc(user: User, session_id: str, edits: list[dict[str, Any]], version: int | None) -> dict[str, Any]:
+    return await off_loop(_edit)(user, session_id, edits, version)
+
+
+def _edit(user: User, session_id: str, edits: list[dict[str, Any]], version: int | None) -> dict[str, Any]:
+    session, _ = session_for(user, session_id, Role.EDITOR)
+    check_write_rate(user.pk)
+    wanted: dict[str, Any] = {"edits": edits}
+    if version is not None:
+        wanted["version"] = version
+    data = _validated(DocPatchSerializer, wanted)
+    return document_data(docs.apply_edits(user, session, data["edits"], data.get("version")))
 
 
 async def _request_approval(

@@ -34,7 +34,9 @@ from tests.helpers import assert_error
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
-TOOLS = {"list_sessions", "read_messages", "post_message", "publish_event", "request_approval"}
+TOOLS = {
+    "list_sessions", "read_messages", "post_message", "publish_event", "request_approval", "read_doc", "edit_doc",
+}
 
 
 def body(result: Any) -> dict[str, Any]:
@@ -117,6 +119,8 @@ async def test_http_client_lists_tools_and_only_its_sessions(
             ("post_message", {"session_id": shared_session.id, "text": "hi"}),
             ("publish_event", {"session_id": shared_session.id, "type": "task.progress"}),
             ("request_approval", {"session_id": shared_session.id, "question": "ok?"}),
+            ("read_doc", {"session_id": shared_session.id}),
+            ("edit_doc", {"session_id": shared_session.id, "edits": [{"at": 0, "insert": "x"}]}),
         ]:
             assert error_code(await client.call_tool(tool, arguments)) == "not_found", tool
 
@@ -264,6 +268,10 @@ async def test_stdio_user_disabled_after_start_is_refused(shared_session: Sessio
         ("request_approval", {"question": "q" * 2001}, "validation_error"),
         ("request_approval", {"question": "ok?", "timeout_seconds": -1}, "validation_error"),
         ("read_messages", {"after": "msg_nope"}, "not_found"),
+        ("edit_doc", {"edits": []}, "validation_error"),
+        ("edit_doc", {"edits": [{"at": 5, "insert": "x"}]}, "validation_error"),
+        ("edit_doc", {"edits": [{"at": 0, "insert": "x", "colour": "red"}]}, "validation_error"),
+        ("edit_doc", {"edits": [{"at": 0, "insert": "x"}], "version": 7}, "version_conflict"),
     ],
 )
 async def test_bad_tool_input_gets_the_api_error(
@@ -303,3 +311,25 @@ async def test_a_client_that_stops_waiting_withdraws_its_question(shared_session
         lambda: PermissionRequest.objects.filter(pk=permission.pk).exclude(status="pending").first(), 10
     )
     assert stored.status == "rejected" and stored.reason == "The agent that asked stopped waiting."
+
+
+async def test_shared_document_read_and_edited_as_over_rest(
+    shared_session: Session, bob: Any, carol: Any
+) -> None:
+    async with in_process(bob) as client:
+        assert body(await client.call_tool("read_doc", {"session_id": shared_session.id}))["text"] == ""
+        edited = body(await client.call_tool(
+            "edit_doc", {"session_id": shared_session.id, "edits": [{"at": 0, "insert": "# Plan\nShip it"}]}
+        ))
+        assert edited["text"] == "# Plan\nShip it" and edited["version"] >= 1
+        again = body(await client.call_tool("edit_doc", {
+            "session_id": shared_session.id, "version": edited["version"],
+            "edits": [{"at": 7, "delete": 4, "insert": "Test"}],
+        }))
+        assert again["text"] == "# Plan\nTest it"
+    rest = await sync_to_async(client_for(carol).get)(f"/api/sessions/{shared_session.id}/doc/")
+    assert rest.json()["text"] == "# Plan\nTest it"
+    async with in_process(carol) as client:
+        assert body(await client.call_tool("read_doc", {"session_id": shared_session.id}))["text"] == "# Plan\nTest it"
+        refused = await client.call_tool("edit_doc", {"session_id": shared_session.id, "edits": [{"at": 0, "insert": "x"}]})
+        assert error_code(refused) == "permission_denied"
