@@ -925,8 +925,15 @@ function syncPermissionUi() {
 
 function fillPermissionDialog(perm) {
   shownPermission = perm;
-  $("permission-tool").textContent = perm.tool;
-  $("permission-input").textContent = pretty(perm.input ?? {});
+  // An outside agent's question (MCP request_approval) has no reply behind it: show the
+  // question itself rather than a tool and its input.
+  const asked = isQuestion(perm);
+  $("permission-text").replaceChildren(...(asked
+    ? [`${perm.input.asked_by || "Someone"} asks, through an outside agent:`]
+    : ["The agent wants to run ", Object.assign(document.createElement("strong"), { id: "permission-tool", textContent: perm.tool }), " with this input:"]));
+  $("permission-input").textContent = asked
+    ? perm.input.question + (perm.input.details ? `\n\n${pretty(perm.input.details)}` : "")
+    : pretty(perm.input ?? {});
   const expires = perm.expires_at ? new Date(perm.expires_at) : null;
   $("permission-expires").textContent = expires && !Number.isNaN(expires.getTime())
     ? `If nobody answers by ${expires.toLocaleTimeString()}, it counts as rejected.` : "";
@@ -937,6 +944,10 @@ function fillPermissionDialog(perm) {
   permButtons.reject.hidden = !write;
   permButtons.later.textContent = write ? "Later" : "Close";
   els.dialog.dataset.permissionId = perm.id;
+}
+
+function isQuestion(perm) {
+  return perm?.message_id == null && perm?.tool === "approval" && typeof perm?.input?.question === "string";
 }
 
 function openPermissionDialog(perm) {
@@ -1003,11 +1014,13 @@ function whoAnswered(by) {
   return String(by);
 }
 
-function resolvedText(tool, approved, by, reason) {
-  if (by === "timeout") return `The request to run ${tool} expired: nobody answered in time.`;
+function resolvedText(tool, approved, by, reason, question = null) {
+  const request = question === null ? `The request to run ${tool}` : `The question “${question}”`;
+  if (by === "timeout") return `${request} expired: nobody answered in time.`;
   const who = whoAnswered(by);
   const Who = who === "you" ? "You" : who;
-  return `${Who} ${approved ? "approved" : "rejected"} running ${tool}${reason ? ` (“${reason}”)` : ""}.`;
+  const what = question === null ? `running ${tool}` : `the question “${question}”`;
+  return `${Who} ${approved ? "approved" : "rejected"} ${what}${reason ? ` (“${reason}”)` : ""}.`;
 }
 
 async function answerPermission(approved) {
@@ -1020,7 +1033,7 @@ async function answerPermission(approved) {
     const result = await api.post(`${base}/permissions/${encodeURIComponent(perm.id)}/`,
       reason ? { approved, reason } : { approved });
     pendingPermissions.delete(perm.id);
-    closePermissionDialog(resolvedText(perm.tool, result?.approved ?? approved, ME, reason));
+    closePermissionDialog(resolvedText(perm.tool, result?.approved ?? approved, ME, reason, isQuestion(perm) ? perm.input.question : null));
     syncPermissionUi();
   } catch (err) {
     if (err instanceof TandemError && (err.code === "already_resolved" || err.status === 409)) {
@@ -1028,7 +1041,7 @@ async function answerPermission(approved) {
       pendingPermissions.delete(perm.id);
       const text = current.status === "expired"
         ? `The request to run ${perm.tool} had already expired.`
-        : `Already answered: ${resolvedText(perm.tool, current.approved, current.resolved_by, current.reason)}`;
+        : `Already answered: ${resolvedText(perm.tool, current.approved, current.resolved_by, current.reason, isQuestion(perm) ? perm.input.question : null)}`;
       closePermissionDialog(text);
       syncPermissionUi();
     } else if (err instanceof TandemError && err.status === 404) {
@@ -1049,7 +1062,8 @@ function permissionResolved(props) {
   const perm = pendingPermissions.get(props.permission_id);
   pendingPermissions.delete(props.permission_id);
   dismissed.delete(props.permission_id);
-  const text = resolvedText(perm?.tool || "the tool", props.approved, props.resolved_by, props.reason);
+  const question = isQuestion(perm) ? perm.input.question : null;
+  const text = resolvedText(perm?.tool || "the tool", props.approved, props.resolved_by, props.reason, question);
   if (shownPermission?.id === props.permission_id) closePermissionDialog(text);
   else if (perm) notice(text);
   syncPermissionUi();
