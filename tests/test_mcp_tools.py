@@ -20,6 +20,7 @@ from project.settings import env_mcp_servers
 from sessions_app.agents import mcp_tools
 from sessions_app.models import Message, PermissionRequest, Session
 from tests.conftest import client_for, wait_until
+from tests.fake_openai import FakeOpenAI, fake_openai, stream, text_chunks, tool_call  # noqa: F401  (a fixture)
 from tests.replies import head, log_after, post, wait_for_completed, wait_for_event, wait_idle
 from tests.test_tools_agent import answer, ask, reply_text, tool_statuses
 
@@ -223,6 +224,26 @@ async def test_openai_agent_is_offered_the_servers_tools(mcp_session: Session) -
     }
     assert add.needs_permission and not offered["test.shout"].needs_permission
     assert mcp_tools.function_name(add) == "test__add"
+
+
+def test_openai_agent_calls_an_mcp_tool_through_the_runner(
+    mcp_session: Session, bob: Any, fake_openai: FakeOpenAI  # noqa: F811  (the fixture)
+) -> None:
+    Session.objects.filter(pk=mcp_session.pk).update(agent="openai")
+    fake_openai.script(
+        stream(tool_call(0, id="c1", name="test__shout", arguments='{"text": "quiet"}'), text_chunks()[-1]),
+        stream(*text_chunks("It says QUIET.")),
+    )
+    text, events = run(bob, mcp_session, "Shout 'quiet' with the tool.")
+    assert text == "It says QUIET."
+    assert tool_statuses(events) == ["pending", "running", "completed"]
+    done = last_status(events)
+    assert done["tool"] == "test.shout" and done["output"] == {"result": "QUIET"}
+    first, second = fake_openai.requests
+    offered = {t["function"]["name"]: t["function"] for t in first["tools"]}
+    assert {"calculator", "time", "test__add", "test__shout", "test__hang"} <= set(offered)
+    assert offered["test__shout"]["parameters"]["required"] == ["text"]
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "content": '{"result": "QUIET"}'}
 
 
 async def test_a_server_that_cannot_start_offers_nothing(settings: Any, monkeypatch: Any) -> None:
