@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 import httpx2
 import pytest
-from asgiref.sync import sync_to_async
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context
 from rest_framework_simplejwt.tokens import RefreshToken
 
 from events_app.models import Event
+from project.db import off_loop
 from sessions_app import mcp_server
 from sessions_app.models import PermissionRequest, Session
 from tests.conftest import ROOT, client_for, token_for, wait_until
@@ -95,8 +95,8 @@ def test_http_without_or_with_bad_credentials_is_401(live: Any, alice: Any) -> N
 async def test_http_disabled_user_is_401(live: Any, alice: Any) -> None:
     token = token_for(alice)
     alice.is_active = False
-    await sync_to_async(alice.save)()
-    response = await sync_to_async(httpx.post)(
+    await off_loop(alice.save)()
+    response = await off_loop(httpx.post)(
         f"{live.url}/mcp/", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
         headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"},
     )
@@ -155,10 +155,10 @@ async def test_http_approval_round_trip(live: Any, shared_session: Session, bob:
             "request_approval",
             {"session_id": shared_session.id, "question": "Deploy v2 to production?", "details": {"commit": "abc123"}},
         ))
-        permission = await sync_to_async(pending_permission)(shared_session)
+        permission = await off_loop(pending_permission)(shared_session)
         assert permission.tool == "approval" and permission.message_id is None
         assert permission.input == {"question": "Deploy v2 to production?", "asked_by": "bob", "details": {"commit": "abc123"}}
-        answered = await sync_to_async(client_for(alice).post)(
+        answered = await off_loop(client_for(alice).post)(
             f"/api/sessions/{shared_session.id}/permissions/{permission.id}/",
             {"approved": True, "reason": "go"}, format="json",
         )
@@ -168,11 +168,11 @@ async def test_http_approval_round_trip(live: Any, shared_session: Session, bob:
     assert result["resolved_by"] == {"id": alice.pk, "username": "alice"}
     assert result["permission_id"] == permission.id
     # Shown like any permission request: requested, then resolved, in the session's log.
-    types = await sync_to_async(lambda: list(
+    types = await off_loop(lambda: list(
         Event.objects.filter(session_id=shared_session.id, type__startswith="permission.").values_list("type", flat=True)
     ))()
     assert types == ["permission.requested", "permission.resolved"]
-    late = await sync_to_async(client_for(bob).post)(
+    late = await off_loop(client_for(bob).post)(
         f"/api/sessions/{shared_session.id}/permissions/{permission.id}/", {"approved": False}, format="json"
     )
     assert_error(late, 409, "already_resolved")
@@ -198,12 +198,12 @@ async def test_stdio_approval_round_trip_and_expiry(shared_session: Session, bob
         asking = asyncio.ensure_future(client.call_tool(
             "request_approval", {"session_id": shared_session.id, "question": "Merge the fix?"}
         ))
-        permission = await sync_to_async(pending_permission)(shared_session)
-        answered = await sync_to_async(client_for(carol).post)(  # a viewer may not answer
+        permission = await off_loop(pending_permission)(shared_session)
+        answered = await off_loop(client_for(carol).post)(  # a viewer may not answer
             f"/api/sessions/{shared_session.id}/permissions/{permission.id}/", {"approved": True}, format="json"
         )
         assert answered.status_code == 403
-        answered = await sync_to_async(client_for(bob).post)(
+        answered = await off_loop(client_for(bob).post)(
             f"/api/sessions/{shared_session.id}/permissions/{permission.id}/",
             {"approved": False, "reason": "needs a test"}, format="json",
         )
@@ -248,7 +248,7 @@ async def test_stdio_user_disabled_after_start_is_refused(shared_session: Sessio
     async with Client(stdio_params(token_for(bob))) as client:
         assert not (await client.call_tool("list_sessions", {})).is_error
         bob.is_active = False
-        await sync_to_async(bob.save)()
+        await off_loop(bob.save)()
         assert error_code(await client.call_tool("list_sessions", {})) == "authentication_failed"
 
 
@@ -280,7 +280,7 @@ async def test_bad_tool_input_gets_the_api_error(
     async with in_process(bob) as client:
         result = await client.call_tool(tool, {"session_id": shared_session.id, **arguments})
     assert error_code(result) == code
-    assert await sync_to_async(PermissionRequest.objects.count)() == 0
+    assert await off_loop(PermissionRequest.objects.count)() == 0
 
 
 async def test_arguments_of_the_wrong_type_are_refused_by_the_schema(shared_session: Session, bob: Any) -> None:
@@ -303,19 +303,21 @@ async def test_a_client_that_stops_waiting_withdraws_its_question(shared_session
         asking = asyncio.ensure_future(client.call_tool(
             "request_approval", {"session_id": shared_session.id, "question": "Still there?"}
         ))
-        permission = await sync_to_async(pending_permission)(shared_session)
+        permission = await off_loop(pending_permission)(shared_session)
         asking.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asking
-    stored = await sync_to_async(wait_until)(
+    stored = await off_loop(wait_until)(
         lambda: PermissionRequest.objects.filter(pk=permission.pk).exclude(status="pending").first(), 10
     )
     assert stored.status == "rejected" and stored.reason == "The agent that asked stopped waiting."
 
 
 async def test_shared_document_read_and_edited_as_over_rest(
-    shared_session: Session, bob: Any, carol: Any
+    shared_session: Session, bob: Any, carol: Any, settings: Any
 ) -> None:
+    # doc.updated goes out at once, not from a timer that would outlive the test's database.
+    settings.TANDEM_DOC_EVENT_SECONDS = 0
     async with in_process(bob) as client:
         assert body(await client.call_tool("read_doc", {"session_id": shared_session.id}))["text"] == ""
         edited = body(await client.call_tool(
@@ -327,9 +329,13 @@ async def test_shared_document_read_and_edited_as_over_rest(
             "edits": [{"at": 7, "delete": 4, "insert": "Test"}],
         }))
         assert again["text"] == "# Plan\nTest it"
-    rest = await sync_to_async(client_for(carol).get)(f"/api/sessions/{shared_session.id}/doc/")
+    rest = await off_loop(client_for(carol).get)(f"/api/sessions/{shared_session.id}/doc/")
     assert rest.json()["text"] == "# Plan\nTest it"
     async with in_process(carol) as client:
         assert body(await client.call_tool("read_doc", {"session_id": shared_session.id}))["text"] == "# Plan\nTest it"
         refused = await client.call_tool("edit_doc", {"session_id": shared_session.id, "edits": [{"at": 0, "insert": "x"}]})
         assert error_code(refused) == "permission_denied"
+    announced = await off_loop(wait_until)(
+        lambda: Event.objects.filter(session_id=shared_session.id, type="doc.updated").count() >= 2
+    )
+    assert announced
