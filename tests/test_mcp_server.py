@@ -27,7 +27,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from events_app.models import Event
 from project.db import off_loop
 from sessions_app import mcp_server
-from sessions_app.models import PermissionRequest, Session
+from sessions_app.models import Message, PermissionRequest, Session
 from tests.conftest import ROOT, client_for, token_for, wait_until
 from tests.conftest import test_database_url as database_url
 from tests.helpers import assert_error
@@ -181,10 +181,10 @@ async def test_http_approval_round_trip(live: Any, shared_session: Session, bob:
 # ---------------------------------------------------------------- stdio
 
 
-def stdio_params(token: str) -> StdioServerParameters:
+def stdio_params(token: str, **extra: str) -> StdioServerParameters:
     env = {
         "DATABASE_URL": database_url(), "DJANGO_SETTINGS_MODULE": "project.settings",
-        "TANDEM_MCP_TOKEN": token, "TANDEM_RATE_WRITE": "none", "PYTHONPATH": str(ROOT),
+        "TANDEM_MCP_TOKEN": token, "TANDEM_RATE_WRITE": "none", "PYTHONPATH": str(ROOT), **extra,
     }
     return StdioServerParameters(command=sys.executable, args=[str(ROOT / "manage.py"), "mcp_server"], env=env, cwd=str(ROOT))
 
@@ -230,6 +230,20 @@ async def test_stdio_post_and_publish_as_the_tokens_user(shared_session: Session
         ))
     assert envelope["type"] == "task.progress"
     assert envelope["properties"] == {"percent": 40, "published_by": {"id": bob.pk, "username": "bob"}}
+
+
+async def test_stdio_post_is_answered_by_a_server_process(live: Any, shared_session: Session, bob: Any) -> None:
+    """The stdio process leaves replies to the server processes: it may exit with its
+    client at any moment, and the reply goes on."""
+    # Were the reply run here, it would still be streaming (slowly) when the client leaves.
+    async with Client(stdio_params(token_for(bob), TANDEM_ECHO_DELAY_MS="1000")) as client:
+        posted = body(await client.call_tool("post_message", {"session_id": shared_session.id, "text": "from stdio a b c d"}))
+    reply = await off_loop(wait_until)(
+        lambda: Message.objects.filter(pk=posted["reply_id"], status="completed").first(), 30
+    )
+    assert reply is not None
+    parts = await off_loop(lambda: list(reply.parts.values_list("text", flat=True)))()
+    assert "".join(parts) == "from stdio a b c d"
 
 
 def test_stdio_refuses_to_start_without_a_good_token(alice: Any) -> None:

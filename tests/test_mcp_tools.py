@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from project.settings import env_mcp_servers
 from sessions_app.agents import mcp_tools
 from sessions_app.models import Message, PermissionRequest, Session
-from tests.conftest import client_for, wait_until
+from tests.conftest import client_for, token_for, wait_until
 from tests.fake_openai import FakeOpenAI, fake_openai, stream, text_chunks, tool_call  # noqa: F401  (a fixture)
 from tests.replies import head, log_after, post, wait_for_completed, wait_for_event, wait_idle
 from tests.test_tools_agent import answer, ask, reply_text, tool_statuses
@@ -209,6 +209,29 @@ def test_pending_mcp_request_is_listed_like_any_other(mcp_session: Session, bob:
     wait_for_completed(mcp_session.id, before, reply_id)
     assert PermissionRequest.objects.get(pk=permission["id"]).status == "rejected"
     assert Message.objects.get(pk=reply_id).status == "cancelled"
+
+
+def test_a_streamable_http_server_with_headers(
+    mcp_session: Session, bob: Any, alice: Any, settings: Any, monkeypatch: Any, servers: Any
+) -> None:
+    """Tandem's own /mcp/ (a real server process) as the agents' HTTP MCP server: the
+    configured Authorization header is what lets the call in."""
+    # Worker mode: that process must not claim this test's replies (its pool polls the
+    # shared database); they run here, where the servers are configured.
+    [live] = servers(1, TANDEM_AGENT_MODE="worker")
+    url = f"{live.url}/mcp/"
+    configure(
+        monkeypatch, settings,
+        tandem={"url": url, "headers": {"Authorization": f"Bearer {token_for(alice)}"}, "needs_permission": False},
+        anonymous={"url": url, "needs_permission": False},
+    )
+    text, events = run(bob, mcp_session, "!mcp tandem.list_sessions {}")
+    assert tool_statuses(events) == ["pending", "running", "completed"]
+    sessions = last_status(events)["output"]["sessions"]
+    assert [(s["id"], s["role"]) for s in sessions] == [(mcp_session.id, "owner")]
+    text, events = run(bob, mcp_session, "!mcp anonymous.list_sessions {}")
+    assert last_status(events)["status"] == "error"
+    assert "MCP server 'anonymous' failed" in last_status(events)["error"]
 
 
 # ---------------------------------------------------------------- the openai agent's offer

@@ -18,7 +18,7 @@ from mcp.server.mcpserver import Context
 from project import runtime
 from project.auth import read_any_token
 from project.errors import ApiError
-from sessions_app import mcp_server
+from sessions_app import mcp_server, runs
 
 
 class Command(BaseCommand):
@@ -42,6 +42,10 @@ class Command(BaseCommand):
 
     async def _serve(self, token: str) -> None:
         rt = runtime.bind(asyncio.get_running_loop())
+        # Replies to messages posted here are left to the server processes (inline mode:
+        # their pools find queued replies within a second) or the workers: this process
+        # ends whenever its client does, which would interrupt a reply it had claimed.
+        runs.register_local_pool(lambda: None)
 
         async def identify(ctx: Context) -> int:
             return read_any_token(token)  # expiry is checked on every call
