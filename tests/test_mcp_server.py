@@ -92,6 +92,23 @@ def test_http_without_or_with_bad_credentials_is_401(live: Any, alice: Any) -> N
         assert code == ("not_authenticated" if auth is None else "authentication_failed")
 
 
+def test_http_bad_requests_with_good_credentials_get_a_clear_4xx(live: Any, alice: Any) -> None:
+    auth = {"Authorization": f"Bearer {token_for(alice)}", "Accept": "application/json, text/event-stream"}
+    cases = [
+        ("POST", {**auth, "Content-Type": "application/json"}, b"{not json"),
+        ("POST", {**auth, "Content-Type": "application/json"}, b"[]"),
+        ("POST", {**auth, "Content-Type": "text/plain"}, b"hello"),
+        ("POST", {**auth, "Content-Type": "application/json"}, b'{"jsonrpc": "2.0", "id": 1, "method": "nope"}'),
+        ("POST", {**auth, "Content-Type": "application/json"}, b'{"a": "' + b"x" * 400_000 + b'"}'),
+        ("PUT", auth, b""),
+    ]
+    for method, headers, content in cases:
+        response = httpx.request(method, f"{live.url}/mcp/", headers=headers, content=content, timeout=30)
+        assert 200 <= response.status_code < 500, (method, content[:30], response.status_code, response.text[:200])
+        if response.status_code == 200:  # a JSON-RPC error, as the protocol answers
+            assert "error" in response.json(), response.text[:200]
+
+
 async def test_http_disabled_user_is_401(live: Any, alice: Any) -> None:
     token = token_for(alice)
     alice.is_active = False
