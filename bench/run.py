@@ -14,6 +14,9 @@ Scenarios (each bounded in time and count, loopback only):
                server is killed with SIGKILL and --restart-cmd starts it again) and come back
                with jittered backoff and their last seq: time until all resumed; lost,
                duplicated and reordered events across both connections
+  doc          N editors (--clients) type --rate keystrokes a second each into one shared
+               document over its WebSocket, spread over --url and --url2: update latency
+               p50/p99, lost deliveries, convergence, the stored text, server CPU
 
 ``--target peer`` points fanout, idle, storm and reconnect-storm (SSE) at the seed-design
 peer (``bench/peer.py``; it cannot resume, so there only the times are measured). Reports go to
@@ -38,6 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make ``bench`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import docbench
 from bench.clients import StreamClient, connect_all
 from bench.procinfo import Server
 from bench.stats import by_bn, by_seq, connect_summary, count_reordered, percentiles, table
@@ -622,7 +626,7 @@ async def reconnect_storm(args: argparse.Namespace, target: Target) -> dict[str,
 
 SCENARIOS: dict[str, Scenario] = {
     "fanout": fanout, "echo": echo, "idle": idle, "first-delta": first_delta, "posts": posts,
-    "churn": churn, "storm": storm, "reconnect-storm": reconnect_storm,
+    "churn": churn, "storm": storm, "reconnect-storm": reconnect_storm, "doc": docbench.doc,
 }
 
 
@@ -644,6 +648,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
+    p.add_argument("--url2", default="", help="doc: a second server process (same database and Redis)")
     p.add_argument("--target", choices=("tandem", "peer"), default="tandem")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--sessions", type=int, default=1)

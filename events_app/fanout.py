@@ -250,6 +250,12 @@ class Hub:
                 message = await self.layer.receive(channel)
                 if message.get("type") == groups.EVENT:
                     await self._on_event(message)
+                elif message.get("type") == groups.DOC:
+                    # A shared document's update or awareness: its rooms (events_app.docsocket).
+                    for listener in tuple(self.groups.get(message["g"], ())):
+                        handler = getattr(listener, "doc_message", None)
+                        if handler is not None:
+                            handler(message)
                 elif message.get("type") == groups.CONTROL:
                     control = groups.decode_control(message)
                     if control is None:

@@ -103,6 +103,7 @@ class DocMessage(TypedDict):
     v: int | None  # the update's version; None for awareness
     u: NotRequired[bytes]  # the Yjs update
     a: NotRequired[bytes]  # the awareness update
+    q: NotRequired[bool]  # a new room asks the others for the states their connections set
     o: str  # the connection it came from ("" for REST and agents), which has it already
 
 
@@ -114,6 +115,11 @@ def encode_doc_update(session_id: str, version: int, update: bytes, origin: str)
 def encode_doc_awareness(session_id: str, awareness: bytes, origin: str) -> DocMessage:
     group = doc_group(session_id)
     return {"type": DOC, "g": group, "s": session_id, "v": None, "a": awareness, "o": origin}
+
+
+def encode_doc_query(session_id: str, origin: str) -> DocMessage:
+    group = doc_group(session_id)
+    return {"type": DOC, "g": group, "s": session_id, "v": None, "q": True, "o": origin}
 
 
 # ---------------------------------------------------------------- control messages

@@ -8,6 +8,7 @@ from channels.security.websocket import WebsocketDenier
 from django.urls import path, re_path
 
 from events_app.consumers import SSEConsumer, StreamSocketConsumer
+from events_app.docsocket import DocSocketConsumer
 from project.auth import origin_allowed, read_stream_claim
 from project.errors import ApiError, NotFound
 
@@ -81,5 +82,6 @@ async def no_such_socket(scope: dict[str, Any], receive: Any, send: Any) -> None
 websocket_urlpatterns = [
     path("ws/sessions/<str:session_id>/", StreamSocketConsumer.as_asgi()),
     path("ws/stream/", StreamSocketConsumer.as_asgi()),
+    path("ws/sessions/<str:session_id>/doc/", DocSocketConsumer.as_asgi()),
     re_path(r"", no_such_socket),  # type: ignore[arg-type]  # an ASGI app: see project/asgi.py
 ]

@@ -17,7 +17,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -224,6 +224,12 @@ async def prepare(scope: dict[str, Any], session_id: str | None, transport: str)
     )
 
 
+class Stoppable(Protocol):
+    """An open stream that ends when the server stops (``when_server_stops``)."""
+
+    def server_stops(self) -> None: ...
+
+
 class _Streams:
     """The streams of one runtime. Weak sets: a stream whose consumer died without
     closing it must not be kept alive by being listed here."""
@@ -234,7 +240,7 @@ class _Streams:
         # their responses (uvicorn cancels them, then shuts down without waiting).
         self.serving: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         # The open streams that asked to hear of the server stopping (when_server_stops).
-        self.stoppable: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.stoppable: weakref.WeakSet[Stoppable] = weakref.WeakSet()
         # The idle connections given frames in this turn of the loop (the hot path).
         self.flusher = _Flusher(rt.loop)
 

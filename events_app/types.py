@@ -134,7 +134,9 @@ EVENT_TYPES: dict[str, EventType] = {
             version={**SEQ, "description": "The shared document's version after the change."},
             by={
                 "oneOf": [ref("User"), one_of("agent")],
-                "description": 'Who made the latest change: a user, or `"agent"`.',
+                "nullable": True,
+                "description": 'Who made the latest change: a user, `"agent"`, or null when '
+                "the author's account has been deleted since.",
             },
         ),
         _t(

@@ -791,7 +791,8 @@ Every non-2xx JSON response has one shape, the `Error` schema:
 Authenticate with `Authorization: Bearer <access JWT>` (`POST /api/auth/token/`) or the
 session cookie of the browser UI (unsafe methods also need `X-CSRFToken`). The stream
 endpoints also take `?token=` or `?ticket=`. WebSocket (`/ws/sessions/{id}/`,
-`/ws/stream/`) carries the same envelopes plus commands; see `docs/API.md`.
+`/ws/stream/`) carries the same envelopes plus commands; `/ws/sessions/{id}/doc/` carries
+the session's shared document in the y-websocket protocol; see `docs/API.md`.
 """
 
 

@@ -68,3 +68,13 @@ def sessions_of_users(user_ids: set[int]) -> dict[int, list[str]]:
         ):
             out.setdefault(user_id, []).append(session_id)
     return out
+
+
+def role_in(user_id: int, session_id: str) -> str | None:
+    """The user's role in the session, or None when not a member."""
+    if len(session_id) > 32 or not session_id.isascii() or not session_id.isprintable():
+        return None
+    found: str | None = (
+        Membership.objects.filter(session_id=session_id, user_id=user_id).values_list("role", flat=True).first()
+    )
+    return found

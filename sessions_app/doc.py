@@ -19,10 +19,14 @@ writes as ``AGENT``.
 - ``apply_update(actor, session, update, origin="") -> Applied | None``: a binary Yjs
   update (v1 encoding) from a client; ``None`` when it changed nothing. Raises
   ``BadUpdate`` (400) for bytes that do not decode, ``DocTooLarge`` (413). Nothing is
-  stored, and the document is unchanged, when it raises.
+  stored, and the document is unchanged, when it raises. ``apply_updates(session,
+  [Incoming(actor, update, origin)…])`` does several in one transaction, answering each.
 - ``sync_reply(session, state_vector) -> (update, version)``: what a client with that
   state vector lacks (y-websocket's sync step 2). ``BadUpdate`` for a malformed vector.
+- ``state_vector(session) -> (state_vector, version)`` (sync step 1) and
+  ``brings_news(session, update) -> bool`` (does a reader's sync step 2 hold anything new).
 - ``doc_text_and_size(session) -> (text, chars)``: for the admin.
+- ``absorb(session_id, version, update)``: a relayed update, into this process's copy.
 
 Every change is stored (one ``DocUpdate`` row and the version bump, in the caller's
 transaction) before anything is sent: once it commits, the update goes to the document's
@@ -57,7 +61,7 @@ from events_app import fanout, groups
 from events_app.services import publish
 from project import runtime
 from project.db import off_loop
-from project.errors import BadRequest, PayloadTooLarge, ValidationFailed, VersionConflict
+from project.errors import ApiError, BadRequest, PayloadTooLarge, ValidationFailed, VersionConflict
 from sessions_app.models import Document, DocUpdate, Session
 from sessions_app.serializers import user_data
 
@@ -188,6 +192,32 @@ def _current(slot: _Slot, row: Document) -> _Live:
     return live
 
 
+def absorb(session_id: str, version: int, update: bytes) -> bool:
+    """A committed update another process relayed (version ``version``): applied to this
+    process's copy of the document when that copy is at the version before it, so the
+    next change here need not read it back from the database under the row lock. Never
+    waits: when the copy is busy or elsewhere, the next change catches up as usual. True
+    if applied."""
+    with _slots_lock:
+        slot = _slots.get(session_id)
+    if slot is None or not slot.lock.acquire(blocking=False):
+        return False
+    try:
+        live = slot.live
+        if live is None or not live.committed or live.version != version - 1:
+            return False
+        try:
+            _apply_raw(live, update)
+        except BaseException:
+            slot.live = None
+            raise
+        live.changes.clear()
+        live.version = version
+        return True
+    finally:
+        slot.lock.release()
+
+
 def _take_changes(live: _Live) -> bytes | None:
     changes, live.changes = live.changes, []
     if not changes:
@@ -205,10 +235,12 @@ def _sid(session: Session | str) -> str:
 
 def _lock_row(session_id: str) -> Document:
     """The document's row, locked until the transaction ends; made on first use."""
-    row = Document.objects.select_for_update().filter(pk=session_id).first()
+    # The base (the whole document, once compacted) is read only when a process needs it.
+    rows = Document.objects.select_for_update().defer("base")
+    row = rows.filter(pk=session_id).first()
     if row is None:
         Document.objects.get_or_create(session_id=session_id)
-        row = Document.objects.select_for_update().get(pk=session_id)
+        row = rows.get(pk=session_id)
     return row
 
 
@@ -257,6 +289,56 @@ def sync_reply(session: Session | str, state_vector: bytes) -> tuple[bytes, int]
         return update, row.version
 
 
+def state_vector(session: Session | str) -> tuple[bytes, int]:
+    """The document's Yjs state vector (y-websocket's sync step 1), and its version."""
+    session_id = _sid(session)
+    row = Document.objects.filter(pk=session_id).first() or Document(session_id=session_id)
+    slot = _slot(session_id)
+    with slot.lock:
+        try:
+            live = _current(slot, row)
+        except BaseException:
+            slot.live = None
+            raise
+        return live.doc.get_state(), row.version
+
+
+def brings_news(session: Session | str, update: bytes) -> bool:
+    """Whether ``update`` holds insertions the document lacks (for a reader's sync step 2,
+    which y-websocket sends even when it has nothing new; a reader may not write, so its
+    update is never applied). ``BadUpdate`` if it does not decode."""
+    from pycrdt import get_state
+
+    try:
+        theirs = _decode_state_vector(get_state(update))
+    except Exception as exc:
+        raise BadUpdate(details={"reason": str(exc)[:200]}) from None
+    ours = _decode_state_vector(state_vector(session)[0])
+    return any(clock > ours.get(client, 0) for client, clock in theirs.items())
+
+
+def _decode_state_vector(data: bytes) -> dict[int, int]:
+    def var_uint(pos: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("truncated state vector")
+            byte = data[pos]
+            value |= (byte & 0x7F) << shift
+            pos += 1
+            shift += 7
+            if byte < 0x80:
+                return value, pos
+
+    count, pos = var_uint(0)
+    out: dict[int, int] = {}
+    for _ in range(count):
+        client, pos = var_uint(pos)
+        clock, pos = var_uint(pos)
+        out[client] = clock
+    return out
+
+
 def full_state(session: Session | str) -> tuple[bytes, int]:
     """The whole document as one update, and its version."""
     return sync_reply(session, b"\x00")
@@ -301,27 +383,67 @@ def _too_large_error() -> DocTooLarge:
 
 
 def apply_update(actor: Actor, session: Session | str, update: bytes, *, origin: str = "") -> Applied | None:
-    if update == EMPTY_UPDATE:
-        return None
+    [result] = apply_updates(session, [Incoming(actor, update, origin)])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One Yjs update from a client: who sent it, and from which connection."""
+
+    actor: Actor
+    update: bytes
+    origin: str = ""
+
+
+def apply_updates(session: Session | str, items: Sequence[Incoming]) -> list[Applied | None | ApiError]:
+    """``apply_update`` for several updates of one document in one transaction (one row
+    lock, one commit): each gets its own version and its own answer, and a refused one
+    (``BadUpdate``, ``DocTooLarge``, returned in its place) does not stop the others."""
     session_id = _sid(session)
     slot = _slot(session_id)
+    results: list[Applied | None | ApiError] = []
     with transaction.atomic():
         row = _lock_row(session_id)
         with slot.lock:
             try:
                 live = _current(slot, row)
-                before = len(live.text)
-                _apply_raw(live, update)
-                change = _take_changes(live)
-                if change is None:
-                    return None  # known already, or waiting for updates it depends on
-                if _too_large(live, before):
-                    raise _too_large_error()
-                version = _store(row, change, actor, origin, live)
+                stored: list[tuple[bytes, Actor, str]] = []
+                for item in items:
+                    if item.update == EMPTY_UPDATE:
+                        results.append(None)
+                        continue
+                    before = len(live.text)
+                    try:
+                        # yrs decodes the whole update before applying any of it: a refused
+                        # one has changed nothing.
+                        _apply_raw(live, item.update)
+                    except BadUpdate as exc:
+                        live.changes.clear()
+                        results.append(exc)
+                        continue
+                    change = _take_changes(live)
+                    if change is None:
+                        results.append(None)  # known already, or waiting for one it needs
+                    elif _too_large(live, before):
+                        results.append(_too_large_error())
+                        # It is in memory now: rebuild from what is stored, this
+                        # transaction's changes included.
+                        _record(row, stored, live)
+                        stored = []
+                        slot.live = None
+                        live = _current(slot, row)
+                        live.committed = False
+                    else:
+                        stored.append((change, item.actor, item.origin))
+                        results.append(Applied(row.version + len(stored), change))
+                _record(row, stored, live)
             except BaseException:
                 slot.live = None  # it may hold what was refused: rebuilt on next use
                 raise
-    return Applied(version, change)
+    return results
 
 
 def _edit_fields(edit: Edit | Mapping[str, Any]) -> Edit:
@@ -411,15 +533,27 @@ def append_paragraph(actor: Actor, session: Session | str, text: str) -> DocStat
 
 
 def _store(row: Document, change: bytes, actor: Actor, origin: str, live: _Live) -> int:
-    """Store ``change`` as the next version (inside the caller's transaction, with the
-    row locked), announce it as the coalescing allows, and send it to every process's
-    editors once the transaction commits."""
+    _record(row, [(change, actor, origin)], live)
+    return row.version
+
+
+def _record(row: Document, changes: list[tuple[bytes, Actor, str]], live: _Live) -> None:
+    """Store ``changes`` as the next versions (inside the caller's transaction, with the
+    row locked: one INSERT and one UPDATE however many), announce them as the coalescing
+    allows, and send each to every process's editors once the transaction commits."""
+    if not changes:
+        return
     now = timezone.now()
-    row.version += 1
+    first = row.version + 1
+    row.version += len(changes)
     row.updated_at = now
+    actor = changes[-1][1]
     row.last_by = None if isinstance(actor, str) else actor
     row.last_by_agent = isinstance(actor, str)
-    DocUpdate.objects.create(session_id=row.session_id, version=row.version, data=change, created_at=now)
+    DocUpdate.objects.bulk_create([
+        DocUpdate(session_id=row.session_id, version=version, data=change, created_at=now)
+        for version, (change, _, _) in enumerate(changes, start=first)
+    ])
     fields = ["version", "updated_at", "last_by", "last_by_agent"]
     interval = settings.TANDEM_DOC_EVENT_SECONDS
     trailing: float | None = None
@@ -431,24 +565,26 @@ def _store(row: Document, change: bytes, actor: Actor, origin: str, live: _Live)
     row.save(update_fields=fields)
     live.version = row.version
     live.committed = False
-    session_id, version = row.session_id, row.version
+    session_id = row.session_id
+    messages = [
+        groups.encode_doc_update(session_id, version, change, origin)
+        for version, (change, _, origin) in enumerate(changes, start=first)
+    ]
 
     def committed() -> None:
         live.committed = True
-        fanout.send_to_group(
-            groups.doc_group(session_id), groups.encode_doc_update(session_id, version, change, origin)
-        )
+        group = groups.doc_group(session_id)
+        for message in messages:
+            fanout.send_to_group(group, message)
         if trailing is not None:
             _announce_later(session_id, trailing)
 
     transaction.on_commit(committed)
-    return version
 
 
 def _announce(row: Document, now: datetime) -> None:
+    # None when the author's account is gone.
     by: dict[str, Any] | str | None = AGENT if row.last_by_agent else user_data(row.last_by)
-    if by is None:  # the author's account is gone
-        by = AGENT if row.last_by_agent else {"id": 0, "username": ""}
     publish(row.session_id, "doc.updated", {"version": row.version, "by": by})
     row.event_version = row.version
     row.event_at = now

@@ -154,3 +154,22 @@ def test_the_analysis_counts_loss_duplicates_and_order() -> None:
     assert (stats["delivered"], stats["lost"], stats["duplicates"], stats["reordered"]) == (8, 1, 1, 1)
     assert count_reordered([1, 2, 3]) == 0 and count_reordered([3, 1, 2]) == 2
     assert percentiles([0.001 * i for i in range(1, 101)])["p99"] == 99.0
+
+
+@pytest.mark.redis
+def test_doc_scenario_types_into_one_document_across_two_processes(servers: Any, tmp_path: Path) -> None:
+    server_a, server_b = servers(2, redis=True)
+    report = run_bench(
+        server_a.url, tmp_path, "doc", "--url2", server_b.url, "--clients", "4", "--rate", "10",
+        "--duration", "1.5", "--settle", "0.2", "--drain", "20",
+    )
+    assert (report["editors"], report["processes"]) == (4, 2)
+    assert report["updates"] > 0 and report["errors"] == []
+    assert report["expected_deliveries"] == report["updates"] * 3
+    assert report["delivered"] == report["expected_deliveries"] and report["lost"] == 0
+    assert report["converged"] and report["stored_matches"]
+    assert report["stored_version"] == report["updates"]
+    latency = report["latency_ms"]
+    assert latency["p50"] is not None and latency["p50"] <= latency["p99"] <= latency["max"]
+    assert report["server"]["pids"] == [[server_a.proc.pid], [server_b.proc.pid]]
+    assert all(c > 0 for c in report["server"]["cpu_seconds"])

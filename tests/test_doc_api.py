@@ -251,3 +251,81 @@ def test_compaction_folds_updates_and_keeps_the_text(shared_session: Any, bob: A
     fresh: Doc[Any] = Doc()
     fresh.apply_update(update)
     assert str(fresh.get("doc", type=Text)) == "two one !" and version == 5
+
+
+def test_a_batch_answers_each_update_and_a_refused_one_spoils_none(shared_session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_MAX_DOC_CHARS = 12
+    peer: Doc[Any] = Doc()
+    text = peer.get("doc", type=Text)
+
+    def typed(at: int, s: str) -> bytes:
+        before = peer.get_state()
+        text.insert(at, s)
+        return peer.get_update(before)
+
+    first = typed(0, "abc")
+    second = typed(3, "def")
+    too_long = typed(6, "0123456789")
+    results = docs.apply_updates(shared_session, [
+        docs.Incoming(bob, first), docs.Incoming(bob, b"\x01\x02garbage"), docs.Incoming(bob, second),
+        docs.Incoming(bob, too_long), docs.Incoming(bob, first),
+    ])
+    assert isinstance(results[0], docs.Applied) and results[0].version == 1
+    assert isinstance(results[1], docs.BadUpdate)
+    assert isinstance(results[2], docs.Applied) and results[2].version == 2
+    assert isinstance(results[3], docs.DocTooLarge)
+    assert results[4] is None  # a duplicate
+    assert docs.read_doc(shared_session).text == "abcdef"
+    assert list(DocUpdate.objects.order_by("version").values_list("version", flat=True)) == [1, 2]
+    docs._slots.clear()  # and the stored updates alone give the same text
+    assert docs.read_doc(shared_session).text == "abcdef"
+
+
+def test_absorbing_a_relayed_update_saves_the_read_back(shared_session: Any, alice: Any, bob: Any) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, "one")])
+    # Another process stores version 2; this one hears of it through its room.
+    other: Doc[Any] = Doc()
+    other.apply_update(docs.full_state(shared_session)[0])
+    before = other.get_state()
+    other.get("doc", type=Text).insert(3, " two")
+    update = other.get_update(before)
+    slot = docs._slots.pop(shared_session.id)
+    docs.apply_update(alice, shared_session, update)  # as if elsewhere: this copy is set aside
+    docs._slots[shared_session.id] = slot
+    assert docs.absorb(shared_session.id, 2, update) is True
+    assert docs.absorb(shared_session.id, 2, update) is False  # not the next version any more
+    with CaptureQueriesContext(connection) as queries:
+        docs.apply_edits(bob, shared_session, [docs.Edit(7, 0, "!")])
+    assert not any("docupdate" in q["sql"].lower() and q["sql"].lstrip().upper().startswith("SELECT") for q in queries)
+    assert docs.read_doc(shared_session).text == "one two!"
+
+
+def test_housekeeping_compacts_what_is_due_and_announces_what_was_owed(shared_session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_DOC_COMPACT_UPDATES = 3
+    settings.TANDEM_DOC_EVENT_SECONDS = 3600
+    for word in ("a", "b", "c"):
+        docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, word)])
+    assert doc_events(shared_session) == [{"version": 1, "by": {"id": bob.pk, "username": "bob"}}]
+    # The process that owed the announcement of versions 2-3 died: the sweep makes it.
+    long_ago = Document.objects.get().updated_at - timedelta(hours=3)
+    Document.objects.update(updated_at=long_ago, event_at=long_ago)
+    assert docs.housekeeping() == (1, 1)
+    row = Document.objects.get()
+    assert (row.base_version, DocUpdate.objects.count()) == (3, 0)
+    assert doc_events(shared_session)[-1] == {"version": 3, "by": {"id": bob.pk, "username": "bob"}}
+    assert docs.housekeeping() == (0, 0)
+    docs._slots.clear()
+    assert docs.read_doc(shared_session).text == "cba"
+
+
+def test_a_change_by_an_account_deleted_since_is_announced_by_null(shared_session: Any, bob: Any, settings: Any) -> None:
+    settings.TANDEM_DOC_EVENT_SECONDS = 3600
+    docs.apply_edits(bob, shared_session, [docs.Edit(0, 0, "a")])
+    docs.apply_edits(bob, shared_session, [docs.Edit(1, 0, "b")])
+    bob.delete()
+    Document.objects.update(event_at=Document.objects.get().event_at - timedelta(hours=2))
+    assert docs.announce_if_due(shared_session.id) is None
+    assert doc_events(shared_session)[-1] == {"version": 2, "by": None}

@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("live transport", [
         "events_app.presence", "events_app.streams", "events_app.commands",
-        "events_app.consumers", "events_app.routing", "events_app.publishing",
+        "events_app.consumers", "events_app.docsocket", "events_app.routing", "events_app.publishing",
         "events_app.ingest", "events_app.management.commands.ingest_redis",
     ]),
     ("HTTP surface", [
