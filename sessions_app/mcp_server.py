@@ -289,9 +289,12 @@ async def _request_approval(
         # answer any more, so the question must not stay open in the browser.
         await asyncio.shield(off_loop(permissions.withdraw_approval)(permission.id))
         raise
+    shown = permission_data(decided)
     return {
         "approved": decided.status == PermissionRequest.Status.APPROVED,
-        **{k: v for k, v in permission_data(decided).items() if k in ("status", "reason", "resolved_by", "id")},
+        "status": shown["status"],
+        "reason": shown["reason"],
+        "resolved_by": shown["resolved_by"],
         "permission_id": decided.id,
     }
 
@@ -330,21 +333,17 @@ def _validated(serializer_class: type, data: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- streamable HTTP: /mcp/
 
+USER_KEY = "tandem.mcp_user_id"  # put in the ASGI scope by HttpEndpoint
 
-def _user_of_request(ctx: Context) -> int:
-    request = ctx.request_context.request
-    scope = getattr(request, "scope", None) or {}
+
+async def _identify_request(ctx: Context) -> int:
+    """The user HttpEndpoint authenticated: the SDK hands each tool the HTTP request it
+    came in, with the scope HttpEndpoint passed on."""
+    scope = getattr(ctx.request_context.request, "scope", None) or {}
     user_id = scope.get(USER_KEY)
     if not isinstance(user_id, int):
         raise AuthenticationFailed()
     return user_id
-
-
-async def _identify_request(ctx: Context) -> int:
-    return _user_of_request(ctx)
-
-
-USER_KEY = "tandem.mcp_user_id"  # put in the ASGI scope by HttpEndpoint
 
 
 class HttpEndpoint:
