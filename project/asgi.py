@@ -41,6 +41,7 @@ from project import runtime  # noqa: E402
 from project.db import drain as drain_database_calls  # noqa: E402
 from project.errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout  # noqa: E402
 from project.logfilters import redact  # noqa: E402
+from sessions_app import mcp_server  # noqa: E402
 
 _access_log = logging.getLogger("tandem.access")
 
@@ -308,7 +309,13 @@ application = Tandem(
         {
             "http": URLRouter(
                 # URLRouter routes to ASGI applications; Django's stubs type re_path for views.
-                [*sse_urlpatterns, re_path(r"", RequestGate(django_app))]  # type: ignore[arg-type]
+                # /mcp/ is not behind the request gate: a request_approval holds its request
+                # open for minutes, waiting for a person, and uses no Django request thread.
+                [
+                    *sse_urlpatterns,
+                    re_path(r"^mcp/\Z", mcp_server.HttpEndpoint()),  # type: ignore[arg-type]
+                    re_path(r"", RequestGate(django_app)),  # type: ignore[arg-type]
+                ]
             ),
             "websocket": StreamOriginValidator(
                 StreamAuthMiddleware(URLRouter(websocket_urlpatterns))

@@ -19,7 +19,7 @@ from rest_framework.request import Request
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenRefreshSerializer
-from rest_framework_simplejwt.tokens import AccessToken
+from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
 from project.errors import ApiError, AuthenticationFailed, NotAuthenticated
 
@@ -76,6 +76,20 @@ def read_access_token(raw: str) -> tuple[int, float]:
         return int(token["user_id"]), float(token["exp"])
     except (TokenError, KeyError, ValueError, TypeError):
         raise AuthenticationFailed() from None
+
+
+def read_any_token(raw: str) -> int:
+    """The user id of an access or a refresh JWT (signature and expiry checked), or
+    AuthenticationFailed. For ``manage.py mcp_server``, which a user starts once and
+    keeps: a refresh token lasts as long as a sign-in does."""
+    try:
+        return read_access_token(raw)[0]
+    except AuthenticationFailed:
+        pass
+    try:
+        return int(RefreshToken(raw)["user_id"])  # type: ignore[arg-type]
+    except (TokenError, KeyError, ValueError, TypeError):
+        raise AuthenticationFailed("The token is not a valid access or refresh token, or it has expired.") from None
 
 
 @dataclass(frozen=True)

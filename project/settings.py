@@ -4,6 +4,7 @@ guessing: a typo in production must stop the process, not change its behaviour."
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from datetime import timedelta
@@ -106,6 +107,100 @@ def env_origins(name: str) -> list[str]:
             )
         origins.append(origin)
     return origins
+
+
+_MCP_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_MCP_KEYS = {
+    "stdio": {"command", "args", "env", "cwd", "needs_permission", "timeout", "tools"},
+    "http": {"url", "headers", "needs_permission", "timeout", "tools"},
+}
+
+
+def _mcp_strings(name: str, where: str, value: Any, kind: type) -> Any:
+    if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ImproperlyConfigured(f"{name}: {where} must be a list of strings")
+    if kind is dict and not (
+        isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    ):
+        raise ImproperlyConfigured(f"{name}: {where} must be an object of strings")
+    return value
+
+
+def env_mcp_servers(name: str) -> dict[str, dict[str, Any]]:
+    """The MCP servers whose tools Tandem's agents may use: a JSON object, server name to
+    either ``{"command", "args"?, "env"?, "cwd"?}`` (stdio) or ``{"url", "headers"?}``
+    (streamable HTTP), each with ``needs_permission`` (default true), ``timeout`` (seconds,
+    default ``TANDEM_TOOL_TIMEOUT``) and ``tools`` (per-tool ``{"needs_permission": bool}``).
+    Read like a secret (``NAME`` or ``NAME_FILE``), since headers and env carry keys. Every
+    key is checked: a misspelt one would otherwise quietly run a tool without asking."""
+    raw = env_secret(name)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object of server name to server")
+    servers: dict[str, dict[str, Any]] = {}
+    for server, conf in parsed.items():
+        if not _MCP_NAME.fullmatch(server):
+            raise ImproperlyConfigured(
+                f"{name}: server name {server!r} must be 1-32 letters, digits, '_' or '-'"
+            )
+        if not isinstance(conf, dict) or ("command" in conf) == ("url" in conf):
+            raise ImproperlyConfigured(f"{name}: server {server!r} needs exactly one of command or url")
+        transport = "stdio" if "command" in conf else "http"
+        unknown = sorted(set(conf) - _MCP_KEYS[transport])
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{name}: server {server!r} has unknown key(s) {', '.join(unknown)}"
+            )
+        entry: dict[str, Any] = {"transport": transport}
+        if transport == "stdio":
+            if not isinstance(conf["command"], str) or not conf["command"]:
+                raise ImproperlyConfigured(f"{name}: server {server!r}: command must be a non-empty string")
+            entry["command"] = conf["command"]
+            entry["args"] = _mcp_strings(name, f"{server}.args", conf.get("args", []), list)
+            entry["env"] = _mcp_strings(name, f"{server}.env", conf.get("env", {}), dict)
+            cwd = conf.get("cwd")
+            if cwd is not None and not isinstance(cwd, str):
+                raise ImproperlyConfigured(f"{name}: server {server!r}: cwd must be a string")
+            entry["cwd"] = cwd
+        else:
+            url = conf["url"]
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ImproperlyConfigured(f"{name}: server {server!r}: url must be an http(s) URL")
+            entry["url"] = url
+            entry["headers"] = _mcp_strings(name, f"{server}.headers", conf.get("headers", {}), dict)
+        needs = conf.get("needs_permission", True)
+        if not isinstance(needs, bool):
+            raise ImproperlyConfigured(f"{name}: server {server!r}: needs_permission must be true or false")
+        entry["needs_permission"] = needs
+        timeout = conf.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600
+        ):
+            raise ImproperlyConfigured(
+                f"{name}: server {server!r}: timeout must be a number of seconds in (0, 3600]"
+            )
+        entry["timeout"] = None if timeout is None else float(timeout)
+        per_tool = conf.get("tools", {})
+        if not isinstance(per_tool, dict):
+            raise ImproperlyConfigured(f"{name}: server {server!r}: tools must be an object")
+        entry["tools"] = {}
+        for tool, tool_conf in per_tool.items():
+            if (
+                not isinstance(tool_conf, dict)
+                or set(tool_conf) != {"needs_permission"}
+                or not isinstance(tool_conf["needs_permission"], bool)
+            ):
+                raise ImproperlyConfigured(
+                    f"{name}: server {server!r}: tools.{tool} must be {{\"needs_permission\": true|false}}"
+                )
+            entry["tools"][tool] = {"needs_permission": tool_conf["needs_permission"]}
+        servers[server] = entry
+    return servers
 
 
 DEBUG = env_bool("DEBUG", True)
@@ -418,6 +513,8 @@ TANDEM_AGENT_CONCURRENCY = env_int("TANDEM_AGENT_CONCURRENCY", 100, minimum=1)
 TANDEM_RUN_LEASE_SECONDS = env_float("TANDEM_RUN_LEASE_SECONDS", 20.0, minimum=1.0)
 TANDEM_PERMISSION_TIMEOUT = env_float("TANDEM_PERMISSION_TIMEOUT", 300.0, minimum=0.1)
 TANDEM_TOOL_TIMEOUT = env_float("TANDEM_TOOL_TIMEOUT", 10.0, minimum=0.1)
+# MCP servers whose tools the agents may use (sessions_app/agents/mcp_tools.py).
+TANDEM_MCP_SERVERS = env_mcp_servers("TANDEM_MCP_SERVERS")
 TANDEM_OPENAI_BASE_URL = env_str("TANDEM_OPENAI_BASE_URL", "https://api.openai.com/v1")
 TANDEM_OPENAI_API_KEY = env_str("TANDEM_OPENAI_API_KEY", "")
 TANDEM_OPENAI_MODEL = env_str("TANDEM_OPENAI_MODEL", "gpt-4o-mini")

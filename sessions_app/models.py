@@ -161,7 +161,8 @@ def new_permission_id() -> str:
 
 
 class PermissionRequest(models.Model):
-    """An agent's request to run a tool, waiting for a human. The status moves from
+    """An agent's request to run a tool (or an outside agent's question, ``approval``),
+    waiting for a human. The status moves from
     ``pending`` exactly once; the conditional UPDATE in the service is what makes the
     first answer win across processes."""
 
@@ -173,7 +174,11 @@ class PermissionRequest(models.Model):
 
     id = models.CharField(primary_key=True, max_length=32, default=new_permission_id, editable=False)
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="permissions")
-    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="permissions")
+    # None for a question an outside agent asks through MCP's request_approval: no reply
+    # of the session's agent is waiting on it.
+    message = models.ForeignKey(
+        Message, null=True, blank=True, on_delete=models.CASCADE, related_name="permissions"
+    )
     call_id = models.CharField(max_length=64)
     tool = models.CharField(max_length=64)
     input = models.JSONField(default=dict)

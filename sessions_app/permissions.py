@@ -1,10 +1,12 @@
-"""Permission requests: a tool that needs permission asks (``request_permission``), a
+"""Permission requests: a tool that needs permission asks (``request_permission``), or an
+outside agent asks the session's people a question (``request_approval``, MCP); a
 member answers (``answer_permission``) or it expires. Exactly one resolution wins."""
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import transaction
@@ -12,8 +14,8 @@ from django.utils import timezone
 
 from events_app import fanout, groups
 from events_app.services import publish
-from project.errors import AlreadyResolved, NotFound
-from sessions_app.models import PermissionRequest, Session
+from project.errors import AlreadyResolved, NotFound, PayloadTooLarge, ValidationFailed
+from sessions_app.models import PermissionRequest, Session, new_id
 from sessions_app.serializers import permission_data, resolver_data
 
 
@@ -26,6 +28,43 @@ def request_permission(
             expires_at=timezone.now() + timedelta(seconds=settings.TANDEM_PERMISSION_TIMEOUT),
         )
         publish(session_id, "permission.requested", {"permission": permission_data(permission)})
+    return permission
+
+
+APPROVAL_TOOL = "approval"  # the ``tool`` of an outside agent's question
+MAX_QUESTION_CHARS = 2000
+
+
+def request_approval(
+    session: Session, user: User, question: str, details: Any, timeout: float | None
+) -> PermissionRequest:
+    """An outside agent, acting as ``user`` (an editor or owner), asks the session's people
+    ``question``: a permission request with no reply behind it, shown and answered like
+    any other. It expires after ``timeout`` seconds, at most ``TANDEM_PERMISSION_TIMEOUT``."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValidationFailed(details={"question": ["Ask a question: a non-empty string."]})
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValidationFailed(details={"question": [f"At most {MAX_QUESTION_CHARS} characters."]})
+    if details is not None and not isinstance(details, dict):
+        raise ValidationFailed(details={"details": ["Must be a JSON object."]})
+    limit = float(settings.TANDEM_PERMISSION_TIMEOUT)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValidationFailed(details={"timeout_seconds": ["Must be a positive number of seconds."]})
+    shown: dict[str, Any] = {"question": question, "asked_by": user.get_username()}
+    if details:
+        shown["details"] = details
+    try:
+        encoded = orjson.dumps(shown)
+    except orjson.JSONEncodeError as exc:
+        raise ValidationFailed(details={"details": [f"Cannot be encoded as JSON: {exc}."]}) from None
+    if len(encoded) > settings.TANDEM_MAX_EVENT_BYTES:
+        raise PayloadTooLarge(f"A question may be at most {settings.TANDEM_MAX_EVENT_BYTES} bytes.")
+    with transaction.atomic():
+        permission = PermissionRequest.objects.create(
+            session=session, message=None, call_id=new_id("ask"), tool=APPROVAL_TOOL, input=shown,
+            expires_at=timezone.now() + timedelta(seconds=min(timeout or limit, limit)),
+        )
+        publish(session.id, "permission.requested", {"permission": permission_data(permission)})
     return permission
 
 
@@ -74,6 +113,20 @@ def expire_permission(permission_id: str) -> PermissionRequest:
         if permission.status == PermissionRequest.Status.EXPIRED and permission.resolved_by_timeout:
             _publish_resolution(permission, notify=False)
     return permission
+
+
+def withdraw_approval(permission_id: str) -> None:
+    """The outside agent that asked stopped waiting (it disconnected or cancelled): a
+    pending question is closed as rejected, so nobody answers into the void."""
+    with transaction.atomic():
+        won = PermissionRequest.objects.filter(
+            pk=permission_id, status=PermissionRequest.Status.PENDING
+        ).update(
+            status=PermissionRequest.Status.REJECTED, approved=False, resolved_by_timeout=True,
+            reason="The agent that asked stopped waiting.", resolved_at=timezone.now(),
+        )
+        if won:
+            _publish_resolution(PermissionRequest.objects.get(pk=permission_id), notify=False)
 
 
 def permission_state(permission_id: str) -> PermissionRequest:

@@ -305,7 +305,7 @@ class ResolverField(serializers.Field):  # type: ignore[type-arg]
 class PermissionSerializer(serializers.Serializer):  # type: ignore[type-arg]
     id = _id()
     session_id = _id()
-    message_id = _id()
+    message_id = _id(allow_null=True)  # null for an outside agent's question (MCP request_approval)
     call_id = _id()
     tool = serializers.CharField()
     input = AnyField()

@@ -14,7 +14,7 @@ from tests.conftest import PASSWORD
 
 
 def test_the_tools_agent_lists_its_commands() -> None:
-    assert [c["command"] for c in registry.commands("tools")] == ["!calc", "!time"]
+    assert [c["command"] for c in registry.commands("tools")] == ["!calc", "!time", "!doc", "!mcp"]
     assert registry.commands("tools")[0]["usage"] == "!calc <expression>"
 
 
@@ -36,4 +36,4 @@ def page_commands(user: Any, session: Session) -> list[dict[str, str]]:
 def test_the_session_page_carries_its_agents_commands(shared_session: Session, carol: Any) -> None:
     assert page_commands(carol, shared_session) == []
     Session.objects.filter(pk=shared_session.pk).update(agent="tools")
-    assert [c["command"] for c in page_commands(carol, shared_session)] == ["!calc", "!time"]
+    assert [c["command"] for c in page_commands(carol, shared_session)] == ["!calc", "!time", "!doc", "!mcp"]

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("agent definitions", [
         "sessions_app.agents.base", "sessions_app.agents.registry", "sessions_app.agents.echo",
         "sessions_app.agents.tools_agent", "sessions_app.agents.openai",
-        "sessions_app.agents.tools", "sessions_app.agents.calculator",
+        "sessions_app.agents.tools", "sessions_app.agents.calculator", "sessions_app.agents.mcp_tools",
     ]),
     ("schema", ["sessions_app.models", "events_app.models"]),
     ("event log", [
@@ -46,7 +46,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("HTTP surface", [
         "project.openapi", "project.views", "project.probes", "project.middleware", "sessions_app.views",
-        "sessions_app.pages", "sessions_app.urls", "events_app.views",
+        "sessions_app.pages", "sessions_app.urls", "events_app.views", "sessions_app.mcp_server",
+        "sessions_app.management.commands.mcp_server",
     ]),
     ("agents", [
         "sessions_app.agents.runner", "sessions_app.agents.pool",

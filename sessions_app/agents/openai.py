@@ -20,6 +20,7 @@ import httpx
 from django.conf import settings
 from httpx_sse import EventSource, SSEError
 
+from sessions_app.agents import mcp_tools
 from sessions_app.agents.base import (
     Agent,
     AgentError,
@@ -33,7 +34,7 @@ from sessions_app.agents.base import (
     Usage,
     register,
 )
-from sessions_app.agents.tools import TOOLS
+from sessions_app.agents.tools import TOOLS, Tool
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant in a shared session that several people may be reading. "
@@ -81,12 +82,18 @@ class OpenAIAgent(Agent):
             for m in ctx.history
             if m.get("role") in ("user", "assistant") and m.get("text")
         ]
+        # The configured MCP servers' tools come after the built-in ones, under a function
+        # name the providers accept (``server__tool``); ``names`` maps it back.
+        offered: dict[str, Tool] = {t.name: t for t in TOOLS.values()}
+        for tool in await mcp_tools.offered():
+            offered.setdefault(mcp_tools.function_name(tool), tool)
+        names = {function: t.name for function, t in offered.items()}
         tools = [
             {
                 "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                "function": {"name": function, "description": t.description, "parameters": t.parameters},
             }
-            for t in TOOLS.values()
+            for function, t in offered.items()
         ]
         timeout = httpx.Timeout(float(settings.TANDEM_OPENAI_TIMEOUT))
         # ``async with`` on the client and on each stream: a CancelledError (abort) unwinds
@@ -127,7 +134,8 @@ class OpenAIAgent(Agent):
                     }
                 )
                 for call in calls:
-                    result = await ctx.use_tool(call.name, _tool_input(call.arguments), call.id)
+                    tool_name = names.get(call.name, call.name)
+                    result = await ctx.use_tool(tool_name, _tool_input(call.arguments), call.id)
                     messages.append(
                         {"role": "tool", "tool_call_id": call.id, "content": _tool_content(result)}
                     )

@@ -22,7 +22,7 @@ from events_app.types import Frame, iso
 from project.db import off_loop
 from sessions_app import doc as docs
 from sessions_app import services
-from sessions_app.agents import registry, tools
+from sessions_app.agents import mcp_tools, registry, tools
 from sessions_app.agents.base import (
     AgentError,
     DocumentText,
@@ -44,6 +44,8 @@ _DONE = object()
 # While waiting for an answer, the database is read this often in case the control
 # message that says "answered" was lost (a Redis hiccup, say).
 _PERMISSION_POLL_SECONDS = 1.0
+# How long a cancelled asynchronous tool (an MCP call) may take to close its connection.
+_CANCEL_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -306,7 +308,7 @@ class Run:
             )
             return ToolResult(ok=False, error=message, rejected=rejected)
 
-        tool = tools.get(call.name)
+        tool = tools.get(call.name) or mcp_tools.get(call.name)
         if tool is None:
             return await fail(f"There is no tool named {call.name!r}.")
         try:
@@ -345,17 +347,18 @@ class Run:
 
     async def _execute(self, tool: tools.Tool, checked: dict[str, Any]) -> Any:
         work: asyncio.Future[Any]
-        if tool.session_run is not None:
+        if tool.arun is not None:
+            work = asyncio.ensure_future(tool.arun(checked))
+        elif tool.session_run is not None:
             # It reads and writes the session's rows: off_loop closes its connection after
             # the call and lets shutdown wait for it.
             work = asyncio.ensure_future(off_loop(tool.session_run)(self.session_id, checked))
         else:
             work = asyncio.ensure_future(asyncio.to_thread(tool.run, checked))
+        timeout = tool.timeout or settings.TANDEM_TOOL_TIMEOUT
         stop = asyncio.ensure_future(self.aborted.wait())
         try:
-            done, _ = await asyncio.wait(
-                {work, stop}, timeout=settings.TANDEM_TOOL_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({work, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if work in done:
@@ -363,12 +366,17 @@ class Run:
             if not _is_json(output):
                 raise tools.ToolFailed("The tool's result is not JSON.")
             return output
+        if tool.arun is not None:
+            # Cancelled, the call closes its connection (and ends a stdio server's
+            # process); waited for, boundedly, so no process outlives its reply.
+            work.cancel()
+            await asyncio.wait([work], timeout=_CANCEL_GRACE_SECONDS)
         # A thread cannot be stopped; the calculator bounds its own work, so a timed-out
         # call ends soon on its own. Nobody waits for it.
         work.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self.aborted.is_set():
             return _ABORTED
-        raise tools.ToolFailed(f"The tool took longer than {settings.TANDEM_TOOL_TIMEOUT:g} s.")
+        raise tools.ToolFailed(f"The tool took longer than {timeout:g} s.")
 
     async def _await_answer(self, permission: PermissionRequest) -> PermissionRequest | None:
         """The request once it is answered or expired; None if the reply is aborted."""

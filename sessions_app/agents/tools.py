@@ -1,4 +1,5 @@
-"""The tools agents may use. A tool is a plain, synchronous function of a JSON object;
+"""The tools agents may use. A tool is a plain, synchronous function of a JSON object
+(or, for tools of MCP servers, ``mcp_tools``, a coroutine function);
 the runner asks permission when ``needs_permission`` is set, runs it off the event loop
 and reports its status. Agents name tools; they never call them directly.
 
@@ -8,7 +9,7 @@ A tool that works on the reply's session (the shared document's ``doc_read`` and
 ``session_run(session_id, input)``."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -34,6 +35,10 @@ class Tool:
     # Set for a tool that works on the reply's session: run instead of ``run``, through
     # the ORM's thread pool (``project.db.off_loop``).
     session_run: Callable[[str, dict[str, Any]], Any] | None = None
+    # A tool that waits on the network (an MCP server's) is a coroutine instead: the
+    # runner cancels it on timeout or abort, which a thread cannot be.
+    arun: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
+    timeout: float | None = None  # seconds; None: TANDEM_TOOL_TIMEOUT
 
     @cached_property
     def _validator(self) -> jsonschema.protocols.Validator:

@@ -1210,6 +1210,15 @@ function pendingForCall(callId) {
   return null;
 }
 
+// An outside agent's question (MCP request_approval): no reply and no tool card behind it.
+function isQuestion(perm) {
+  return perm?.message_id == null && perm?.tool === "approval" && typeof perm?.input?.question === "string";
+}
+
+function questionOf(perm) {
+  return isQuestion(perm) ? perm.input.question : null;
+}
+
 function approvalBlock(perm) {
   let block = approvals.get(perm.id);
   if (block) return block;
@@ -1217,18 +1226,31 @@ function approvalBlock(perm) {
   const expires = perm.expires_at ? new Date(perm.expires_at) : null;
   const until = expires && !Number.isNaN(expires.getTime())
     ? ` If nobody answers by ${expires.toLocaleTimeString()}, it counts as rejected.` : "";
+  const asked = isQuestion(perm);
+  const who = asked ? String(perm.input.asked_by || "Someone") : "";
   block = el("div", { class: "approval", role: "group", "data-permission-id": perm.id,
-                      "aria-label": `Permission request: run ${perm.tool}` },
-    el("p", { class: "approval-marker", text: write ? "Waiting for your approval" : "Waiting for an editor's approval" }),
-    el("p", { class: "approval-note", text: (write
+                      "aria-label": asked ? `Question from ${who}` : `Permission request: run ${perm.tool}` },
+    el("p", { class: "approval-marker", text: write ? "Waiting for your approval" : "Waiting for an editor's approval" }));
+  if (asked) {
+    // The question is shown as text (textContent), never as Markdown or HTML.
+    block.append(
+      el("p", { class: "approval-asker", text: `${who} asks, through an outside agent:` }),
+      el("p", { class: "approval-question", text: perm.input.question }));
+    if (perm.input.details !== undefined && perm.input.details !== null) {
+      block.append(el("pre", { class: "approval-details", text: pretty(perm.input.details) }));
+    }
+  }
+  block.append(el("p", { class: "approval-note", text: (asked
+    ? (write ? "You, or any editor, can answer; the first answer counts." : "You are a viewer: an editor or the owner will answer.")
+    : write
       ? `The agent asks to run ${perm.tool} with the input above. You, or any editor, can answer; the first answer counts.`
       : `The agent asks to run ${perm.tool}. You are a viewer: an editor or the owner will answer.`) + until }));
   if (write) {
     const reason = el("input", { type: "text", class: "approval-reason", maxLength: 2000, autocomplete: "off" });
     const approve = el("button", { type: "button", class: "primary approve-button", text: "Approve" });
     const reject = el("button", { type: "button", class: "danger reject-button", text: "Reject" });
-    approve.setAttribute("aria-label", `Approve running ${perm.tool}`);
-    reject.setAttribute("aria-label", `Reject running ${perm.tool}`);
+    approve.setAttribute("aria-label", asked ? `Approve the question from ${who}` : `Approve running ${perm.tool}`);
+    reject.setAttribute("aria-label", asked ? `Reject the question from ${who}` : `Reject running ${perm.tool}`);
     approve.addEventListener("click", () => answerPermission(perm.id, true));
     reject.addEventListener("click", () => answerPermission(perm.id, false));
     // Enter in the reason field must not approve by accident: it does nothing there.
@@ -1274,10 +1296,12 @@ function syncPermissionUi() {
   const waiting = [...pendingPermissions.values()];
   els.pending.hidden = waiting.length === 0;
   if (waiting.length) {
-    const tools = waiting.map((p) => p.tool);
+    const tools = waiting.map((p) => (isQuestion(p) ? "a question" : p.tool));
     $("pending-marker").textContent = canWrite() ? "Waiting for your approval." : "Waiting for an editor's approval.";
     els.pendingSummary.textContent = waiting.length === 1
-      ? `The agent asks to run ${tools[0]}.`
+      ? (isQuestion(waiting[0])
+        ? `${waiting[0].input.asked_by || "Someone"} asks a question through an outside agent.`
+        : `The agent asks to run ${tools[0]}.`)
       : `${waiting.length} requests: ${tools.join(", ")}.`;
     els.review.textContent = waiting.length === 1 ? "Show request" : "Show first request";
   }
@@ -1307,11 +1331,13 @@ function whoAnswered(by) {
   return String(by);
 }
 
-function resolvedText(tool, approved, by, reason) {
-  if (by === "timeout") return `The request to run ${tool} expired: nobody answered in time.`;
+function resolvedText(tool, approved, by, reason, question = null) {
+  const request = question === null ? `The request to run ${tool}` : `The question “${question}”`;
+  if (by === "timeout") return `${request} expired: nobody answered in time.`;
   const who = whoAnswered(by);
   const Who = who === "you" ? "You" : who;
-  return `${Who} ${approved ? "approved" : "rejected"} running ${tool}${reason ? ` (“${reason}”)` : ""}.`;
+  const what = question === null ? `running ${tool}` : `the question “${question}”`;
+  return `${Who} ${approved ? "approved" : "rejected"} ${what}${reason ? ` (“${reason}”)` : ""}.`;
 }
 
 function showResolution(perm, text) {
@@ -1342,13 +1368,13 @@ async function answerPermission(id, approved) {
     const result = await api.post(`${base}/permissions/${encodeURIComponent(id)}/`,
       reason ? { approved, reason } : { approved });
     pageHeardFromServer();
-    settle(resolvedText(perm.tool, result?.approved ?? approved, ME, reason));
+    settle(resolvedText(perm.tool, result?.approved ?? approved, ME, reason, questionOf(perm)));
   } catch (err) {
     if (err instanceof TandemError && (err.code === "already_resolved" || err.status === 409)) {
       const current = err.details?.permission || {};
       settle(current.status === "expired"
         ? `The request to run ${perm.tool} had already expired.`
-        : `Already answered: ${resolvedText(perm.tool, current.approved, current.resolved_by, current.reason)}`);
+        : `Already answered: ${resolvedText(perm.tool, current.approved, current.resolved_by, current.reason, questionOf(perm))}`);
     } else if (err instanceof TandemError && err.status === 404) {
       settle("That permission request no longer exists.");
     } else {
@@ -1373,7 +1399,7 @@ function permissionResolved(props) {
   if (props.resolved_by !== "timeout" && props.approved === false && cardEnded) {
     text = `The request to run ${tool} was cancelled: the reply was stopped.`;
   } else {
-    text = resolvedText(tool, props.approved, props.resolved_by, props.reason);
+    text = resolvedText(tool, props.approved, props.resolved_by, props.reason, questionOf(perm));
   }
   if (perm) {
     showResolution(perm, text);
