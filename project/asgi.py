@@ -15,11 +15,15 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+import django
 import orjson
-from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-django_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+from project.handler import OneHopHandler  # noqa: E402
+
+django_app = OneHopHandler()
 
 from project.logfilters import adopt_server_loggers  # noqa: E402
 

@@ -45,7 +45,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "events_app.ingest", "events_app.management.commands.ingest_redis",
     ]),
     ("HTTP surface", [
-        "project.openapi", "project.views", "project.probes", "project.middleware", "sessions_app.views",
+        "project.openapi", "project.views", "project.probes", "project.middleware", "project.handler",
+        "sessions_app.views",
         "sessions_app.pages", "sessions_app.urls", "events_app.views",
     ]),
     ("agents", [
