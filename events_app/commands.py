@@ -59,7 +59,7 @@ def _prompt(user: Any, session_id: str, command: dict[str, Any]) -> dict[str, An
     serializer.is_valid(raise_exception=True)
     data = serializer.validated_data
     posted = services.post_message(session, user, data["parts"], data["if_busy"])
-    return posted_data(posted.message, posted.reply, posted.position)
+    return posted_data(posted.message, posted.reply, posted.position, posted.data)
 
 
 def _abort(user: Any, session_id: str, command: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from events_app import fanout, groups
@@ -333,19 +335,28 @@ def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -
     return queue_reply(session_id, after=now, first=[*events, updated])
 
 
-def queue_reply(
-    session_id: str, *, after: Any, agent: str | None = None,
-    first: list[tuple[str, dict[str, Any]]] | None = None,
-) -> Message:
-    """Mark the session busy and queue an agent's reply that takes its turn just after
-    ``after`` (the message it answers). In the caller's transaction; ``first`` are events
-    that go out before the reply's, in the same batch (the message it answers)."""
-    if agent is None:
-        agent = Session.objects.values_list("agent", flat=True).get(pk=session_id)
-    reply = Message.objects.create(
+def new_reply(session_id: str, after: Any) -> Message:
+    """An agent's reply (not saved yet) that takes its turn just after ``after``."""
+    return Message(
         session_id=session_id, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING,
         created_at=timezone.now(), turn_at=after + timedelta(microseconds=1),
     )
+
+
+def queue_reply(
+    session_id: str, *, after: Any, agent: str | None = None,
+    first: list[tuple[str, dict[str, Any]]] | None = None, reply: Message | None = None,
+) -> Message:
+    """Mark the session busy and queue an agent's reply that takes its turn just after
+    ``after`` (the message it answers). In the caller's transaction; ``first`` are events
+    that go out before the reply's, in the same batch (the message it answers). ``reply``:
+    the reply from ``new_reply``, when the caller saved it already (in one ``INSERT`` with
+    the message it answers)."""
+    if agent is None:
+        agent = Session.objects.values_list("agent", flat=True).get(pk=session_id)
+    if reply is None:
+        reply = new_reply(session_id, after)
+        reply.save(force_insert=True)
     ReplyRun.objects.create(message=reply, session_id=session_id, agent=agent)
     busy = {"type": "busy"}
     # One batch: the status is set by the statement that takes the events' seqs.
@@ -355,11 +366,21 @@ def queue_reply(
     return reply
 
 
-def lock_session(session_id: str) -> Session | None:
+def lock_session(session_id: str, *, count_queued: bool = False) -> Session | None:
     """Take the session's row lock first, in every transaction that moves its queue:
     posting, ending a reply, withdrawing and retrying then happen one at a time, and in
-    the same order of locks (no deadlock)."""
-    return Session.objects.select_for_update().filter(pk=session_id).first()
+    the same order of locks (no deadlock). ``count_queued``: the same statement also
+    counts the messages waiting in the session's queue, as ``queued`` on the session."""
+    rows = Session.objects.select_for_update().filter(pk=session_id).order_by()
+    if count_queued:
+        waiting = (
+            Message.objects.filter(session=OuterRef("pk"), status=Message.Status.QUEUED)
+            .order_by().values("session").annotate(n=Count("*")).values("n")
+        )
+        rows = rows.annotate(queued=Coalesce(Subquery(waiting), 0))
+    # [:1] rather than first(): no ORDER BY to build for a lookup by primary key.
+    found = list(rows[:1])
+    return found[0] if found else None
 
 
 def current_run(session_id: str) -> dict[str, Any] | None:

@@ -383,7 +383,7 @@ class MessageListView(APIView):
         data = validated(MessagePostSerializer, request.data)
         posted = services.post_message(session, caller(request), data["parts"], data["if_busy"])
         return Response(
-            posted_data(posted.message, posted.reply, posted.position), status=status.HTTP_202_ACCEPTED
+            posted_data(posted.message, posted.reply, posted.position, posted.data), status=status.HTTP_202_ACCEPTED
         )
 
 
