@@ -240,7 +240,7 @@ def title_from(text: str) -> str:
 
 
 def post_message(
-    session: Session, author: User, parts: list[dict[str, str]], if_busy: str = "queue"
+    session_id: str, author: User, parts: list[dict[str, str]], if_busy: str = "queue"
 ) -> Posted:
     """Store the user's message. An idle session marks itself busy and queues the agent's
     reply; while a reply runs (or messages wait), ``if_busy`` says what happens: ``queue``
@@ -254,7 +254,7 @@ def post_message(
     with transaction.atomic():
         # The session's row lock orders this post against the others and against the
         # reply ending (which takes the next queued message), across processes.
-        locked = lock_session(session.pk, count_queued=True)
+        locked = lock_session(session_id, count_queued=True)
         if locked is None:
             raise NotFound("No such session.")
         waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
@@ -297,7 +297,7 @@ def post_message(
         data = created[1]["message"]
     if interrupted:
         # After the commit: the reply's end takes the next queued message, this one.
-        _stop_flagged(session.pk, only=interrupted)
+        _stop_flagged(session_id, only=interrupted)
     return Posted(message, position=position, data=data)
 
 

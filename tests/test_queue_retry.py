@@ -206,7 +206,7 @@ def test_withdrawing_an_unknown_or_another_sessions_message_is_404(shared_sessio
 
 def ended_reply(session: Any, user: Any, text: str = "hi", status: str = "completed") -> tuple[Message, Message]:
     """A user message and its ended reply, stored directly (the plain db runs no reply)."""
-    posted = services.post_message(session, user, [{"type": "text", "text": text}])
+    posted = services.post_message(session.id, user, [{"type": "text", "text": text}])
     assert posted.reply is not None
     from sessions_app.models import ReplyRun
 
