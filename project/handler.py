@@ -21,7 +21,6 @@ are Django's own."""
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,20 +33,6 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.http import FileResponse, HttpResponseBase
 from django.urls import set_script_prefix
 
-_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _request_threads() -> concurrent.futures.ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(
-                settings.TANDEM_MAX_CONCURRENT_REQUESTS, thread_name_prefix="tandem-request"
-            )
-        return _executor
-
-
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -55,6 +40,13 @@ class OneHopHandler(ASGIHandler):
     def __init__(self) -> None:
         base.BaseHandler.__init__(self)
         self.load_middleware(is_async=False)
+        threads = concurrent.futures.ThreadPoolExecutor(
+            settings.TANDEM_MAX_CONCURRENT_REQUESTS, thread_name_prefix="tandem-request"
+        )
+        # Made once: building a sync_to_async wrapper inspects the function each time.
+        self._in_thread = sync_to_async(self._respond, thread_sensitive=False, executor=threads)
+        self._next_chunk = sync_to_async(_next_or_close, thread_sensitive=False, executor=threads)
+        self._close = sync_to_async(_Stream.close, thread_sensitive=False, executor=threads)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -63,9 +55,8 @@ class OneHopHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
-        in_thread = sync_to_async(self._respond, thread_sensitive=False, executor=_request_threads())
         try:
-            status, headers, body, rest = await in_thread(scope, body_file)
+            status, headers, body, rest = await self._in_thread(scope, body_file)
         finally:
             body_file.close()
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -73,16 +64,15 @@ class OneHopHandler(ASGIHandler):
             await send({"type": "http.response.body", "body": body})
             return
         # A streaming response: one chunk per hop, then its close (request_finished).
-        next_chunk = sync_to_async(_next_or_close, thread_sensitive=False, executor=_request_threads())
         chunk: bytes | None = body
         try:
             while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                chunk = await next_chunk(rest)
+                chunk = await self._next_chunk(rest)
             await send({"type": "http.response.body", "body": b""})
         finally:
             if chunk is not None:  # the client left, or sending failed: close it all the same
-                await sync_to_async(rest.close, thread_sensitive=False, executor=_request_threads())()
+                await self._close(rest)
 
     def _respond(self, scope: dict[str, Any], body_file: Any) -> tuple[int, Headers, bytes, _Stream | None]:
         """The whole request in this thread: Django's signals, middleware and view, and,

@@ -306,23 +306,27 @@ def finish_reply(
         # The session's row lock after the reply's own rows (the order of every other
         # writer's locks), and before the queue is read: a post racing with this either
         # committed its queued message already or waits and then finds the session idle.
-        lock_session(session_id)
-        start_next_turn(session_id, events)
+        locked = lock_session(session_id, count_queued=True)
+        start_next_turn(session_id, events, queued=locked.queued if locked else None)  # type: ignore[attr-defined]
     return True
 
 
-def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -> Message | None:
+def start_next_turn(
+    session_id: str, events: list[tuple[str, dict[str, Any]]], queued: int | None = None
+) -> Message | None:
     """The reply ended: answer the oldest queued message, or make the session idle when
     none waits. In the transaction that ended the reply, so the queue moves on even when
     the process that ran it dies right after; the reply it queues is claimed by whichever
     runner is up. The caller holds the session's row lock (``lock_session``), taken after
     the reply's own rows; ``events`` (the reply's closing ones) go out first, in the same
     batch as the idle status or the next turn's."""
-    waiting = (
-        Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
-        .order_by("turn_at", "id")
-        .first()
-    )
+    waiting = None
+    if queued != 0:  # ``queued``: the caller counted them with the lock (no read when none waits)
+        waiting = (
+            Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
+            .order_by("turn_at", "id")
+            .first()
+        )
     if waiting is None:
         idle = {"type": "idle"}
         publish_many(session_id, [*events, _status_event(idle)], session_fields={"status": idle})
