@@ -7,7 +7,9 @@ see the same machine load (docs/PERFORMANCE.md, "Issue 12: message posts").
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/DB python scripts/post_cpu_bench.py
 
-Run it against a scratch database: it migrates it and adds a user and sessions."""
+Run it against a scratch database: it migrates it and adds a user and sessions. With
+``--only django`` it also runs from a copy of an older tree (``git archive``), for a
+before/after of the whole post path."""
 from __future__ import annotations
 
 import argparse
@@ -49,7 +51,6 @@ def main() -> None:
 
     from events_app.models import Event
     from project.asgi import RequestGate, _start
-    from project.handler import OneHopHandler
     from sessions_app import services
     from sessions_app.models import Message, ReplyRun, Session
 
@@ -66,7 +67,11 @@ def main() -> None:
         Event.objects.filter(session_id__in=sessions).delete()
         Session.objects.filter(pk__in=sessions).update(status={"type": "idle"})
 
-    apps: dict[str, Any] = {"django": RequestGate(ASGIHandler()), "onehop": RequestGate(OneHopHandler())}
+    apps: dict[str, Any] = {"django": RequestGate(ASGIHandler())}
+    if args.only != "django":  # --only django also runs on a tree from before the handler
+        from project.handler import OneHopHandler
+
+        apps["onehop"] = RequestGate(OneHopHandler())
     body = b'{"parts": [{"type": "text", "text": "hi"}]}'
 
     async def post(app: Any, session_id: str) -> int:
