@@ -13,7 +13,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from events_app import fanout, groups
@@ -305,27 +304,23 @@ def finish_reply(
         # The session's row lock after the reply's own rows (the order of every other
         # writer's locks), and before the queue is read: a post racing with this either
         # committed its queued message already or waits and then finds the session idle.
-        locked = lock_session(session_id, count_queued=True)
-        start_next_turn(session_id, events, queued=locked.queued if locked else None)  # type: ignore[attr-defined]
+        lock_session(session_id)
+        start_next_turn(session_id, events)
     return True
 
 
-def start_next_turn(
-    session_id: str, events: list[tuple[str, dict[str, Any]]], queued: int | None = None
-) -> Message | None:
+def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -> Message | None:
     """The reply ended: answer the oldest queued message, or make the session idle when
     none waits. In the transaction that ended the reply, so the queue moves on even when
     the process that ran it dies right after; the reply it queues is claimed by whichever
     runner is up. The caller holds the session's row lock (``lock_session``), taken after
     the reply's own rows; ``events`` (the reply's closing ones) go out first, in the same
     batch as the idle status or the next turn's."""
-    waiting = None
-    if queued != 0:  # ``queued``: the caller counted them with the lock (no read when none waits)
-        waiting = (
-            Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
-            .order_by("turn_at", "id")
-            .first()
-        )
+    waiting = (
+        Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
+        .order_by("turn_at", "id")
+        .first()
+    )
     if waiting is None:
         idle = {"type": "idle"}
         publish_many(session_id, [*events, _status_event(idle)], session_fields={"status": idle})
@@ -369,30 +364,15 @@ def queue_reply(
     return reply
 
 
-def _count_queued_sql() -> str:
-    q = connection.ops.quote_name
-    message, session = q(Message._meta.db_table), q(Session._meta.db_table)
-    return (
-        f"SELECT COUNT(*) FROM {message} WHERE {message}.{q('session_id')} = {session}.{q('id')} "
-        f"AND {message}.{q('status')} = %s"
-    )
-
-
-_COUNT_QUEUED = _count_queued_sql()
-
-
-def lock_session(session_id: str, *, count_queued: bool = False) -> Session | None:
+def lock_session(session_id: str) -> Session | None:
     """Take the session's row lock first, in every transaction that moves its queue:
     posting, ending a reply, withdrawing and retrying then happen one at a time, and in
-    the same order of locks (no deadlock). ``count_queued``: the same statement also
-    counts the messages waiting in the session's queue, as ``queued`` on the session."""
-    rows = Session.objects.select_for_update().filter(pk=session_id).order_by()
-    if count_queued:
-        # Raw: the same subquery built with Subquery/OuterRef/Count cost more Python to
-        # compile than the rest of a post's statements (docs/PERFORMANCE.md).
-        rows = rows.annotate(queued=RawSQL(_COUNT_QUEUED, (Message.Status.QUEUED,)))
+    the same order of locks (no deadlock). The row is read as the lock holder before us
+    left it; anything else must be read by a later statement, which sees what that holder
+    committed (a subquery of this one would not: READ COMMITTED takes the snapshot of a
+    statement before it waits for the lock)."""
     # [:1] rather than first(): no ORDER BY to build for a lookup by primary key.
-    found = list(rows[:1])
+    found = list(Session.objects.select_for_update().filter(pk=session_id).order_by()[:1])
     return found[0] if found else None
 
 

@@ -254,11 +254,13 @@ def post_message(
     with transaction.atomic():
         # The session's row lock orders this post against the others and against the
         # reply ending (which takes the next queued message), across processes.
-        locked = lock_session(session_id, count_queued=True)
+        locked = lock_session(session_id)
         if locked is None:
             raise NotFound("No such session.")
         waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
-        queued: int = locked.queued  # type: ignore[attr-defined]
+        # A statement of its own, after the lock: it sees every post and every end of a
+        # reply that committed while this one waited for the lock (runs.lock_session).
+        queued = waiting.count()
         now = timezone.now()
         if not locked.is_busy and not queued:
             events: list[tuple[str, dict[str, Any]]] = []
