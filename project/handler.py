@@ -30,6 +30,7 @@ from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.db import close_old_connections
 from django.http import FileResponse, HttpResponseBase
 from django.urls import set_script_prefix
 
@@ -90,6 +91,9 @@ class OneHopHandler(ASGIHandler):
                 response.block_size = self.chunk_size
             headers = _headers(response)
             if response.streaming:
+                # Its close (request_finished) will run in whichever pool thread reads its
+                # last chunk: give back this thread's connections now, as it would.
+                close_old_connections()
                 stream = _Stream(response, iter(response))
                 first = _next_or_close(stream)
                 if first is not None:
