@@ -364,9 +364,13 @@ async def posts(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             statuses[code] = statuses.get(code, 0) + 1
             i += 1
 
+    # The server's CPU while posting (the connects and the drain's state polls left
+    # out), per accepted post: what bounds turns/s for one process.
+    cpu_before = probe.cpu()
     started = time.time()
     await asyncio.gather(*(poster(k) for k in range(args.publishers)))
     posting = time.time() - started
+    turns_cpu = probe.cpu() - cpu_before
     heads = await _settled_heads(target, args.drain)
     await wait_until(
         lambda: all(c.ended or (c.seqs and max(c.seqs) >= heads[session_of[i]]) for i, c in enumerate(clients)),
@@ -382,6 +386,7 @@ async def posts(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         "accepted_per_s": round(accepted / posting, 1),
         "post_ms": percentiles(latencies),
         "events_persisted": persisted, "events_persisted_per_s": round(persisted / posting, 1),
+        "server_cpu_ms_per_post": round(turns_cpu / accepted * 1e3, 2) if accepted and probe.server.pids else None,
         **{k: v for k, v in stats.items() if k != "latency_ms"},
         "server": probe.report(),
     }

@@ -234,6 +234,8 @@ def summarize(results: dict[str, dict[str, Any]]) -> str:
             figures.append(f"POST -> first delta p50 {lat['p50']} / p99 {lat['p99']} ms")
         if "accepted_per_s" in r:
             figures.append(f"{r['accepted_per_s']} posts/s, {r['events_persisted_per_s']} events/s, lost {r['lost']}")
+            if r.get("server_cpu_ms_per_post"):
+                figures.append(f"{r['server_cpu_ms_per_post']} ms server CPU/post")
         if "still_open" in r:
             figures.append(f"held {r['still_open']}, longest heartbeat gap p99 {r['heartbeats']['longest_gap_ms']['p99']} ms")
         if "rss_kb" in r and isinstance(r["rss_kb"], dict) and "change_pct" in r["rss_kb"]:

@@ -22,7 +22,7 @@ from project.errors import (
 )
 from project.limits import check_write_rate
 from sessions_app import permissions, services
-from sessions_app.access import session_for
+from sessions_app.access import role_in, session_for
 from sessions_app.models import Role
 from sessions_app.serializers import (
     MessagePostSerializer,
@@ -53,13 +53,13 @@ def _session_id(conn: Connection, command: dict[str, Any]) -> str:
 
 
 def _prompt(user: Any, session_id: str, command: dict[str, Any]) -> dict[str, Any]:
-    session, _ = session_for(user, session_id, Role.EDITOR)
+    role_in(user, session_id, Role.EDITOR)
     fields = {k: command[k] for k in ("parts", "if_busy") if k in command}
     serializer = MessagePostSerializer(data={"parts": None, **fields})
     serializer.is_valid(raise_exception=True)
     data = serializer.validated_data
-    posted = services.post_message(session, user, data["parts"], data["if_busy"])
-    return posted_data(posted.message, posted.reply, posted.position)
+    posted = services.post_message(session_id, user, data["parts"], data["if_busy"])
+    return posted_data(posted.message, posted.reply, posted.position, posted.data)
 
 
 def _abort(user: Any, session_id: str, command: dict[str, Any]) -> dict[str, Any]:

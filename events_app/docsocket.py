@@ -44,7 +44,7 @@ from project.db import off_loop
 from project.errors import ApiError, NotFound, PayloadTooLarge
 from project.limits import arelease_stream_slot
 from sessions_app import doc as docs
-from sessions_app.access import role_in
+from sessions_app.access import role_of
 from sessions_app.models import Role
 
 log = logging.getLogger(__name__)
@@ -543,7 +543,7 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
             group = groups.session_group(session_id)
             await hub.subscribe(group, conn, session_id)
             self.joined.append((group, conn))
-            role = await off_loop(role_in)(request.user.pk, session_id)
+            role = await off_loop(role_of)(request.user.pk, session_id)
             if role is None:
                 raise NotFound()
             conn.can_write = role in (Role.OWNER, Role.EDITOR)

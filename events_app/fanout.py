@@ -121,20 +121,13 @@ def send_frame(group: str, frame: Frame) -> None:
 
 
 def send_frames(group: str, frames: list[Frame]) -> None:
-    """``send_frame`` for several events of one group, in order: one wake-up of the main
-    loop (a thread-safe call writes to its self-pipe) for the lot."""
+    """``send_frame`` for several events of one session group that committed together,
+    in order: one message for the lot (one ``PUBLISH``, one read and one decode in every
+    process's hub, instead of one per event), and one wake-up of the main loop."""
     if len(frames) == 1:
         send_frame(group, frames[0])
         return
-    now = time.time()
-    messages = [groups.encode_event(group, frame, now) for frame in frames]
-    runtime.call_soon(_enqueue_all, group, messages)
-
-
-def _enqueue_all(group: str, messages: list[Mapping[str, Any]]) -> None:
-    outbox = OUTBOX.get()
-    for message in messages:
-        outbox.put(group, message)
+    send_to_group(group, groups.encode_events(group, frames, time.time()))
 
 
 def send_control(group: str, control: groups.Control) -> None:
@@ -248,9 +241,13 @@ class Hub:
         while True:
             try:
                 message = await self.layer.receive(channel)
-                if message.get("type") == groups.EVENT:
-                    await self._on_event(message)
-                elif message.get("type") == groups.DOC:
+                kind = message.get("type")
+                if kind == groups.EVENT:
+                    await self._on_event(message["g"], groups.decode_event(message), message.get("p"))
+                elif kind == groups.EVENTS:
+                    for frame in groups.decode_events(message):
+                        await self._on_event(message["g"], frame, message.get("p"))
+                elif kind == groups.DOC:
                     # A shared document's update or awareness: its rooms (events_app.docsocket).
                     for listener in tuple(self.groups.get(message["g"], ())):
                         handler = getattr(listener, "doc_message", None)
@@ -269,26 +266,25 @@ class Hub:
                 log.exception("Hub failed to handle a channel-layer message")
                 await asyncio.sleep(0.05)
 
-    async def _on_event(self, message: groups.EventMessage) -> None:
-        group: str = message["g"]
+    async def _on_event(self, group: str, frame: Frame, sent_at: float | None) -> None:
         if group not in self.groups:
             return
-        seq: int | None = message["q"]
+        seq = frame.seq
         if seq is not None:
             head = self.heads.get(group, 0)
             if seq <= head:
                 return
             if seq > head + 1:
-                session_id = message["s"]
+                session_id = frame.session_id
                 assert session_id is not None  # a persisted event names its session
                 await self._fill(group, session_id, head, seq - 1)
                 # The head check may have run meanwhile and passed this event on already.
                 if group not in self.groups or seq <= self.heads.get(group, 0):
                     return
             self.heads[group] = seq
-        if "p" in message:  # sent after the commit: the lag is the fan-out's own
-            DELIVERY_LAG.observe(max(0.0, time.time() - message["p"]))
-        self._deliver(group, groups.decode_event(message))
+        if sent_at is not None:  # sent after the commit: the lag is the fan-out's own
+            DELIVERY_LAG.observe(max(0.0, time.time() - sent_at))
+        self._deliver(group, frame)
 
     async def _fill(self, group: str, session_id: str, after: int, upto: int) -> None:
         from events_app.history import events_between

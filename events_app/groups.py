@@ -62,6 +62,7 @@ HUB_CHANNEL_PREFIX = "tandem.hub."
 # ---------------------------------------------------------------- event messages
 
 EVENT = "tandem.event"
+EVENTS = "tandem.events"
 CONTROL = "tandem.control"
 
 
@@ -86,6 +87,30 @@ def encode_event(group: str, frame: Frame, sent_at: float) -> EventMessage:
 
 def decode_event(message: EventMessage) -> Frame:
     return Frame(message["q"], message["s"], message["t"], message["e"])
+
+
+class EventsMessage(TypedDict):
+    """Several events of one session group that committed together (one ``publish_many``),
+    in seq order: one message through Redis, one read by each hub, for the lot."""
+
+    type: str  # EVENTS
+    g: str  # the group, as in EventMessage
+    s: str | None  # session id
+    f: list[tuple[int | None, str, str]]  # each event's (seq, type, encoded envelope)
+    p: NotRequired[float]  # sent at (time.time())
+
+
+def encode_events(group: str, frames: list[Frame], sent_at: float) -> EventsMessage:
+    """One message for ``frames``, all of one session, in order."""
+    return {
+        "type": EVENTS, "g": group, "s": frames[0].session_id,
+        "f": [(frame.seq, frame.type, frame.envelope) for frame in frames], "p": sent_at,
+    }
+
+
+def decode_events(message: EventsMessage) -> list[Frame]:
+    session_id = message["s"]
+    return [Frame(seq, session_id, type_name, envelope) for seq, type_name, envelope in message["f"]]
 
 
 # ---------------------------------------------------------------- document messages

@@ -15,11 +15,15 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+import django
 import orjson
-from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-django_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+from project.handler import OneHopHandler  # noqa: E402
+
+django_app = OneHopHandler()
 
 from project.logfilters import adopt_server_loggers  # noqa: E402
 
@@ -276,8 +280,9 @@ async def read_body(scope: dict[str, Any], receive: Any, send: Any) -> tuple[dic
 
 class RequestGate:
     """At most ``TANDEM_MAX_CONCURRENT_REQUESTS`` Django requests at once per process;
-    the rest wait here, as coroutines. Each Django request runs in a thread of its own,
-    and every such thread competes with the event loop for the GIL: with 16 requests in
+    the rest wait here, as coroutines. Each Django request runs in a thread (of the
+    handler's pool, project/handler.py), and every such thread competes with the event
+    loop for the GIL: with 16 requests in
     flight the loop got a sliver of it, and events for open streams queued for seconds
     (docs/PERFORMANCE.md). Streams never pass through here. The body is read before a
     place is taken (``read_body``): a client that sends its body slowly, or never

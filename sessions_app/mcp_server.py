@@ -40,7 +40,7 @@ from project.errors import (
 from project.limits import check_write_rate
 from sessions_app import doc as docs
 from sessions_app import permissions, services
-from sessions_app.access import session_for
+from sessions_app.access import role_in, session_for
 from sessions_app.models import Membership, Message, PermissionRequest, Role, Session
 from sessions_app.serializers import (
     DocPatchSerializer,
@@ -234,10 +234,10 @@ async def _post_message(user: User, session_id: str, text: str, if_busy: str) ->
 
 
 def _post(user: User, session_id: str, text: str, if_busy: str) -> dict[str, Any]:
-    session, _ = session_for(user, session_id, Role.EDITOR)
+    role_in(user, session_id, Role.EDITOR)
     check_write_rate(user.pk)
     data = _validated(MessagePostSerializer, {"parts": [{"type": "text", "text": text}], "if_busy": if_busy})
-    posted = services.post_message(session, user, data["parts"], data["if_busy"])
+    posted = services.post_message(session_id, user, data["parts"], data["if_busy"])
     return posted_data(posted.message, posted.reply, posted.position)
 
 

@@ -333,19 +333,28 @@ def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -
     return queue_reply(session_id, after=now, first=[*events, updated])
 
 
-def queue_reply(
-    session_id: str, *, after: Any, agent: str | None = None,
-    first: list[tuple[str, dict[str, Any]]] | None = None,
-) -> Message:
-    """Mark the session busy and queue an agent's reply that takes its turn just after
-    ``after`` (the message it answers). In the caller's transaction; ``first`` are events
-    that go out before the reply's, in the same batch (the message it answers)."""
-    if agent is None:
-        agent = Session.objects.values_list("agent", flat=True).get(pk=session_id)
-    reply = Message.objects.create(
+def new_reply(session_id: str, after: Any) -> Message:
+    """An agent's reply (not saved yet) that takes its turn just after ``after``."""
+    return Message(
         session_id=session_id, role=Message.MessageRole.ASSISTANT, status=Message.Status.STREAMING,
         created_at=timezone.now(), turn_at=after + timedelta(microseconds=1),
     )
+
+
+def queue_reply(
+    session_id: str, *, after: Any, agent: str | None = None,
+    first: list[tuple[str, dict[str, Any]]] | None = None, reply: Message | None = None,
+) -> Message:
+    """Mark the session busy and queue an agent's reply that takes its turn just after
+    ``after`` (the message it answers). In the caller's transaction; ``first`` are events
+    that go out before the reply's, in the same batch (the message it answers). ``reply``:
+    the reply from ``new_reply``, when the caller saved it already (in one ``INSERT`` with
+    the message it answers)."""
+    if agent is None:
+        agent = Session.objects.values_list("agent", flat=True).get(pk=session_id)
+    if reply is None:
+        reply = new_reply(session_id, after)
+        reply.save(force_insert=True)
     ReplyRun.objects.create(message=reply, session_id=session_id, agent=agent)
     busy = {"type": "busy"}
     # One batch: the status is set by the statement that takes the events' seqs.
@@ -358,8 +367,13 @@ def queue_reply(
 def lock_session(session_id: str) -> Session | None:
     """Take the session's row lock first, in every transaction that moves its queue:
     posting, ending a reply, withdrawing and retrying then happen one at a time, and in
-    the same order of locks (no deadlock)."""
-    return Session.objects.select_for_update().filter(pk=session_id).first()
+    the same order of locks (no deadlock). The row is read as the lock holder before us
+    left it; anything else must be read by a later statement, which sees what that holder
+    committed (a subquery of this one would not: READ COMMITTED takes the snapshot of a
+    statement before it waits for the lock)."""
+    # [:1] rather than first(): no ORDER BY to build for a lookup by primary key.
+    found = list(Session.objects.select_for_update().filter(pk=session_id).order_by()[:1])
+    return found[0] if found else None
 
 
 def current_run(session_id: str) -> dict[str, Any] | None:

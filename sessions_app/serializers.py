@@ -481,11 +481,16 @@ def message_data(message: Message, parts: list[Part] | None = None) -> dict[str,
     return data
 
 
-def posted_data(message: Message, reply: Message | None, position: int | None) -> dict[str, Any]:
-    """The answer to posting a message (``MessagePosted``), over REST and WebSocket."""
+def posted_data(
+    message: Message, reply: Message | None, position: int | None, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The answer to posting a message (``MessagePosted``), over REST and WebSocket.
+    ``data``: the message as ``message_data`` made it already (for its event), which
+    spares reading its parts again."""
+    shown = message_data(message) if data is None else data
     if reply is not None:
-        return {"message": message_data(message), "reply_id": reply.pk}
-    return {"message": message_data(message), "reply_id": None, "queued": True, "position": position}
+        return {"message": shown, "reply_id": reply.pk}
+    return {"message": shown, "reply_id": None, "queued": True, "position": position}
 
 
 def resolver_data(permission: PermissionRequest) -> dict[str, Any] | str | None:

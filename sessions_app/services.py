@@ -45,7 +45,7 @@ from sessions_app.runs import abort_requested as abort_requested
 from sessions_app.runs import claim_runs as claim_runs
 from sessions_app.runs import finish_reply as finish_reply
 from sessions_app.runs import interrupt_runs as interrupt_runs
-from sessions_app.runs import lock_session, queue_reply
+from sessions_app.runs import lock_session, new_reply, queue_reply
 from sessions_app.runs import reap_expired_runs as reap_expired_runs
 from sessions_app.runs import renew_leases as renew_leases
 from sessions_app.runs import reply_context as reply_context
@@ -219,6 +219,8 @@ class Posted:
     message: Message
     reply: Message | None = None
     position: int | None = None
+    # The message as its ``message.created`` event shows it: the answer shows the same.
+    data: dict[str, Any] | None = None
 
 
 TITLE_CHARS = 60
@@ -238,7 +240,7 @@ def title_from(text: str) -> str:
 
 
 def post_message(
-    session: Session, author: User, parts: list[dict[str, str]], if_busy: str = "queue"
+    session_id: str, author: User, parts: list[dict[str, str]], if_busy: str = "queue"
 ) -> Posted:
     """Store the user's message. An idle session marks itself busy and queues the agent's
     reply; while a reply runs (or messages wait), ``if_busy`` says what happens: ``queue``
@@ -252,10 +254,12 @@ def post_message(
     with transaction.atomic():
         # The session's row lock orders this post against the others and against the
         # reply ending (which takes the next queued message), across processes.
-        locked = lock_session(session.pk)
+        locked = lock_session(session_id)
         if locked is None:
             raise NotFound("No such session.")
         waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
+        # A statement of its own, after the lock: it sees every post and every end of a
+        # reply that committed while this one waited for the lock (runs.lock_session).
         queued = waiting.count()
         now = timezone.now()
         if not locked.is_busy and not queued:
@@ -264,10 +268,14 @@ def post_message(
                 locked.title = title_from(texts[0])
                 locked.save(update_fields=["title", "updated_at"])
                 events.append(("session.updated", {"session": session_data(locked)}))
-            message, created = _store_message(locked, author, texts, Message.Status.COMPLETED, now, now)
-            # The post's events and the reply's start in one batch (one seq statement).
-            reply = queue_reply(locked.pk, after=now, agent=locked.agent, first=[*events, created])
-            return Posted(message, reply=reply)
+            # The message and its reply in one INSERT; the post's events and the reply's
+            # start in one batch (one seq statement).
+            reply = new_reply(locked.pk, after=now)
+            message, created = _store_message(
+                locked, author, texts, Message.Status.COMPLETED, now, now, also=reply
+            )
+            queue_reply(locked.pk, after=now, agent=locked.agent, first=[*events, created], reply=reply)
+            return Posted(message, reply=reply, data=created[1]["message"])
         if if_busy == "reject":
             raise SessionBusy()
         if queued >= settings.TANDEM_MAX_QUEUED:
@@ -288,21 +296,25 @@ def post_message(
             ReplyRun.objects.filter(pk__in=interrupted).update(abort_requested=True, abort_by=author)
         message, created = _store_message(locked, author, texts, Message.Status.QUEUED, now, turn)
         publish(locked.id, *created)
+        data = created[1]["message"]
     if interrupted:
         # After the commit: the reply's end takes the next queued message, this one.
-        _stop_flagged(session.pk, only=interrupted)
-    return Posted(message, position=position)
+        _stop_flagged(session_id, only=interrupted)
+    return Posted(message, position=position, data=data)
 
 
 def _store_message(
-    session: Session, author: User, texts: list[str], status: str, now: Any, turn: Any
+    session: Session, author: User, texts: list[str], status: str, now: Any, turn: Any,
+    also: Message | None = None,
 ) -> tuple[Message, tuple[str, dict[str, Any]]]:
     """The user's message and its parts, and its ``message.created`` for the caller to
-    publish (alone, or in one batch with the reply it starts)."""
-    message = Message.objects.create(
+    publish (alone, or in one batch with the reply it starts). ``also``: a message saved
+    in the same ``INSERT`` (the reply)."""
+    message = Message(
         session=session, role=Message.MessageRole.USER, author=author, status=status,
         created_at=now, turn_at=turn, completed_at=None if status == Message.Status.QUEUED else now,
     )
+    Message.objects.bulk_create([message] if also is None else [message, also])
     stored = Part.objects.bulk_create(
         Part(message=message, index=i, type=Part.PartType.TEXT, text=t) for i, t in enumerate(texts)
     )

@@ -39,7 +39,7 @@ from project.openapi import (
 )
 from sessions_app import doc as docs
 from sessions_app import permissions, runs, search, services
-from sessions_app.access import session_for
+from sessions_app.access import role_in, session_for
 from sessions_app.models import Membership, Message, Role, Session
 from sessions_app.serializers import (
     SEARCH_MAX_CHARS,
@@ -402,11 +402,11 @@ class MessageListView(APIView):
         },
     )
     def post(self, request: Request, session_id: str) -> Response:
-        session, _ = session_for(caller(request), session_id, Role.EDITOR)
+        role_in(caller(request), session_id, Role.EDITOR)
         data = validated(MessagePostSerializer, request.data)
-        posted = services.post_message(session, caller(request), data["parts"], data["if_busy"])
+        posted = services.post_message(session_id, caller(request), data["parts"], data["if_busy"])
         return Response(
-            posted_data(posted.message, posted.reply, posted.position), status=status.HTTP_202_ACCEPTED
+            posted_data(posted.message, posted.reply, posted.position, posted.data), status=status.HTTP_202_ACCEPTED
         )
 
 

@@ -311,7 +311,7 @@ def test_withdraw_action_removes_only_queued_messages_and_publishes(
     from tests.replies import head, log_after
 
     Session.objects.filter(pk=shared_session.pk).update(status={"type": "busy"})
-    queued = services.post_message(shared_session, bob, [{"type": "text", "text": "wait"}]).message
+    queued = services.post_message(shared_session.id, bob, [{"type": "text", "text": "wait"}]).message
     done = Message.objects.create(session=shared_session, role="user", author=bob, status="completed")
     before = head(shared_session.id)
     response = superuser_client.post(

@@ -71,6 +71,7 @@ def _group_markers() -> set[str]:
         groups.WORKERS_GROUP,
         groups.HUB_CHANNEL_PREFIX,
         groups.EVENT,
+        groups.EVENTS,
         groups.CONTROL,
     }
 

@@ -45,9 +45,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         "events_app.ingest", "events_app.management.commands.ingest_redis",
     ]),
     ("HTTP surface", [
-        "project.openapi", "project.views", "project.probes", "project.middleware", "sessions_app.views",
-        "sessions_app.pages", "sessions_app.urls", "events_app.views", "sessions_app.mcp_server",
-        "sessions_app.management.commands.mcp_server",
+        "project.openapi", "project.views", "project.probes", "project.middleware", "project.handler",
+        "sessions_app.views", "sessions_app.pages", "sessions_app.urls", "events_app.views",
+        "sessions_app.mcp_server", "sessions_app.management.commands.mcp_server",
     ]),
     ("agents", [
         "sessions_app.agents.runner", "sessions_app.agents.pool",

@@ -4,12 +4,15 @@ outsider. The first group runs no reply (the plain db fixture never fires on_com
 the queue stays exactly as the test leaves it; the second runs real echo replies."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
+from django.db import connection, transaction
 
 from sessions_app import services
-from sessions_app.models import Membership, Message, Session
+from sessions_app.models import Membership, Message, ReplyRun, Session
+from sessions_app.runs import lock_session
 from tests.conftest import client_for, wait_until
 from tests.helpers import assert_error
 from tests.replies import head, log_after, post, wait_for_completed, wait_idle
@@ -206,7 +209,7 @@ def test_withdrawing_an_unknown_or_another_sessions_message_is_404(shared_sessio
 
 def ended_reply(session: Any, user: Any, text: str = "hi", status: str = "completed") -> tuple[Message, Message]:
     """A user message and its ended reply, stored directly (the plain db runs no reply)."""
-    posted = services.post_message(session, user, [{"type": "text", "text": text}])
+    posted = services.post_message(session.id, user, [{"type": "text", "text": text}])
     assert posted.reply is not None
     from sessions_app.models import ReplyRun
 
@@ -426,3 +429,65 @@ def test_a_queued_message_whose_author_left_the_session_still_runs(
     wait_until(lambda: Message.objects.filter(session_id=sid, role="assistant", status="completed").count() == 2, 15)
     wait_idle(sid)
     assert user_texts_answered(shared_session)[1] == "from bob"
+
+
+def _waiting_for_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return bool(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_queued_while_the_reply_ends_is_answered_next(shared_session: Any, bob: Any, settings: Any) -> None:
+    """The end of a reply waits for the session's lock while a post holds it; once the post
+    commits its queued message, the end must see it and start its turn, not set the session
+    idle with the message left waiting (as a queue count taken in the locking statement
+    would: its snapshot predates the wait)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks and READ COMMITTED snapshots: PostgreSQL")
+    settings.TANDEM_AGENT_MODE = "worker"  # no runner here: the test ends the reply itself
+    sid = shared_session.id
+    reply_id = post(bob, sid, "first").json()["reply_id"]
+    [run] = services.claim_runs("runner-1", 10)
+    assert run.message_id == reply_id
+    locked, release = threading.Event(), threading.Event()
+    posted: list[services.Posted] = []
+    errors: list[BaseException] = []
+
+    def poster() -> None:
+        try:
+            with transaction.atomic():
+                lock_session(sid)
+                locked.set()
+                release.wait(10)
+                posted.append(services.post_message(sid, bob, [{"type": "text", "text": "second"}]))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    def finisher() -> None:
+        try:
+            assert services.finish_reply(sid, reply_id, runner="runner-1", status="completed")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    holding = threading.Thread(target=poster)
+    holding.start()
+    assert locked.wait(10)
+    ending = threading.Thread(target=finisher)
+    ending.start()
+    wait_until(_waiting_for_a_lock)  # the end of the reply is blocked on the session's lock
+    release.set()
+    holding.join(10)
+    ending.join(10)
+    assert not errors, errors
+    [queued] = posted
+    assert queued.position == 1  # posted while the first reply was still running
+    assert Message.objects.get(pk=queued.message.pk).status == Message.Status.COMPLETED  # its turn came
+    assert ReplyRun.objects.filter(session_id=sid).exclude(message_id=reply_id).exists()
+    assert Session.objects.get(pk=sid).is_busy

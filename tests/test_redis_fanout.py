@@ -189,6 +189,57 @@ async def test_hub_fills_a_lost_event_from_the_database_and_delivers_in_order(
     await hub.unsubscribe(groups.session_group(sid), recorder)
 
 
+def _publish_three(session_id: str) -> list[Frame]:
+    from django.db import transaction
+
+    from events_app.services import publish_many
+
+    with transaction.atomic():
+        return publish_many(session_id, [("task.progress", {"n": n}) for n in (1, 2, 3)])
+
+
+async def test_events_committed_together_reach_the_hub_as_one_message_in_seq_order(
+    live_loop: str, shared_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = shared_session.id
+    hub = fanout.get_hub()
+    recorder = Recorder()
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
+    kinds: list[str] = []
+    send = fanout.send_to_group
+
+    def counting(group: str, message: Any) -> None:
+        kinds.append(message["type"])
+        send(group, message)
+
+    monkeypatch.setattr(fanout, "send_to_group", counting)
+    frames = await database_sync_to_async(_publish_three)(sid)
+    await recorder.wait_for_seq(frames[-1].seq)
+    assert kinds == [groups.EVENTS]  # one channel-layer message for the three
+    assert recorder.seqs() == [f.seq for f in frames] == list(range(frames[0].seq, frames[0].seq + 3))
+    assert [f.envelope for f in recorder.frames] == [f.envelope for f in frames]
+    await hub.unsubscribe(groups.session_group(sid), recorder)
+
+
+async def test_a_lost_batch_is_filled_from_the_database_before_the_next_event(
+    live_loop: str, shared_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = shared_session.id
+    hub = fanout.get_hub()
+    recorder = Recorder()
+    await hub.subscribe(groups.session_group(sid), recorder, sid)
+    first = await apublish(sid, "task.progress", {"n": 0})
+    await recorder.wait_for_seq(first.seq)
+    monkeypatch.setattr(fanout, "send_frames", lambda group, frames: None)
+    lost = await database_sync_to_async(_publish_three)(sid)
+    monkeypatch.undo()
+    after = await apublish(sid, "task.progress", {"n": 4})
+    await recorder.wait_for_seq(after.seq)
+    assert recorder.seqs() == [first.seq, *(f.seq for f in lost), after.seq]
+    assert [orjson.loads(f.envelope)["properties"]["n"] for f in recorder.frames] == [0, 1, 2, 3, 4]
+    await hub.unsubscribe(groups.session_group(sid), recorder)
+
+
 async def test_head_check_delivers_a_lost_last_event(
     live_loop: str, shared_session: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
 ) -> None:

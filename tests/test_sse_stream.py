@@ -103,7 +103,7 @@ async def test_types_filter_passes_matching_and_control_events_only(session: Any
 def _post_hello(session: Any, user: Any) -> None:
     from sessions_app import services
 
-    services.post_message(session, user, [{"type": "text", "text": "hello there"}])
+    services.post_message(session.id, user, [{"type": "text", "text": "hello there"}])
 
 
 async def test_types_filter_always_passes_server_and_stream_events(session: Any, alice: Any, settings: Any) -> None:
