@@ -58,6 +58,30 @@ process.exit(0);
 """
 
 
+# A y-websocket provider as a viewer: it syncs, waits for WANT in the text, stays a
+# moment (its sync step 2 and any reply have been handled by then) and reports.
+NODE_VIEWER = r"""
+import WebSocket from 'ws';
+import * as Y from 'yjs';
+import { WebsocketProvider } from 'y-websocket';
+const [base, sid, token, want] = process.argv.slice(-4);
+const doc = new Y.Doc();
+const text = doc.getText('doc');
+const provider = new WebsocketProvider(base + '/ws/sessions', sid + '/doc/', doc,
+  { WebSocketPolyfill: WebSocket, params: { token }, disableBc: true });
+const closes = [];
+provider.on('connection-close', (event) => closes.push(event ? event.code : null));
+await new Promise(resolve => provider.once('sync', resolve));
+console.log(JSON.stringify({ synced: true }));
+const deadline = Date.now() + 20000;
+while (!text.toString().includes(want) && Date.now() < deadline) await new Promise(r => setTimeout(r, 20));
+await new Promise(r => setTimeout(r, 500));
+console.log(JSON.stringify({ text: text.toString(), closes, connected: provider.wsconnected }));
+provider.destroy();
+process.exit(0);
+"""
+
+
 def _words(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
@@ -120,10 +144,26 @@ def test_y_websocket_and_pycrdt_converge_across_two_processes(
 
 
 def test_rest_edit_through_one_process_reaches_an_editor_on_the_other(
-    servers: Any, shared_session: Any, alice: Any, bob: Any
+    servers: Any, shared_session: Any, alice: Any, bob: Any, carol: Any
 ) -> None:
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "y-websocket").is_dir():
+        pytest.fail("Node and tests/node/node_modules (with y-websocket) are required")
     server_a, server_b = servers(2, redis=True)
     sid = shared_session.id
+    # Something deleted first: a y-websocket client's sync step 2 carries its whole delete
+    # set even when it has nothing new, which a viewer's must be allowed to.
+    with api_client(server_b, bob) as client:
+        client.patch(f"/api/sessions/{sid}/doc/", json={"edits": [{"at": 0, "insert": "draft"}]})
+        client.patch(f"/api/sessions/{sid}/doc/", json={"edits": [{"at": 0, "delete": 5}]})
+    # A stock y-websocket viewer (carol) on the first process, besides the pycrdt editor.
+    viewer = subprocess.Popen(
+        [node, "--input-type=module", "-e", NODE_VIEWER, "--",
+         server_a.url.replace("http://", "ws://"), sid, token_for(carol), "# Plan"],
+        cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert viewer.stdout is not None
+    assert json.loads(viewer.stdout.readline()) == {"synced": True}
 
     async def run() -> None:
         p = await _peer(server_a, sid, alice)
@@ -134,6 +174,10 @@ def test_rest_edit_through_one_process_reaches_an_editor_on_the_other(
         await p.close()
 
     asyncio.run(run())
+    out, err = viewer.communicate(timeout=30)
+    assert viewer.returncode == 0, err
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen == {"text": "# Plan\n", "closes": [], "connected": True}
 
 
 def test_kill_9_mid_editing_loses_nothing_that_was_relayed(
