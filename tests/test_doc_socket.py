@@ -373,3 +373,19 @@ async def test_edits_inside_the_window_are_announced_when_it_ends(session: Any, 
     ]
     await a.close()
     await b.close()
+
+
+async def test_a_viewer_reconnecting_with_the_document_it_had_stays_open(session: Any, alice: Any, carol: Any) -> None:
+    a = await synced(session.id, alice)
+    await a.edit(0, "keep this, drop that")
+    await a.edit(10, "", delete=10)  # a deletion: every later step 2 carries it
+    await eventually(lambda: version_is(session.id, 2))
+    back = peer(session.id, carol)
+    back.doc.apply_update(a.doc.get_update())  # what it had before it lost its connection
+    assert await back.open() is None
+    await back.sync()
+    await a.edit(0, ">")
+    await back.until(lambda: back.value() == ">keep this,")
+    assert back.closed is None
+    await a.close()
+    await back.close()
