@@ -243,3 +243,76 @@ class contextlib_suppress:
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
         return kind is not None and issubclass(kind, TimeoutError | asyncio.TimeoutError)
+
+
+# A y-websocket editor that keeps typing through its server's death: the provider
+# reconnects by itself (to the same address, where the server is restarted) and its sync
+# sends what it typed meanwhile.
+NODE_TYPIST = r"""
+import WebSocket from 'ws';
+import * as Y from 'yjs';
+import { WebsocketProvider } from 'y-websocket';
+const [base, sid, token, count] = process.argv.slice(-4);
+const doc = new Y.Doc();
+const text = doc.getText('doc');
+const provider = new WebsocketProvider(base + '/ws/sessions', sid + '/doc/', doc,
+  { WebSocketPolyfill: WebSocket, params: { token }, disableBc: true, maxBackoffTime: 500 });
+let closes = 0, syncs = 0;
+provider.on('connection-close', () => { closes += 1; });
+provider.on('sync', (synced) => { if (synced) syncs += 1; });
+await new Promise(resolve => provider.once('sync', resolve));
+for (let i = 0; i < Number(count); i++) {
+  text.insert(text.length, `k${i} `);
+  await new Promise(r => setTimeout(r, 15));
+}
+const deadline = Date.now() + 30000;
+while (!(provider.wsconnected && provider.synced) && Date.now() < deadline) await new Promise(r => setTimeout(r, 20));
+await new Promise(r => setTimeout(r, 500));
+console.log(JSON.stringify({ text: text.toString(), closes, syncs }));
+provider.destroy();
+process.exit(0);
+"""
+
+
+def test_a_stock_provider_typing_through_a_kill_9_reconnects_and_converges(
+    servers: Any, shared_session: Any, alice: Any, bob: Any, tmp_path: Path
+) -> None:
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "y-websocket").is_dir():
+        pytest.fail("Node and tests/node/node_modules (with y-websocket) are required")
+    server_a, server_b = servers(2, redis=True)
+    sid = shared_session.id
+    count = 150
+    typist = subprocess.Popen(
+        [node, "--input-type=module", "-e", NODE_TYPIST, "--",
+         server_a.url.replace("http://", "ws://"), sid, token_for(alice), str(count)],
+        cwd=NODE_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    restarted: list[Any] = []
+
+    async def run() -> str:
+        watcher = await _peer(server_b, sid, bob)
+        await watcher.until(lambda: len(watcher.value().split()) >= 20, timeout=20)
+        os.kill(server_a.proc.pid, signal.SIGKILL)
+        server_a.proc.wait(timeout=10)
+        seen_at_kill = watcher.value()
+        restarted.append(start_server(
+            {"TANDEM_AGENT_MODE": "inline", **servers.env()}, tmp_path, name="restarted", port=server_a.port,
+        ))
+        # Nothing the watcher saw is missing from the store, and everything typed arrives.
+        assert _rest_text(server_b, bob, sid)["text"].startswith(seen_at_kill)
+        want = " ".join(f"k{i}" for i in range(count)) + " "
+        await watcher.until(lambda: watcher.value() == want, timeout=40)
+        await watcher.close()
+        return watcher.value()
+
+    try:
+        seen = asyncio.run(run())
+        out, err = typist.communicate(timeout=60)
+    finally:
+        for server in restarted:
+            server.stop()
+    assert typist.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["closes"] >= 1 and result["syncs"] >= 2, result  # it did lose and regain the server
+    assert result["text"] == seen == _rest_text(server_b, bob, sid)["text"]
