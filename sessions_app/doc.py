@@ -28,6 +28,10 @@ writes as ``AGENT``.
 - ``doc_text_and_size(session) -> (text, chars)``: for the admin.
 - ``absorb(session_id, version, update)``: a relayed update, into this process's copy.
 
+An agent's edit is ``apply_edits(AGENT, session_id, [Edit(at, delete, insert)])`` or
+``append_paragraph(AGENT, session_id, text)`` once its permission is granted: it reaches
+every open editor live, and ``doc.updated`` says ``"by": "agent"``.
+
 Every change is stored (one ``DocUpdate`` row and the version bump, in the caller's
 transaction) before anything is sent: once it commits, the update goes to the document's
 group (``groups.doc_group``) for every process's open editors, and ``doc.updated`` is
@@ -35,7 +39,7 @@ published at most once every ``TANDEM_DOC_EVENT_SECONDS`` per session (a change 
 that window is announced when it ends). ``compact_forever`` (every server process's
 housekeeping) folds stored updates into the document's base.
 
-Each process keeps the documents it works on in memory (``_live``), brought up to date
+Each process keeps the documents it works on in memory (``_slots``), brought up to date
 from the stored updates under the document's row lock before each change, so a change
 costs the updates made elsewhere since, not a reload of the whole document.
 """
