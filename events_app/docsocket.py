@@ -10,8 +10,9 @@ its version; each process's room passes it to its connections (not back to the o
 came from). Versions are contiguous per document, so a room that sees one skip ahead
 (a message lost, or two processes' sends crossing) reads what it missed from the
 database first, and a periodic check catches a lost last one. Awareness (cursors, names)
-takes the same path without being stored; each room also keeps the states it has seen,
-for connections that join later.
+takes the same path without being stored, and reaches every connection, its sender's
+included (as on the stock y-websocket server); each room also keeps the states it has
+seen, for connections that join later.
 
 Frames (y-protocols): ``varUint(type)`` then the payload. ``0`` sync: ``varUint(0)``
 step 1 + state vector, ``1`` step 2 + update, ``2`` update, each ``varUint8Array``;
@@ -316,7 +317,10 @@ class Room:
             return  # our answer to another room's query
         if origin not in self.conns:  # another process's (ours were kept when they came in)
             self.keep_awareness(parse_awareness(update), "")
-        self._send_all(awareness_frame(update), skip=origin)
+        # To every connection, its sender included, as the stock y-websocket server does:
+        # a stock client closes a socket that hears nothing for 30 s, and alone in a
+        # document its own renewal (every 15 s) is all it would hear.
+        self._send_all(awareness_frame(update), skip="")
 
     def keep_awareness(self, entries: list[AwarenessEntry], owner: str) -> None:
         now = self.rooms.runtime.loop.time()

@@ -290,6 +290,20 @@ async def test_awareness_is_relayed_to_others_and_cleared_when_they_leave(sessio
     await c.close()
 
 
+async def test_an_editor_alone_hears_its_own_awareness_back(session: Any, alice: Any) -> None:
+    # As the stock y-websocket server does: every awareness update goes to all the
+    # document's connections, its sender included. A stock client closes a socket that
+    # hears nothing for 30 s, and its awareness renewal every 15 s is what it hears
+    # when it is alone.
+    a = await synced(session.id, alice)
+    await a.send_raw(awareness_frame(awareness_update(a.doc.client_id, 1, '{"user": {"name": "alice"}}')))
+    await a.until(lambda: a.awareness.get(a.doc.client_id) == (1, '{"user": {"name": "alice"}}'))
+    # A renewal (same state, next clock) comes back too.
+    await a.send_raw(awareness_frame(awareness_update(a.doc.client_id, 2, '{"user": {"name": "alice"}}')))
+    await a.until(lambda: a.awareness.get(a.doc.client_id) == (2, '{"user": {"name": "alice"}}'))
+    await a.close()
+
+
 # ---------------------------------------------------------------- ending
 
 
