@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from events_app import fanout, groups
 from events_app.consumers import CLIENT_GONE, NO_LAYER, WS_CLOSE_CODES
@@ -43,7 +44,7 @@ from project import runtime
 from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, NotFound, PayloadTooLarge
-from project.limits import arelease_stream_slot
+from project.limits import arelease_stream_slot, streams_unavailable
 from sessions_app import doc as docs
 from sessions_app.access import role_in
 from sessions_app.models import Role
@@ -61,7 +62,14 @@ DOC_CLOSE_CODES = {
     **WS_CLOSE_CODES,
     "bad_request": 4400,  # a frame that is not y-websocket, or an update that does not decode
     "permission_denied": 4403,  # a viewer's update
+    "unavailable": 4503,  # Redis unreachable while the socket joined its document (as prepare's 503)
 }
+
+
+def _redis_unreachable(exc: BaseException) -> bool:
+    """A failure to reach Redis (the channel layer) rather than a bug: the socket is
+    refused with 4503, as an event socket is when its slot cannot be taken."""
+    return isinstance(exc, (RedisError, OSError, TimeoutError))
 
 
 class ProtocolError(Exception):
@@ -556,10 +564,14 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
             await self._release()
             await self._refuse(err)
             return
-        except Exception:
-            log.exception("Opening a document socket failed")
+        except Exception as exc:
             await self._release()
-            await self._refuse(None)
+            if _redis_unreachable(exc):  # Redis went away after the slot was taken
+                log.warning("Refused a document socket: Redis unreachable (%r)", exc)
+                await self._refuse(streams_unavailable())
+            else:
+                log.exception("Opening a document socket failed")
+                await self._refuse(None)
             return
         if self.ended:  # removed, or the session deleted, while it was being admitted
             self.conn = None
@@ -577,9 +589,13 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
         try:
             conn.room = await ROOMS.get().join(conn)
             state_vector, _ = await off_loop(docs.state_vector)(session_id)
-        except Exception:
-            log.exception("Opening a document socket failed")
-            self._end("internal_error")
+        except Exception as exc:
+            if _redis_unreachable(exc):
+                log.warning("Closed a document socket: Redis unreachable (%r)", exc)
+                self._end("unavailable")
+            else:
+                log.exception("Opening a document socket failed")
+                self._end("internal_error")
             return
         conn.push(sync_frame(SYNC_STEP1, state_vector))
         snapshot = conn.room.awareness_snapshot()

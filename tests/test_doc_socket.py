@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from pycrdt import Doc, Text
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from events_app import fanout, groups
 from project.auth import issue_ticket
 from sessions_app import doc as docs
 from sessions_app import services
@@ -269,6 +271,28 @@ async def test_update_past_the_document_limit_closes_with_4009(session: Any, bob
     await b.edit(0, "x")
     assert await b.until_closed() == 4009
     assert (await read_doc(session.id)).text == "0123456789"
+
+
+@pytest.mark.parametrize("failing", ["session", "doc"])
+async def test_redis_lost_while_joining_closes_with_4503(session: Any, bob: Any, monkeypatch: Any, failing: str) -> None:
+    # Redis gone between the stream slot (taken from Redis: down there, prepare refuses
+    # with 4503, tests/test_redis_outage.py) and joining the session's or the document's
+    # group: the same 4503 "reconnect shortly", not 1011.
+    target = groups.session_group(session.id) if failing == "session" else groups.doc_group(session.id)
+    subscribe = fanout.Hub.subscribe
+
+    async def unreachable(self: Any, group: str, *args: Any, **kwargs: Any) -> None:
+        if group == target:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        await subscribe(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(fanout.Hub, "subscribe", unreachable)
+    p = peer(session.id, bob)
+    assert await p.open() is None  # refusals accept, then close
+    assert await p.until_closed() == 4503
+    monkeypatch.setattr(fanout.Hub, "subscribe", subscribe)
+    again = await synced(session.id, bob)
+    await again.close()
 
 
 # ---------------------------------------------------------------- awareness
