@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from events_app import fanout, groups
 from events_app.consumers import CLIENT_GONE, NO_LAYER, WS_CLOSE_CODES
-from events_app.metrics import OPEN_STREAMS
+from events_app.metrics import OPEN_STREAMS, SLOW_DISCONNECTS
 from events_app.streams import STREAMS, StreamRequest, prepare, serving
 from events_app.types import Frame
 from project import runtime
@@ -431,6 +431,7 @@ class DocConnection:
             return
         if self.queue.qsize() >= self.limit:
             self.closing = True
+            SLOW_DISCONNECTS.inc()
             self.close("slow_client")
             return
         self.queue.put_nowait(frame)

@@ -1,21 +1,25 @@
 """§10 the shared document on real server processes: a stock npm ``y-websocket``
 ``WebsocketProvider`` (Node, ``ws``) and a ``pycrdt`` peer converge across two processes
 sharing Redis; a REST edit through one process reaches an editor on the other; and a
-server killed with ``kill -9`` while people type loses nothing anyone else had seen."""
+server killed with ``kill -9`` while people type loses nothing anyone else had seen; a
+reader that stops reading is closed 4008 once ``TANDEM_STREAM_QUEUE`` frames wait for it."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import start_server, token_for
+from tests.conftest import start_server, token_for, wait_until
 from tests.docpeer import DocPeer, SocketTransport
 from tests.nodeclients import NODE_DIR
 from tests.test_sse_real_socket import api_client
@@ -316,3 +320,81 @@ def test_a_stock_provider_typing_through_a_kill_9_reconnects_and_converges(
     result = json.loads(out.strip().splitlines()[-1])
     assert result["closes"] >= 1 and result["syncs"] >= 2, result  # it did lose and regain the server
     assert result["text"] == seen == _rest_text(server_b, bob, sid)["text"]
+
+
+def _close_code(sock: socket.socket, timeout: float) -> int | None:
+    """Read a WebSocket's server frames (never masked) until its close frame; its code."""
+    sock.settimeout(timeout)
+    buf = b""
+    headers_done = False
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return None
+        buf += chunk
+        if not headers_done:
+            if b"\r\n\r\n" not in buf:
+                continue
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 101"), head[:100]
+            headers_done = True
+        while len(buf) >= 2:
+            opcode, length, pos = buf[0] & 0x0F, buf[1] & 0x7F, 2
+            if length == 126:
+                if len(buf) < 4:
+                    break
+                length, pos = int.from_bytes(buf[2:4], "big"), 4
+            elif length == 127:
+                if len(buf) < 10:
+                    break
+                length, pos = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < pos + length:
+                break
+            if opcode == 8:
+                return int.from_bytes(buf[pos : pos + 2], "big")
+            buf = buf[pos + length :]
+
+
+def test_a_stalled_doc_reader_is_closed_4008_and_the_others_keep_editing(
+    servers: Any, shared_session: Any, alice: Any, bob: Any
+) -> None:
+    # uvicorn: a write to a full socket waits, so the frames a reader that stopped reading
+    # is owed pile up in its queue, where the server counts them (tests/test_slow_readers.py).
+    (server,) = servers(1, ASGI_SERVER="uvicorn", TANDEM_STREAM_QUEUE="20")
+    sid = shared_session.id
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads nothing
+    stalled.connect(("127.0.0.1", server.port))
+    stalled.sendall(
+        f"GET /ws/sessions/{sid}/doc/?token={token_for(bob)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n".encode()
+    )
+    with api_client(server, alice) as client:
+        def slow_disconnects() -> float:
+            found = re.search(r"^tandem_slow_client_disconnects_total (\S+)$", client.get("/metrics").text, re.MULTILINE)
+            return float(found.group(1)) if found else 0.0
+
+        text = ""
+        for i in range(200):  # each change a ~100 KB update for the stalled reader
+            new = f"{i:03d}" + "x" * 99_000
+            response = client.patch(f"/api/sessions/{sid}/doc/", json={"edits": [{"at": 0, "delete": len(text), "insert": new}]})
+            assert response.status_code == 200, response.text
+            text = new
+            if i % 10 == 9 and slow_disconnects() >= 1:
+                break
+        assert wait_until(lambda: slow_disconnects() >= 1, timeout=20)
+        assert _close_code(stalled, timeout=20) == 4008
+        stalled.close()
+        # The document and everyone else carry on: an editor that opens now syncs the text.
+        response = client.patch(f"/api/sessions/{sid}/doc/", json={"edits": [{"at": 0, "delete": len(text), "insert": "after"}]})
+        assert response.status_code == 200
+
+    async def editor_sees_it() -> str:
+        p = await _peer(server, sid, bob)
+        try:
+            return p.value()
+        finally:
+            await p.close()
+
+    assert asyncio.run(editor_sees_it()) == "after"
