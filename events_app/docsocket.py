@@ -10,8 +10,9 @@ its version; each process's room passes it to its connections (not back to the o
 came from). Versions are contiguous per document, so a room that sees one skip ahead
 (a message lost, or two processes' sends crossing) reads what it missed from the
 database first, and a periodic check catches a lost last one. Awareness (cursors, names)
-takes the same path without being stored; each room also keeps the states it has seen,
-for connections that join later.
+takes the same path without being stored, and reaches every connection, its sender's
+included (as on the stock y-websocket server); each room also keeps the states it has
+seen, for connections that join later.
 
 Frames (y-protocols): ``varUint(type)`` then the payload. ``0`` sync: ``varUint(0)``
 step 1 + state vector, ``1`` step 2 + update, ``2`` update, each ``varUint8Array``;
@@ -32,17 +33,18 @@ from typing import Any
 import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from events_app import fanout, groups
 from events_app.consumers import CLIENT_GONE, NO_LAYER, WS_CLOSE_CODES
-from events_app.metrics import OPEN_STREAMS
+from events_app.metrics import OPEN_STREAMS, SLOW_DISCONNECTS
 from events_app.streams import STREAMS, StreamRequest, prepare, serving
 from events_app.types import Frame
 from project import runtime
 from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, NotFound, PayloadTooLarge
-from project.limits import arelease_stream_slot
+from project.limits import arelease_stream_slot, streams_unavailable
 from sessions_app import doc as docs
 from sessions_app.access import role_of
 from sessions_app.models import Role
@@ -60,7 +62,14 @@ DOC_CLOSE_CODES = {
     **WS_CLOSE_CODES,
     "bad_request": 4400,  # a frame that is not y-websocket, or an update that does not decode
     "permission_denied": 4403,  # a viewer's update
+    "unavailable": 4503,  # Redis unreachable while the socket joined its document (as prepare's 503)
 }
+
+
+def _redis_unreachable(exc: BaseException) -> bool:
+    """A failure to reach Redis (the channel layer) rather than a bug: the socket is
+    refused with 4503, as an event socket is when its slot cannot be taken."""
+    return isinstance(exc, (RedisError, OSError, TimeoutError))
 
 
 class ProtocolError(Exception):
@@ -316,7 +325,10 @@ class Room:
             return  # our answer to another room's query
         if origin not in self.conns:  # another process's (ours were kept when they came in)
             self.keep_awareness(parse_awareness(update), "")
-        self._send_all(awareness_frame(update), skip=origin)
+        # To every connection, its sender included, as the stock y-websocket server does:
+        # a stock client closes a socket that hears nothing for 30 s, and alone in a
+        # document its own renewal (every 15 s) is all it would hear.
+        self._send_all(awareness_frame(update), skip="")
 
     def keep_awareness(self, entries: list[AwarenessEntry], owner: str) -> None:
         now = self.rooms.runtime.loop.time()
@@ -419,6 +431,7 @@ class DocConnection:
             return
         if self.queue.qsize() >= self.limit:
             self.closing = True
+            SLOW_DISCONNECTS.inc()
             self.close("slow_client")
             return
         self.queue.put_nowait(frame)
@@ -552,10 +565,14 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
             await self._release()
             await self._refuse(err)
             return
-        except Exception:
-            log.exception("Opening a document socket failed")
+        except Exception as exc:
             await self._release()
-            await self._refuse(None)
+            if _redis_unreachable(exc):  # Redis went away after the slot was taken
+                log.warning("Refused a document socket: Redis unreachable (%r)", exc)
+                await self._refuse(streams_unavailable())
+            else:
+                log.exception("Opening a document socket failed")
+                await self._refuse(None)
             return
         if self.ended:  # removed, or the session deleted, while it was being admitted
             self.conn = None
@@ -573,9 +590,13 @@ class DocSocketConsumer(AsyncWebsocketConsumer):
         try:
             conn.room = await ROOMS.get().join(conn)
             state_vector, _ = await off_loop(docs.state_vector)(session_id)
-        except Exception:
-            log.exception("Opening a document socket failed")
-            self._end("internal_error")
+        except Exception as exc:
+            if _redis_unreachable(exc):
+                log.warning("Closed a document socket: Redis unreachable (%r)", exc)
+                self._end("unavailable")
+            else:
+                log.exception("Opening a document socket failed")
+                self._end("internal_error")
             return
         conn.push(sync_frame(SYNC_STEP1, state_vector))
         snapshot = conn.room.awareness_snapshot()

@@ -383,7 +383,7 @@ def take_stream_slot(user_id: int, slot: str) -> None:
     except Exception:
         # Redis is down or hung, and a stream's live events come through it: refuse
         # before the stream starts rather than answer 200 and fall silent.
-        raise _unavailable() from None
+        raise streams_unavailable() from None
     if not taken:
         raise _too_many(limit)
     state.held[slot] = user_id
@@ -395,7 +395,9 @@ def _too_many(limit: int) -> TooManyConnections:
     )
 
 
-def _unavailable() -> Unavailable:
+def streams_unavailable() -> Unavailable:
+    """Why a stream is refused while Redis, which carries live events, is unreachable
+    (503, WebSocket close 4503)."""
     return Unavailable(
         "Live events are unavailable for a moment; reconnect shortly.",
         headers={"Retry-After": str(STREAM_RETRY_AFTER)},
@@ -413,7 +415,7 @@ async def atake_stream_slot(user_id: int, slot: str) -> None:
     try:
         taken = await state.takes.submit((user_id, slot))
     except Exception:
-        raise _unavailable() from None
+        raise streams_unavailable() from None
     if not taken:
         raise _too_many(limit)
     state.held[slot] = user_id

@@ -28,6 +28,10 @@ writes as ``AGENT``.
 - ``doc_text_and_size(session) -> (text, chars)``: for the admin.
 - ``absorb(session_id, version, update)``: a relayed update, into this process's copy.
 
+An agent's edit is ``apply_edits(AGENT, session_id, [Edit(at, delete, insert)])`` or
+``append_paragraph(AGENT, session_id, text)`` once its permission is granted: it reaches
+every open editor live, and ``doc.updated`` says ``"by": "agent"``.
+
 Every change is stored (one ``DocUpdate`` row and the version bump, in the caller's
 transaction) before anything is sent: once it commits, the update goes to the document's
 group (``groups.doc_group``) for every process's open editors, and ``doc.updated`` is
@@ -35,7 +39,7 @@ published at most once every ``TANDEM_DOC_EVENT_SECONDS`` per session (a change 
 that window is announced when it ends). ``compact_forever`` (every server process's
 housekeeping) folds stored updates into the document's base.
 
-Each process keeps the documents it works on in memory (``_live``), brought up to date
+Each process keeps the documents it works on in memory (``_slots``), brought up to date
 from the stored updates under the document's row lock before each change, so a change
 costs the updates made elsewhere since, not a reload of the whole document.
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +77,9 @@ AGENT: Literal["agent"] = "agent"
 Actor = User | Literal["agent"]
 EMPTY_UPDATE = b"\x00\x00"  # a Yjs v1 update with nothing in it
 MAX_LIVE = 256  # documents a process keeps in memory
+# Seconds without another process's write after which this process stores a document's
+# updates in one conditional statement instead of a locking transaction (apply_updates).
+FOREIGN_QUIET = 5.0
 
 
 class BadUpdate(BadRequest):
@@ -120,6 +128,9 @@ class _Live:
 class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     live: _Live | None = None
+    # When another process last wrote this document (seen relayed or read back): while
+    # it keeps writing, this process's copy is often one behind, so writes take the lock.
+    foreign_at: float = -FOREIGN_QUIET
 
 
 _slots: OrderedDict[str, _Slot] = OrderedDict()
@@ -186,6 +197,8 @@ def _current(slot: _Slot, row: Document) -> _Live:
             after = row.base_version
         for data in _stored(row.session_id, after, row.version):
             _apply_raw(live, data)
+        if slot.live is not None:  # behind what is stored: another process wrote
+            slot.foreign_at = time.monotonic()
         live.version = row.version
     live.changes.clear()
     slot.live = live
@@ -200,7 +213,12 @@ def absorb(session_id: str, version: int, update: bytes) -> bool:
     if applied."""
     with _slots_lock:
         slot = _slots.get(session_id)
-    if slot is None or not slot.lock.acquire(blocking=False):
+    if slot is None:
+        return False
+    known = slot.live.version if slot.live is not None else 0
+    if version > known:  # not one of ours (those are in the copy before they are sent)
+        slot.foreign_at = time.monotonic()
+    if not slot.lock.acquire(blocking=False):
         return False
     try:
         live = slot.live
@@ -404,6 +422,9 @@ def apply_updates(session: Session | str, items: Sequence[Incoming]) -> list[App
     (``BadUpdate``, ``DocTooLarge``, returned in its place) does not stop the others."""
     session_id = _sid(session)
     slot = _slot(session_id)
+    quick = _apply_quickly(session_id, slot, items)
+    if quick is not None:
+        return quick
     results: list[Applied | None | ApiError] = []
     with transaction.atomic():
         row = _lock_row(session_id)
@@ -444,6 +465,113 @@ def apply_updates(session: Session | str, items: Sequence[Incoming]) -> list[App
                 slot.live = None  # it may hold what was refused: rebuilt on next use
                 raise
     return results
+
+
+def _apply_quickly(session_id: str, slot: _Slot, items: Sequence[Incoming]) -> list[Applied | None | ApiError] | None:
+    """``apply_updates`` in one statement, when this process's copy of the document is
+    (very likely) current: no other process wrote it for ``FOREIGN_QUIET`` seconds. The
+    changes are computed on the copy first, then stored by one PostgreSQL statement in
+    autocommit (its own transaction): bump the row's version *if it is still the copy's*
+    and insert the changes as the versions after it. The row is locked for that one
+    statement's execution and commit, not for a transaction's worth of round trips
+    (BEGIN, SELECT … FOR UPDATE, INSERT, UPDATE, COMMIT). Contiguous versions and "stored
+    before relayed" hold as on the locking path. None when it does not apply (another
+    process wrote meanwhile, an update makes the text too long, not PostgreSQL): the
+    caller takes the locking path, on a copy rebuilt from the database."""
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return None
+    if time.monotonic() - slot.foreign_at < FOREIGN_QUIET:
+        return None
+    with slot.lock:
+        live = slot.live
+        if live is None or not live.committed:
+            return None
+        known = live.version
+        results: list[Applied | None | ApiError] = []
+        stored: list[tuple[bytes, Actor]] = []
+        try:
+            for item in items:
+                if item.update == EMPTY_UPDATE:
+                    results.append(None)
+                    continue
+                before = len(live.text)
+                try:
+                    _apply_raw(live, item.update)
+                except BadUpdate as exc:
+                    live.changes.clear()
+                    results.append(exc)
+                    continue
+                change = _take_changes(live)
+                if change is None:
+                    results.append(None)
+                elif _too_large(live, before):
+                    slot.live = None  # the locking path refuses it, on a rebuilt copy
+                    return None
+                else:
+                    stored.append((change, item.actor))
+                    results.append(Applied(known + len(stored), change))
+            if not stored:
+                return results
+            live.committed = False
+            event_at = _store_if_at(session_id, known, stored)
+        except BaseException:
+            slot.live = None
+            raise
+        if event_at is False:  # another process wrote since the copy was current
+            slot.live = None
+            slot.foreign_at = time.monotonic()
+            return None
+        live.version = known + len(stored)
+        live.committed = True
+    # Committed: relayed in order, then doc.updated as the coalescing allows (in its own
+    # transaction; the locking path publishes it in the storing one).
+    group = groups.doc_group(session_id)
+    origins = [item.origin for item, result in zip(items, results, strict=True) if isinstance(result, Applied)]
+    for (change, _), origin, version in zip(stored, origins, range(known + 1, known + len(stored) + 1), strict=True):
+        fanout.send_to_group(group, groups.encode_doc_update(session_id, version, change, origin))
+    interval = settings.TANDEM_DOC_EVENT_SECONDS
+    if event_at is None or (timezone.now() - event_at).total_seconds() >= interval:
+        left = announce_if_due(session_id)
+    else:
+        left = interval - (timezone.now() - event_at).total_seconds()
+    if left is not None:
+        _announce_later(session_id, left)
+    return results
+
+
+_STORE_IF_AT = """
+WITH d AS (
+    UPDATE {doc} SET version = version + %(n)s, updated_at = %(now)s, last_by_id = %(by)s,
+        last_by_agent = %(agent)s
+    WHERE session_id = %(sid)s AND version = %(known)s
+    RETURNING event_at
+), ins AS (
+    INSERT INTO {upd} (session_id, version, data, created_at)
+    SELECT %(sid)s, %(known)s + u.k, u.data, %(now)s
+    FROM d, unnest(%(data)s::bytea[]) WITH ORDINALITY AS u(data, k)
+)
+SELECT event_at FROM d
+"""
+
+
+def _store_if_at(session_id: str, known: int, stored: list[tuple[bytes, Actor]]) -> datetime | None | Literal[False]:
+    """Store ``stored`` as the versions after ``known`` if the document is still at
+    ``known`` (one statement, committed when it returns): the row's ``event_at``, or False
+    if the document is elsewhere (nothing stored)."""
+    actor = stored[-1][1]
+    sql = _STORE_IF_AT.format(doc=Document._meta.db_table, upd=DocUpdate._meta.db_table)
+    params: dict[str, Any] = {
+        "n": len(stored), "now": timezone.now(), "by": None if isinstance(actor, str) else actor.pk,
+        "agent": isinstance(actor, str), "sid": session_id, "known": known,
+        "data": [change for change, _ in stored],
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    event_at: datetime | None = row[0]
+    return event_at
 
 
 def _edit_fields(edit: Edit | Mapping[str, Any]) -> Edit:

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from pycrdt import Doc, Text
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from events_app import fanout, groups
 from project.auth import issue_ticket
 from sessions_app import doc as docs
 from sessions_app import services
@@ -271,6 +273,28 @@ async def test_update_past_the_document_limit_closes_with_4009(session: Any, bob
     assert (await read_doc(session.id)).text == "0123456789"
 
 
+@pytest.mark.parametrize("failing", ["session", "doc"])
+async def test_redis_lost_while_joining_closes_with_4503(session: Any, bob: Any, monkeypatch: Any, failing: str) -> None:
+    # Redis gone between the stream slot (taken from Redis: down there, prepare refuses
+    # with 4503, tests/test_redis_outage.py) and joining the session's or the document's
+    # group: the same 4503 "reconnect shortly", not 1011.
+    target = groups.session_group(session.id) if failing == "session" else groups.doc_group(session.id)
+    subscribe = fanout.Hub.subscribe
+
+    async def unreachable(self: Any, group: str, *args: Any, **kwargs: Any) -> None:
+        if group == target:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        await subscribe(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(fanout.Hub, "subscribe", unreachable)
+    p = peer(session.id, bob)
+    assert await p.open() is None  # refusals accept, then close
+    assert await p.until_closed() == 4503
+    monkeypatch.setattr(fanout.Hub, "subscribe", subscribe)
+    again = await synced(session.id, bob)
+    await again.close()
+
+
 # ---------------------------------------------------------------- awareness
 
 
@@ -288,6 +312,20 @@ async def test_awareness_is_relayed_to_others_and_cleared_when_they_leave(sessio
     await c.until(lambda: a.doc.client_id not in c.awareness)
     await b.close()
     await c.close()
+
+
+async def test_an_editor_alone_hears_its_own_awareness_back(session: Any, alice: Any) -> None:
+    # As the stock y-websocket server does: every awareness update goes to all the
+    # document's connections, its sender included. A stock client closes a socket that
+    # hears nothing for 30 s, and its awareness renewal every 15 s is what it hears
+    # when it is alone.
+    a = await synced(session.id, alice)
+    await a.send_raw(awareness_frame(awareness_update(a.doc.client_id, 1, '{"user": {"name": "alice"}}')))
+    await a.until(lambda: a.awareness.get(a.doc.client_id) == (1, '{"user": {"name": "alice"}}'))
+    # A renewal (same state, next clock) comes back too.
+    await a.send_raw(awareness_frame(awareness_update(a.doc.client_id, 2, '{"user": {"name": "alice"}}')))
+    await a.until(lambda: a.awareness.get(a.doc.client_id) == (2, '{"user": {"name": "alice"}}'))
+    await a.close()
 
 
 # ---------------------------------------------------------------- ending
@@ -373,3 +411,19 @@ async def test_edits_inside_the_window_are_announced_when_it_ends(session: Any, 
     ]
     await a.close()
     await b.close()
+
+
+async def test_a_viewer_reconnecting_with_the_document_it_had_stays_open(session: Any, alice: Any, carol: Any) -> None:
+    a = await synced(session.id, alice)
+    await a.edit(0, "keep this, drop that")
+    await a.edit(10, "", delete=10)  # a deletion: every later step 2 carries it
+    await eventually(lambda: version_is(session.id, 2))
+    back = peer(session.id, carol)
+    back.doc.apply_update(a.doc.get_update())  # what it had before it lost its connection
+    assert await back.open() is None
+    await back.sync()
+    await a.edit(0, ">")
+    await back.until(lambda: back.value() == ">keep this,")
+    assert back.closed is None
+    await a.close()
+    await back.close()

@@ -168,3 +168,29 @@ def test_websocket_opened_while_redis_is_down_closes_with_4503(
                 return False
 
     assert wait_for(opens, timeout=15)
+
+
+def test_doc_socket_opened_while_redis_is_down_closes_with_4503(
+    servers: Any, private_redis: Any, shared_session: Any, alice: Any
+) -> None:
+    # The shared document's socket is refused like the event sockets: 4503, reconnect
+    # shortly (its edits reach the other processes' editors through Redis).
+    (server,) = servers(1, redis=True, REDIS_URL=private_redis.url)
+    url = server.url.replace("http://", "ws://") + f"/ws/sessions/{shared_session.id}/doc/?token={token_for(alice)}"
+    private_redis.stop()
+    with ws_connect(url, open_timeout=10) as socket:
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4503
+    assert closed.value.rcvd.reason == "unavailable"
+    private_redis.start()
+
+    def opens() -> bool:
+        with ws_connect(url, open_timeout=10) as socket:
+            try:
+                first = socket.recv(timeout=10)
+            except ConnectionClosed:
+                return False
+            return isinstance(first, bytes) and first[:2] == b"\x00\x00"  # sync step 1
+
+    assert wait_for(opens, timeout=15)
