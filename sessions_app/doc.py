@@ -518,6 +518,7 @@ def _apply_quickly(session_id: str, slot: _Slot, items: Sequence[Incoming]) -> l
             slot.live = None
             raise
         if event_at is False:  # another process wrote since the copy was current
+            log.info("Document %s: another process wrote meanwhile; storing under the lock", session_id)
             slot.live = None
             slot.foreign_at = time.monotonic()
             return None
