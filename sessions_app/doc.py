@@ -20,7 +20,8 @@ writes as ``AGENT``.
   update (v1 encoding) from a client; ``None`` when it changed nothing. Raises
   ``BadUpdate`` (400) for bytes that do not decode, ``DocTooLarge`` (413). Nothing is
   stored, and the document is unchanged, when it raises. ``apply_updates(session,
-  [Incoming(actor, update, origin)…])`` does several in one transaction, answering each.
+  [Incoming(actor, update, origin)…])`` does several in one transaction (or statement),
+  answering each.
 - ``sync_reply(session, state_vector) -> (update, version)``: what a client with that
   state vector lacks (y-websocket's sync step 2). ``BadUpdate`` for a malformed vector.
 - ``state_vector(session) -> (state_vector, version)`` (sync step 1) and
@@ -41,7 +42,10 @@ housekeeping) folds stored updates into the document's base.
 
 Each process keeps the documents it works on in memory (``_slots``), brought up to date
 from the stored updates under the document's row lock before each change, so a change
-costs the updates made elsewhere since, not a reload of the whole document.
+costs the updates made elsewhere since, not a reload of the whole document. While no
+other process writes a document, ``apply_updates`` on PostgreSQL skips that locking
+transaction: one conditional statement stores a batch if the copy is still current
+(``_apply_quickly``).
 """
 from __future__ import annotations
 
@@ -518,6 +522,7 @@ def _apply_quickly(session_id: str, slot: _Slot, items: Sequence[Incoming]) -> l
             slot.live = None
             raise
         if event_at is False:  # another process wrote since the copy was current
+            log.info("Document %s: another process wrote meanwhile; storing under the lock", session_id)
             slot.live = None
             slot.foreign_at = time.monotonic()
             return None
