@@ -209,10 +209,10 @@ class SSEConsumer(AsyncHttpConsumer):
         await self.send_response(status or err.status, orjson.dumps(err.body()), headers=headers)
 
 
-class StreamSocketConsumer(AsyncWebsocketConsumer):
-    """``/ws/sessions/{id}/`` and ``/ws/stream/``: the same envelopes as SSE, plus
-    commands. Refusals after the origin check accept and close with 44xx, because a
-    browser cannot read the status of a failed handshake."""
+class ServedSocket(AsyncWebsocketConsumer):
+    """What every Tandem WebSocket shares: no channel layer of its own (the hub fans out),
+    counted as served for graceful shutdown, closed ``shutdown`` when the server cancels it,
+    and messages dispatched without Channels' per-message database hop."""
 
     channel_layer_alias = NO_LAYER
 
@@ -235,6 +235,12 @@ class StreamSocketConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+
+
+class StreamSocketConsumer(ServedSocket):
+    """``/ws/sessions/{id}/`` and ``/ws/stream/``: the same envelopes as SSE, plus
+    commands. Refusals after the origin check accept and close with 44xx, because a
+    browser cannot read the status of a failed handshake."""
 
     async def connect(self) -> None:
         self.conn: Connection | None = None

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from redis.exceptions import RedisError
 
 from events_app import fanout, groups
-from events_app.consumers import CLIENT_GONE, NO_LAYER, WS_CLOSE_CODES
+from events_app.consumers import CLIENT_GONE, WS_CLOSE_CODES, ServedSocket
 from events_app.metrics import OPEN_STREAMS, SLOW_DISCONNECTS
-from events_app.streams import STREAMS, StreamRequest, prepare, serving
+from events_app.streams import STREAMS, StreamRequest, prepare
 from events_app.types import Frame
 from project import runtime
 from project.batch import Batcher
@@ -507,28 +506,9 @@ class DocConnection:
 # ---------------------------------------------------------------- the consumer
 
 
-class DocSocketConsumer(AsyncWebsocketConsumer):
+class DocSocketConsumer(ServedSocket):
     """``/ws/sessions/{id}/doc/``. Refusals accept and close with 44xx, as on the other
     WebSockets (PROTOCOL §6)."""
-
-    channel_layer_alias = NO_LAYER
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        serving(asyncio.current_task())
-        try:
-            await super().__call__(scope, receive, send)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": WS_CLOSE_CODES["shutdown"], "reason": "shutdown"})
-            with contextlib.suppress(Exception):
-                await self.disconnect(WS_CLOSE_CODES["shutdown"])
-            raise
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        handler = getattr(self, message["type"].replace(".", "_"), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
 
     async def connect(self) -> None:
         self.conn: DocConnection | None = None
