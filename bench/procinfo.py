@@ -88,3 +88,33 @@ class Server:
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids)
+
+
+# What a process is, for the CPU breakdown of a run on one machine: the first marker
+# found in its command line names it.
+_ROLES = (("postgres", "postgres"), ("run_agents", "agents_worker"), ("redis-server", "redis"))
+
+
+def cpu_by_role(server: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the server's processes, the agents workers, PostgreSQL's
+    and Redis's processes (all of them on this machine), this load tool, and the whole
+    machine (every core's busy time): subtract two of these to see where a window's CPU
+    went. Processes that end inside the window are missed; the machine's figure is not."""
+    out = {"server": sum(cpu_seconds(p) for p in server), "load_tool": cpu_seconds(os.getpid())}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in server:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        for marker, role in _ROLES:
+            if marker in cmd:
+                out[role] = out.get(role, 0.0) + cpu_seconds(int(entry))
+                break
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    # Busy: everything but idle and iowait.
+    out["machine"] = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return out

@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` importable
 
 from bench import docbench
 from bench.clients import StreamClient, connect_all
-from bench.procinfo import Server
+from bench.procinfo import Server, cpu_by_role
 from bench.stats import by_bn, by_seq, connect_summary, count_reordered, percentiles, table
 from bench.targets import BenchError, TandemTarget, Target, make_target, spread
 
@@ -367,10 +367,12 @@ async def posts(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     # The server's CPU while posting (the connects and the drain's state polls left
     # out), per accepted post: what bounds turns/s for one process.
     cpu_before = probe.cpu()
+    roles_before = cpu_by_role(probe.server.pids)
     started = time.time()
     await asyncio.gather(*(poster(k) for k in range(args.publishers)))
     posting = time.time() - started
     turns_cpu = probe.cpu() - cpu_before
+    roles_after = cpu_by_role(probe.server.pids)
     heads = await _settled_heads(target, args.drain)
     await wait_until(
         lambda: all(c.ended or (c.seqs and max(c.seqs) >= heads[session_of[i]]) for i, c in enumerate(clients)),
@@ -387,6 +389,13 @@ async def posts(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         "post_ms": percentiles(latencies),
         "events_persisted": persisted, "events_persisted_per_s": round(persisted / posting, 1),
         "server_cpu_ms_per_post": round(turns_cpu / accepted * 1e3, 2) if accepted and probe.server.pids else None,
+        # Where each turn's CPU went while posting: every process of this machine by
+        # role, and the machine as a whole (the kernel's share included).
+        "cpu_ms_per_turn": {
+            role: round((roles_after[role] - roles_before.get(role, 0.0)) / accepted * 1e3, 2)
+            for role in roles_after
+        } if accepted else None,
+        "machine_cores_busy": round((roles_after["machine"] - roles_before["machine"]) / posting, 2),
         **{k: v for k, v in stats.items() if k != "latency_ms"},
         "server": probe.report(),
     }
