@@ -141,7 +141,7 @@ def list_permissions(session: Session, status: str | None) -> list[PermissionReq
 
 
 def close_permissions(
-    session_id: str, message_id: str, reason: str, *, resolved_by: Any, status: str
+    session_id: str, message_id: str, reason: str, *, resolved_by_id: int | None, status: str
 ) -> list[tuple[str, dict[str, Any]]]:
     """Resolve the reply's pending requests; returns their ``permission.resolved`` events
     for the caller to publish (in its transaction, with the reply's other last events)."""
@@ -153,8 +153,8 @@ def close_permissions(
         permission.status = status
         permission.approved = False
         permission.reason = reason
-        permission.resolved_by = resolved_by
-        permission.resolved_by_timeout = resolved_by is None
+        permission.resolved_by_id = resolved_by_id
+        permission.resolved_by_timeout = resolved_by_id is None
         permission.resolved_at = timezone.now()
         permission.save()
         events.append(_resolution_event(permission))

@@ -107,7 +107,11 @@ def renew_leases(runner: str, message_ids: list[str]) -> tuple[set[str], set[str
 
 
 def abort_requested(message_id: str) -> bool:
-    return ReplyRun.objects.filter(pk=message_id, abort_requested=True).exists()
+    table = connection.ops.quote_name(ReplyRun._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT abort_requested FROM {table} WHERE message_id = %s", [message_id])
+        row = cursor.fetchone()
+    return bool(row and row[0])
 
 
 def reap_expired_runs() -> int:
@@ -139,23 +143,35 @@ def _interrupt(run: ReplyRun, lease_expired_before: Any = None) -> bool:
 
 
 def reply_context(session_id: str, message_id: str) -> dict[str, Any]:
-    """What an agent sees: the session's messages before the reply."""
-    history = []
-    # The conversation up to this reply's turn: not the messages still queued behind it,
-    # nor replies a retry replaced.
-    turn = Message.objects.filter(pk=message_id).values_list("turn_at", flat=True).first()
-    messages = (
-        Message.objects.filter(session_id=session_id, superseded_by__isnull=True)
-        .exclude(pk=message_id)
-        .exclude(status=Message.Status.QUEUED)
-        .order_by("turn_at", "id")
-        .prefetch_related("parts")
-    )
-    if turn is not None:
-        messages = messages.filter(turn_at__lt=turn)
-    for message in messages:
-        text = "\n\n".join(p.text for p in message.parts.all() if p.type == Part.PartType.TEXT)
-        history.append({"role": message.role, "text": text})
+    """What an agent sees: the session's messages before the reply — not the messages
+    still queued behind it, nor replies a retry replaced — each with the text of its text
+    parts. One statement (every reply reads it before its agent starts; the ORM's two
+    queries cost the worker more than the rest of a short reply)."""
+    quote = connection.ops.quote_name
+    messages, parts = quote(Message._meta.db_table), quote(Part._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT m.id, m.role, p.text FROM {messages} m "
+            f"LEFT JOIN {parts} p ON p.message_id = m.id AND p.type = %s "
+            "WHERE m.session_id = %s AND m.superseded_by_id IS NULL AND m.id <> %s AND m.status <> %s "
+            # Before the reply's turn (all of them if the reply is gone).
+            f"AND NOT EXISTS (SELECT 1 FROM {messages} r WHERE r.id = %s AND r.turn_at <= m.turn_at) "
+            f"ORDER BY m.turn_at, m.id, p.{quote('index')}",
+            [Part.PartType.TEXT, session_id, message_id, Message.Status.QUEUED, message_id],
+        )
+        rows = cursor.fetchall()
+    history: list[dict[str, Any]] = []
+    texts: list[list[str]] = []
+    last = None
+    for message, role, text in rows:
+        if message != last:
+            last = message
+            texts.append([])
+            history.append({"role": role, "text": ""})
+        if text is not None:
+            texts[-1].append(text)
+    for entry, joined in zip(history, texts, strict=True):
+        entry["text"] = "\n\n".join(joined)
     return {"history": history}
 
 
@@ -252,20 +268,19 @@ def finish_reply(
     usage: dict[str, int] | None = None,
     lease_expired_before: Any = None,
     writes: list[TextWrite] = (),  # type: ignore[assignment]
+    asked_permission: bool = True,
 ) -> bool:
     """End a reply: the runner's last coalesced text (``writes``, as ``write_parts``),
     each open part's complete state, open tools and pending permissions closed, then
     message.completed, then the session idle, all in one transaction and one batch of
     events. Only the runner holding the run may end it, once; returns False when it no
-    longer does (and writes nothing)."""
+    longer does (and writes nothing). ``asked_permission=False``: the runner knows the
+    reply asked none, so there are none to close (only a reply's own runner asks
+    permission for it)."""
     with transaction.atomic():
-        held = ReplyRun.objects.filter(pk=message_id, runner=runner)
-        if lease_expired_before is not None:
-            held = held.filter(lease_until__lt=lease_expired_before)
-        run = held.select_related("abort_by").first()
-        if run is None:
+        held, abort_by_id = _release_run(message_id, runner, lease_expired_before)
+        if not held:
             return False
-        run.delete()
         events = _text_write_events(message_id, list(writes))
         # One read of the reply's parts serves both the text parts' final states and the
         # open tools.
@@ -287,12 +302,13 @@ def finish_reply(
             part.state = {"input": (part.state or {}).get("input"), "status": "error", "error": why}
             part.save(update_fields=["state"])
             events += _tool_state_events(message_id, part)
-        by_timeout = status != Message.Status.CANCELLED or run.abort_by is None
-        events += close_permissions(
-            session_id, message_id, why,
-            resolved_by=None if by_timeout else run.abort_by,
-            status=PermissionRequest.Status.EXPIRED if by_timeout else PermissionRequest.Status.REJECTED,
-        )
+        if asked_permission:
+            by_timeout = status != Message.Status.CANCELLED or abort_by_id is None
+            events += close_permissions(
+                session_id, message_id, why,
+                resolved_by_id=None if by_timeout else abort_by_id,
+                status=PermissionRequest.Status.EXPIRED if by_timeout else PermissionRequest.Status.REJECTED,
+            )
         fields: dict[str, Any] = {"status": status, "error": error, "completed_at": timezone.now()}
         if usage:
             fields["usage"] = usage
@@ -304,9 +320,25 @@ def finish_reply(
         # The session's row lock after the reply's own rows (the order of every other
         # writer's locks), and before the queue is read: a post racing with this either
         # committed its queued message already or waits and then finds the session idle.
-        lock_session(session_id)
+        lock_session_row(session_id)
         start_next_turn(session_id, events)
     return True
+
+
+def _release_run(message_id: str, runner: str, lease_expired_before: Any) -> tuple[bool, int | None]:
+    """Delete the run if ``runner`` holds it (and, for the reaper, its lease lapsed before
+    ``lease_expired_before``): (whether it did, who asked to abort). One statement, where
+    the ORM took a read with a join and a delete."""
+    table = connection.ops.quote_name(ReplyRun._meta.db_table)
+    sql = f"DELETE FROM {table} WHERE message_id = %s AND runner = %s"
+    params: list[Any] = [message_id, runner]
+    if lease_expired_before is not None:
+        sql += " AND lease_until < %s"
+        params.append(connection.ops.adapt_datetimefield_value(lease_expired_before))
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING abort_by_id", params)
+        row = cursor.fetchone()
+    return (False, None) if row is None else (True, row[0])
 
 
 def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -> Message | None:
@@ -316,20 +348,22 @@ def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -
     runner is up. The caller holds the session's row lock (``lock_session``), taken after
     the reply's own rows; ``events`` (the reply's closing ones) go out first, in the same
     batch as the idle status or the next turn's."""
-    waiting = (
-        Message.objects.filter(session_id=session_id, status=Message.Status.QUEUED)
-        .order_by("turn_at", "id")
-        .first()
-    )
+    table = connection.ops.quote_name(Message._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {table} WHERE session_id = %s AND status = %s ORDER BY turn_at, id LIMIT 1",
+            [session_id, Message.Status.QUEUED],
+        )
+        waiting = cursor.fetchone()
     if waiting is None:
         idle = {"type": "idle"}
         publish_many(session_id, [*events, _status_event(idle)], session_fields={"status": idle})
         return None
     now = timezone.now()
-    Message.objects.filter(pk=waiting.pk).update(
+    Message.objects.filter(pk=waiting[0]).update(
         status=Message.Status.COMPLETED, completed_at=now, turn_at=now
     )
-    updated = ("message.updated", {"message_id": waiting.pk, "status": Message.Status.COMPLETED})
+    updated = ("message.updated", {"message_id": waiting[0], "status": Message.Status.COMPLETED})
     return queue_reply(session_id, after=now, first=[*events, updated])
 
 
@@ -374,6 +408,16 @@ def lock_session(session_id: str) -> Session | None:
     # [:1] rather than first(): no ORDER BY to build for a lookup by primary key.
     found = list(Session.objects.select_for_update().filter(pk=session_id).order_by()[:1])
     return found[0] if found else None
+
+
+def lock_session_row(session_id: str) -> None:
+    """``lock_session`` for a caller that needs the lock, not the row: one plain
+    statement (where the database has row locks; SQLite's writers hold the whole database
+    until they commit anyway)."""
+    table = connection.ops.quote_name(Session._meta.db_table)
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {table} WHERE id = %s{lock}", [session_id])
 
 
 def current_run(session_id: str) -> dict[str, Any] | None:

@@ -65,14 +65,14 @@ def test_a_post_and_a_short_echo_reply_cost_a_bounded_number_of_statements(
         part_id = new_part_id()
         assert services.finish_reply(
             session_id, reply_id, runner="runner-1", status="completed", text_parts=[(part_id, "hi")],
-            writes=[services.TextWrite(part_id, "text", "hi", "hi", index=0)],
+            writes=[services.TextWrite(part_id, "text", "hi", "hi", index=0)], asked_permission=False,
         )
     sql = statements(replying)
-    # The claim 1; the abort flag 1 and the history 3 (the answered message's turn, the
-    # messages before it, their parts); the run's row 2 (read, delete); the part 1; the
-    # parts, the permissions, the message 3; the session's lock and the queue 2 (the next
-    # turn, or idle); one seq UPDATE and one INSERT for five events.
-    assert len(sql) <= 15, "\n".join(s[:110] for s in sql)
+    # The claim 1; the abort flag 1 and the history 1; the run's row 1 (deleted, who asked
+    # to abort returned); the part 1; the parts and the message 2 (no permissions to close:
+    # the runner asked none); the session's lock and the queue 2 (the next turn, or idle);
+    # one seq UPDATE and one INSERT for five events.
+    assert len(sql) <= 11, "\n".join(s[:110] for s in sql)
     assert writes(sql, "events_app_event") == 1 and writes(sql, "sessions_app_session") == 1
     events = [orjson.loads(e) for e in Event.objects.filter(session_id=session_id, seq__gt=before + 3)
               .order_by("seq").values_list("envelope", flat=True)]

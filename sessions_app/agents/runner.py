@@ -95,6 +95,7 @@ class Run:
         self.usage = _Usage()
         self.retrying = False
         self.last_flush = time.monotonic()
+        self.asked_permission = False  # if not, the finish has no requests to close
 
     # Listener protocol: the run group carries only control messages.
     def deliver(self, frame: Frame) -> None:
@@ -316,6 +317,7 @@ class Run:
         except tools.ToolFailed as exc:
             return await fail(f"Invalid input: {exc}")
         if tool.needs_permission:
+            self.asked_permission = True
             permission = await off_loop(services.request_permission)(
                 self.session_id, self.message_id, call_id, tool.name, checked
             )
@@ -414,7 +416,7 @@ class Run:
         await off_loop(services.finish_reply)(
             self.session_id, self.message_id, runner=self.runner, status=status, error=error,
             text_parts=[(p.id, p.text) for p in self.parts],
-            usage=self.usage.totals or None, writes=writes,
+            usage=self.usage.totals or None, writes=writes, asked_permission=self.asked_permission,
         )
 
 
