@@ -341,6 +341,16 @@ def _release_run(message_id: str, runner: str, lease_expired_before: Any) -> tup
     return (False, None) if row is None else (True, row[0])
 
 
+def queued_count(session_id: str) -> int:
+    """How many messages wait in the session's queue. Read after ``lock_session``, as a
+    statement of its own (see there)."""
+    table = connection.ops.quote_name(Message._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE session_id = %s AND status = %s",
+                       [session_id, Message.Status.QUEUED])
+        return int(cursor.fetchone()[0])
+
+
 def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -> Message | None:
     """The reply ended: answer the oldest queued message, or make the session idle when
     none waits. In the transaction that ended the reply, so the queue moves on even when
@@ -405,8 +415,11 @@ def lock_session(session_id: str) -> Session | None:
     left it; anything else must be read by a later statement, which sees what that holder
     committed (a subquery of this one would not: READ COMMITTED takes the snapshot of a
     statement before it waits for the lock)."""
-    # [:1] rather than first(): no ORDER BY to build for a lookup by primary key.
-    found = list(Session.objects.select_for_update().filter(pk=session_id).order_by()[:1])
+    table = connection.ops.quote_name(Session._meta.db_table)
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    # A raw query: every post and every end of a reply takes this lock, and building the
+    # ORM's query cost more than running it.
+    found = list(Session.objects.raw(f"SELECT * FROM {table} WHERE id = %s{lock}", [session_id]))
     return found[0] if found else None
 
 

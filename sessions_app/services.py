@@ -45,7 +45,7 @@ from sessions_app.runs import abort_requested as abort_requested
 from sessions_app.runs import claim_runs as claim_runs
 from sessions_app.runs import finish_reply as finish_reply
 from sessions_app.runs import interrupt_runs as interrupt_runs
-from sessions_app.runs import lock_session, new_reply, queue_reply
+from sessions_app.runs import lock_session, new_reply, queue_reply, queued_count
 from sessions_app.runs import reap_expired_runs as reap_expired_runs
 from sessions_app.runs import renew_leases as renew_leases
 from sessions_app.runs import reply_context as reply_context
@@ -260,7 +260,7 @@ def post_message(
         waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
         # A statement of its own, after the lock: it sees every post and every end of a
         # reply that committed while this one waited for the lock (runs.lock_session).
-        queued = waiting.count()
+        queued = queued_count(locked.pk)
         now = timezone.now()
         if not locked.is_busy and not queued:
             events: list[tuple[str, dict[str, Any]]] = []

@@ -237,6 +237,19 @@ def test_token_of_a_deleted_user_is_a_bad_credential(alice: Any) -> None:
     assert_error(_with_header(f"Bearer {token}").get("/api/sessions/"), 401, "authentication_failed")
 
 
+def test_token_of_a_deactivated_user_is_a_bad_credential(alice: Any) -> None:
+    token = token_for(alice)
+    alice.is_active = False
+    alice.save()
+    assert_error(_with_header(f"Bearer {token}").get("/api/sessions/"), 401, "authentication_failed")
+
+
+def test_token_whose_user_id_is_not_a_number_is_a_bad_credential(alice: Any) -> None:
+    token = AccessToken.for_user(alice)
+    token["user_id"] = "1 OR 1=1"
+    assert_error(_with_header(f"Bearer {token}").get("/api/sessions/"), 401, "authentication_failed")
+
+
 def test_no_credentials_is_not_authenticated() -> None:
     response = anon().get("/api/sessions/")
     assert_error(response, 401, "not_authenticated")
