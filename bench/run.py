@@ -194,7 +194,7 @@ async def fanout(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             # included) over what reached the clients: at saturation, the cost of a delivery.
             "server_cpu_seconds": round(server_cpu, 2),
             "server_us_per_delivery": round(server_cpu / deliveries * 1e6, 1) if deliveries and probe.server.pids else None,
-            "client_cpu_seconds": round(client_cpu, 2),
+            "client_cpu_seconds": round(client_cpu, 4),
         }
         report["phases"].append(phase)
         probe.sample(f"after_rate_{rate:g}")
