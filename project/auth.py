@@ -13,7 +13,6 @@ from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.contrib.auth.models import User
 from django.core import signing
-from django.db import connection
 from django.http.request import split_domain_port, validate_host
 from django.utils.crypto import constant_time_compare
 from rest_framework.request import Request
@@ -24,6 +23,7 @@ from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
+from project import sql
 from project.errors import ApiError, AuthenticationFailed, NotAuthenticated
 
 _TICKET_SALT = "tandem.stream-ticket"
@@ -78,9 +78,7 @@ class StrictJWTAuthentication(JWTAuthentication):
 
 def user_by_id(user_id: int) -> User | None:
     """The user with this primary key, or None."""
-    table = connection.ops.quote_name(User._meta.db_table)
-    found = list(User.objects.raw(f"SELECT * FROM {table} WHERE id = %s", [user_id]))
-    return found[0] if found else None
+    return sql.get(User, user_id)
 
 
 def issue_ticket(user_id: int) -> str:

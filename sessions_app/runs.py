@@ -18,7 +18,7 @@ from django.utils import timezone
 from events_app import fanout, groups
 from events_app.services import publish_many
 from events_app.types import iso
-from project import runtime
+from project import runtime, sql
 from sessions_app.models import Message, Part, PermissionRequest, ReplyRun, Session
 from sessions_app.permissions import close_permissions
 from sessions_app.serializers import message_data, part_data
@@ -202,7 +202,7 @@ def _text_write_events(message_id: str, writes: list[TextWrite]) -> list[tuple[s
             part = Part(id=write.part_id, message_id=message_id, index=write.index, type=write.part_type, text="")
             events.append(("message.part.updated", {"message_id": message_id, "part": part_data(part)}))
             part.text = write.text
-            part.save(force_insert=True)
+            sql.insert([part])
         else:
             Part.objects.filter(pk=write.part_id).update(text=write.text)
         if write.delta:
@@ -398,8 +398,8 @@ def queue_reply(
         agent = Session.objects.values_list("agent", flat=True).get(pk=session_id)
     if reply is None:
         reply = new_reply(session_id, after)
-        reply.save(force_insert=True)
-    ReplyRun.objects.create(message=reply, session_id=session_id, agent=agent)
+        sql.insert([reply])
+    sql.insert([ReplyRun(message=reply, session_id=session_id, agent=agent)])
     busy = {"type": "busy"}
     # One batch: the status is set by the statement that takes the events' seqs.
     events = [*(first or []), _status_event(busy), ("message.created", {"message": message_data(reply, [])})]
@@ -415,12 +415,7 @@ def lock_session(session_id: str) -> Session | None:
     left it; anything else must be read by a later statement, which sees what that holder
     committed (a subquery of this one would not: READ COMMITTED takes the snapshot of a
     statement before it waits for the lock)."""
-    table = connection.ops.quote_name(Session._meta.db_table)
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    # A raw query: every post and every end of a reply takes this lock, and building the
-    # ORM's query cost more than running it.
-    found = list(Session.objects.raw(f"SELECT * FROM {table} WHERE id = %s{lock}", [session_id]))
-    return found[0] if found else None
+    return sql.get(Session, session_id, lock=True)
 
 
 def lock_session_row(session_id: str) -> None:

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from events_app import fanout, groups
 from events_app.services import arrange_exit_flush, broadcast, publish
+from project import sql
 from project.errors import (
     BadRequest,
     Conflict,
@@ -314,10 +315,9 @@ def _store_message(
         session=session, role=Message.MessageRole.USER, author=author, status=status,
         created_at=now, turn_at=turn, completed_at=None if status == Message.Status.QUEUED else now,
     )
-    Message.objects.bulk_create([message] if also is None else [message, also])
-    stored = Part.objects.bulk_create(
-        Part(message=message, index=i, type=Part.PartType.TEXT, text=t) for i, t in enumerate(texts)
-    )
+    sql.insert([message] if also is None else [message, also])
+    stored = [Part(message=message, index=i, type=Part.PartType.TEXT, text=t) for i, t in enumerate(texts)]
+    sql.insert(stored)
     return message, ("message.created", {"message": message_data(message, stored)})
 
 
