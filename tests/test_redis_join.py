@@ -23,10 +23,9 @@ import redis
 from channels.layers import channel_layers
 
 from events_app import fanout, groups, presence
-from project import limits
-from tests.conftest import REDIS_URL, _require_redis, token_for
-from project import runtime
+from project import limits, runtime
 from tests import runtime_control
+from tests.conftest import REDIS_URL, _require_redis, token_for
 from tests.runtime_control import fresh_runtimes
 from tests.streamutil import (
     SSEClient,
