@@ -19,15 +19,17 @@ passing the later event on. A periodic head check catches a lost *last* event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from events_app import groups
 from events_app.metrics import DELIVERY_LAG, EVENTS_DELIVERED
@@ -37,6 +39,29 @@ from project.batch import Batcher
 from project.db import off_loop
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long the hub waits for the channel layer (Redis) to take a subscription before it
+# counts Redis as unreachable: a hung Redis (docs/API.md, "hung for longer than 2 s")
+# must not hold an opening stream, or the hub's lock on its group, for good.
+LAYER_TIMEOUT = 2.0
+
+
+class Unreachable(ConnectionError):
+    """The channel layer (Redis) failed or did not answer within ``LAYER_TIMEOUT`` while
+    the hub joined or left a group. A ConnectionError: whoever treats an OSError as Redis
+    being away needs nothing new."""
+
+
+async def _layer_call(call: Awaitable[T]) -> T:
+    try:
+        async with asyncio.timeout(LAYER_TIMEOUT):
+            return await call
+    except (RedisError, OSError, TimeoutError) as exc:
+        if isinstance(exc, Unreachable):
+            raise
+        raise Unreachable(f"channel layer unreachable: {exc!r}") from exc
 
 # ---------------------------------------------------------------- sending side
 
@@ -178,18 +203,27 @@ class Hub:
         if self.channel is None:
             async with self._start_lock:
                 if self.channel is None:
-                    channel = await self.layer.new_channel(groups.HUB_CHANNEL_PREFIX)
+                    channel = await _layer_call(self.layer.new_channel(groups.HUB_CHANNEL_PREFIX))
                     self.runtime.spawn(self._read(channel), name="tandem-hub-reader")
                     self.runtime.spawn(self._check_heads(), name="tandem-hub-heads")
                     self.channel = channel
         return self.channel
 
     async def subscribe(self, group: str, listener: Listener, session_id: str | None = None) -> None:
+        """Raises ``Unreachable`` when Redis fails or hangs; the listener is then in no
+        group, and a later call starts over."""
         channel = await self._ensure_started()
         async with self._group_lock(group):
             members = self.groups.get(group)
             if members is None:
-                await self.layer.group_add(group, channel)
+                try:
+                    await _layer_call(self.layer.group_add(group, channel))
+                except Unreachable:
+                    # The layer notes the membership before it asks Redis: take it back
+                    # (no Redis call, since it never subscribed).
+                    with contextlib.suppress(Exception):
+                        await _layer_call(self.layer.group_discard(group, channel))
+                    raise
                 if session_id is not None:
                     # Read after group_add: anything committed before is at or below
                     # this head, anything after will arrive through the group.
@@ -214,7 +248,7 @@ class Hub:
                 self.heads.pop(group, None)
                 self.group_session.pop(group, None)
                 if self.channel is not None:
-                    await self.layer.group_discard(group, self.channel)
+                    await _layer_call(self.layer.group_discard(group, self.channel))
 
     class _GroupLock:
         def __init__(self, hub: Hub, group: str) -> None:

@@ -34,7 +34,7 @@ from project.auth import StreamClaim, query_params, read_stream_claim, resolve_c
 from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, AuthenticationFailed, BadRequest, NotFound
-from project.limits import arelease_stream_slot, atake_stream_slot
+from project.limits import arelease_stream_slot, atake_stream_slot, streams_unavailable
 from sessions_app.access import IN_LIST_MAX, member_pairs, sessions_of_users
 from sessions_app.serializers import user_data
 
@@ -512,16 +512,25 @@ class Connection:
         but before this connection listened, may have had the control message that ends
         the stream pass unheard. Still before the headers, such a stream is refused
         (AuthenticationFailed, NotFound) as it would have been a moment earlier; a
-        user-level stream just stops following the sessions the user left."""
+        user-level stream just stops following the sessions the user left. Redis failing
+        or hanging while it joins is Unavailable (503, WebSocket 4503), as when Redis is
+        away before the slot is taken."""
         req = self.request
         if not self._counted_open:
             self._counted_open = True
             self._open_gauge.inc()
         session_ids = [req.session_id] if req.session_id is not None else list(req.session_ids)
-        if req.session_id is None:
-            await self._join(groups.user_group(self.user_id), None)
-        for session_id in session_ids:
-            await self._join(groups.session_group(session_id), session_id)
+        try:
+            if req.session_id is None:
+                await self._join(groups.user_group(self.user_id), None)
+            for session_id in session_ids:
+                await self._join(groups.session_group(session_id), session_id)
+        except fanout.Unreachable as exc:
+            # Redis went away (or hung) after the slot was taken: refused as a stream
+            # opened a moment later would be, 503 / 4503 "reconnect shortly", not as a
+            # failure. The caller's close() gives back the slot and any group joined.
+            log.warning("Refused a stream: Redis unreachable while joining (%s)", exc)
+            raise streams_unavailable() from None
         heads = {sid: self.hub.heads.get(groups.session_group(sid), 0) for sid in session_ids}
         wanted = self._wanted(heads)
         resumes = [(sid, after) for sid, after in wanted.items() if after < heads[sid]]
@@ -706,6 +715,8 @@ class Connection:
             self.groups.discard(group)
             try:
                 await self.hub.unsubscribe(group, self)
+            except fanout.Unreachable as exc:  # the hub has let go; Redis drops it with the connection
+                log.warning("Leaving %s: Redis unreachable (%s)", group, exc)
             except Exception:
                 log.exception("Leaving %s failed", group)
         if self.request.session_id is not None and self.closed_reason is None and self._announced:
