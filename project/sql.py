@@ -41,27 +41,65 @@ def insert(objects: Sequence[Model]) -> None:
         )
 
 
+def update(model: type[Model], pk: Any, **values: Any) -> int:
+    """Set fields of the row with this primary key (as ``filter(pk=pk).update(...)``,
+    plain values only); returns the rows changed."""
+    meta = model._meta
+    quote = connection.ops.quote_name
+    assignments, params = [], []
+    for name, value in values.items():
+        field = meta.get_field(name)
+        assignments.append(f"{quote(str(field.column))} = %s")  # type: ignore[union-attr]
+        params.append(field.get_db_prep_save(value, connection))  # type: ignore[union-attr]
+    params.append(pk)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} WHERE {quote(str(meta.pk.column))} = %s",
+            params,
+        )
+        return int(cursor.rowcount)
+
+
 def get(model: type[M], pk: Any, *, lock: bool = False) -> M | None:
     """The row with this primary key as a model instance (as the ORM reads it), or None;
     ``lock``: with its row lock (``FOR UPDATE``, where the database has row locks)."""
+    found = _select(model, "pk", pk, lock=lock)
+    return found[0] if found else None
+
+
+def children(model: type[M], parent: str, parent_id: Any, order: str) -> list[M]:
+    """The rows whose foreign key ``parent`` is ``parent_id``, ordered by the field
+    ``order``, as model instances (as the ORM reads them)."""
+    return _select(model, parent, parent_id, order=order)
+
+
+def _select(model: type[M], by: str, value: Any, *, lock: bool = False, order: str = "") -> list[M]:
     select, names, converters = _reader(model)
-    suffix = " FOR UPDATE" if lock and connection.features.has_select_for_update else ""
+    meta = model._meta
+    quote = connection.ops.quote_name
+    column = meta.pk.column if by == "pk" else meta.get_field(by).column  # type: ignore[union-attr]
+    sql = f"{select} WHERE {quote(str(column))} = %s"
+    if order:
+        sql += f" ORDER BY {quote(str(meta.get_field(order).column))}"  # type: ignore[union-attr]
+    if lock and connection.features.has_select_for_update:
+        sql += " FOR UPDATE"
     with connection.cursor() as cursor:
-        cursor.execute(f"{select}{suffix}", [pk])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    values = list(row)
-    for i, column, convert in converters:
-        values[i] = convert(values[i], column, connection)
-    return model.from_db(connection.alias, names, values)
+        cursor.execute(sql, [value])
+        rows = cursor.fetchall()
+    found = []
+    for row in rows:
+        values = list(row)
+        for i, column, convert in converters:
+            values[i] = convert(values[i], column, connection)
+        found.append(model.from_db(connection.alias, names, values))
+    return found
 
 
 _readers: dict[tuple[str, type[Model]], tuple[str, list[str], list[tuple[int, Any, Any]]]] = {}
 
 
 def _reader(model: type[Model]) -> tuple[str, list[str], list[tuple[int, Any, Any]]]:
-    """The ``SELECT`` by primary key of ``model``, its fields' attribute names and the
+    """The ``SELECT`` of ``model``'s columns, their fields' attribute names and the
     conversions the ORM applies to what the database returns (dates on SQLite, JSON,
     booleans): worked out once per model and database vendor."""
     key = (connection.vendor, model)
@@ -74,9 +112,6 @@ def _reader(model: type[Model]) -> tuple[str, list[str], list[tuple[int, Any, An
             column = field.get_col(meta.db_table)
             for convert in [*connection.ops.get_db_converters(column), *column.get_db_converters(connection)]:
                 converters.append((i, column, convert))
-        select = (
-            f"SELECT {', '.join(quote(str(f.column)) for f in fields)} FROM {quote(meta.db_table)} "
-            f"WHERE {quote(str(meta.pk.column))} = %s"
-        )
+        select = f"SELECT {', '.join(quote(str(f.column)) for f in fields)} FROM {quote(meta.db_table)}"
         _readers[key] = (select, [f.attname for f in fields], converters)
     return _readers[key]

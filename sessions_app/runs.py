@@ -204,7 +204,7 @@ def _text_write_events(message_id: str, writes: list[TextWrite]) -> list[tuple[s
             part.text = write.text
             sql.insert([part])
         else:
-            Part.objects.filter(pk=write.part_id).update(text=write.text)
+            sql.update(Part, write.part_id, text=write.text)
         if write.delta:
             events.append(_delta_event(message_id, write.part_id, write.part_type, write.delta))
     return events
@@ -284,11 +284,11 @@ def finish_reply(
         events = _text_write_events(message_id, list(writes))
         # One read of the reply's parts serves both the text parts' final states and the
         # open tools.
-        parts = {part.id: part for part in Part.objects.filter(message_id=message_id).order_by("index")}
+        parts = {part.id: part for part in sql.children(Part, "message", message_id, order="index")}
         for part_id, text in text_parts:
             part = parts[part_id]
             if part.text != text:  # the runner's last flush has usually stored it already
-                Part.objects.filter(pk=part_id).update(text=text)
+                sql.update(Part, part_id, text=text)
                 part.text = text
             events.append(("message.part.updated", {"message_id": message_id, "part": part_data(part)}))
         endings: dict[str, str] = {
@@ -312,7 +312,7 @@ def finish_reply(
         fields: dict[str, Any] = {"status": status, "error": error, "completed_at": timezone.now()}
         if usage:
             fields["usage"] = usage
-        Message.objects.filter(pk=message_id).update(**fields)
+        sql.update(Message, message_id, **fields)
         props: dict[str, Any] = {"message_id": message_id, "status": status}
         if error:
             props["error"] = error
@@ -370,9 +370,7 @@ def start_next_turn(session_id: str, events: list[tuple[str, dict[str, Any]]]) -
         publish_many(session_id, [*events, _status_event(idle)], session_fields={"status": idle})
         return None
     now = timezone.now()
-    Message.objects.filter(pk=waiting[0]).update(
-        status=Message.Status.COMPLETED, completed_at=now, turn_at=now
-    )
+    sql.update(Message, waiting[0], status=Message.Status.COMPLETED, completed_at=now, turn_at=now)
     updated = ("message.updated", {"message_id": waiting[0], "status": Message.Status.COMPLETED})
     return queue_reply(session_id, after=now, first=[*events, updated])
 

@@ -64,3 +64,29 @@ def test_get_with_its_lock_inside_a_transaction(shared_session: Any) -> None:
     with transaction.atomic():
         locked = sql.get(Session, shared_session.pk, lock=True)
         assert locked is not None and locked.pk == shared_session.pk
+
+
+def test_update_sets_fields_as_the_orm_does(shared_session: Any) -> None:
+    message = Message(session=shared_session, role="assistant", status="streaming", error={"code": "old"})
+    sql.insert([message])
+    done = timezone.now()
+    assert sql.update(Message, message.pk, status="completed", error=None, completed_at=done, usage={"n": 1}) == 1
+    stored = Message.objects.get(pk=message.pk)
+    assert (stored.status, stored.error, stored.completed_at, stored.usage) == ("completed", None, done, {"n": 1})
+    assert sql.update(Message, "msg_missing", status="error") == 0
+
+
+def test_children_are_read_in_order_as_the_orm_reads_them(shared_session: Any) -> None:
+    message = Message(session=shared_session, role="assistant", status="completed")
+    sql.insert([message])
+    sql.insert([
+        Part(message=message, index=2, type="tool", tool="calc", call_id="c1", state={"status": "running", "input": [1]}),
+        Part(message=message, index=0, type="text", text="first"),
+        Part(message=message, index=1, type="reasoning", text="hmm"),
+    ])
+    read = sql.children(Part, "message", message.pk, order="index")
+    orm = list(Part.objects.filter(message=message).order_by("index"))
+    fields = [f.attname for f in Part._meta.concrete_fields]
+    assert [{f: getattr(p, f) for f in fields} for p in read] == [{f: getattr(p, f) for f in fields} for p in orm]
+    assert [p.index for p in read] == [0, 1, 2] and read[2].state == {"status": "running", "input": [1]}
+    assert sql.children(Part, "message", "msg_missing", order="index") == []
