@@ -6,8 +6,9 @@ from django.db import models
 
 
 class Event(models.Model):
+    # Led by the one_event_per_seq constraint's index: no index of its own.
     session = models.ForeignKey(
-        "sessions_app.Session", on_delete=models.CASCADE, related_name="events"
+        "sessions_app.Session", on_delete=models.CASCADE, related_name="events", db_index=False
     )
     seq = models.BigIntegerField()
     type = models.CharField(max_length=64)

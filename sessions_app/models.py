@@ -52,7 +52,10 @@ class Session(models.Model):
     last_seq = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
-    last_activity_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Not indexed: every event moves it, and an index on it made each of those updates
+    # write a new entry into every index of the row (PostgreSQL's HOT updates need no
+    # indexed column changed). Lists are per member and small; the admin's sort is rare.
+    last_activity_at = models.DateTimeField(auto_now_add=True)
     # Where a fork came from: plain ids, not foreign keys, so a fork outlives its source
     # (deleting the source session leaves the fork, and what it says it came from, alone).
     forked_from_session_id = models.CharField(max_length=32, blank=True, default="")
@@ -99,7 +102,10 @@ class Message(models.Model):
         ERROR = "error"
 
     id = models.CharField(primary_key=True, max_length=32, default=new_message_id, editable=False)
-    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
+    # Its lookups lead the indexes below: no index of its own.
+    session = models.ForeignKey(
+        Session, on_delete=models.CASCADE, related_name="messages", db_index=False
+    )
     role = models.CharField(max_length=16, choices=MessageRole.choices)
     author = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
@@ -116,12 +122,16 @@ class Message(models.Model):
     turn_at = models.DateTimeField(default=timezone.now)
     # A retried reply stays, pointing at the reply that replaced it.
     superseded_by = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False
     )
 
     class Meta:
         ordering = ["turn_at", "id"]
+        # Every message row is written twice in a turn (posted, completed): only the
+        # indexes something reads. A foreign key's own index would come with a second
+        # (LIKE) index on PostgreSQL; ids are never searched by prefix.
         indexes = [
+            models.Index(fields=["superseded_by"], name="sessions_ap_supersed_idx"),
             models.Index(fields=["session", "created_at"]),
             models.Index(fields=["session", "turn_at"], name="sessions_ap_session_turn_idx"),
             models.Index(fields=["session", "status"], name="sessions_ap_session_status_idx"),
@@ -138,7 +148,8 @@ class Part(models.Model):
         TOOL = "tool"
 
     id = models.CharField(primary_key=True, max_length=32, default=new_part_id, editable=False)
-    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="parts")
+    # Led by the one_part_per_index constraint's index: no index of its own.
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="parts", db_index=False)
     index = models.PositiveIntegerField()
     type = models.CharField(max_length=16, choices=PartType.choices)
     text = models.TextField(blank=True, default="")
@@ -210,7 +221,7 @@ class ReplyRun(models.Model):
     message = models.OneToOneField(
         Message, primary_key=True, on_delete=models.CASCADE, related_name="run"
     )
-    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="runs")
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="runs", db_index=False)
     agent = models.CharField(max_length=32)
     runner = models.CharField(max_length=128, blank=True, default="")  # "" = not claimed yet
     lease_until = models.DateTimeField(null=True, blank=True)
@@ -225,7 +236,10 @@ class ReplyRun(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [models.Index(fields=["runner", "lease_until"])]
+        indexes = [
+            models.Index(fields=["runner", "lease_until"]),
+            models.Index(fields=["session", "created_at"], name="sessions_ap_run_session_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"run of {self.message_id} ({self.runner or 'queued'})"
