@@ -8,6 +8,7 @@ import logging
 import signal
 from typing import Any
 
+import uvloop
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
@@ -49,7 +50,10 @@ class Command(BaseCommand):
             ACTIVE_REPLIES.set_function(active_runs)  # read at scrape time
             start_http_server(options["metrics_port"], addr=options["metrics_addr"])
             log.info("Worker metrics on %s:%d", options["metrics_addr"], options["metrics_port"])
-        asyncio.run(self._main(options["drain_seconds"]))
+        # uvloop, as the servers run: the worker's loop moves every reply's outputs, hops
+        # to the database and Redis messages.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self._main(options["drain_seconds"]))
 
     async def _main(self, drain_seconds: float) -> None:
         loop = asyncio.get_running_loop()
