@@ -193,3 +193,29 @@ def test_abort_before_the_agent_has_started_still_cancels_the_reply(
     assert completed["properties"]["status"] == "cancelled"
     wait_idle(sid, timeout=1.0)
     assert reply_events(log_after(sid, before), reply_id) == []  # no part was ever opened
+
+
+def test_a_reply_whose_abort_was_asked_before_its_claim_is_cancelled_at_once(
+    shared_session: Any, bob: Any, settings: Any
+) -> None:
+    """The claim returns the run's row: an abort flagged before it (racing with the
+    claim) stops the reply before its agent starts, without another read."""
+    import asyncio
+
+    from sessions_app import services
+    from sessions_app.agents.runner import Run
+    from sessions_app.models import ReplyRun
+
+    settings.TANDEM_AGENT_MODE = "worker"  # nobody claims it but this test
+    sid = shared_session.id
+    before = head(sid)
+    reply_id = post(bob, sid, "never echoed").json()["reply_id"]
+    ReplyRun.objects.filter(pk=reply_id).update(abort_requested=True)
+    [claimed] = services.claim_runs("runner-1", 10)
+    assert claimed.abort_requested
+    run = Run(claimed.session_id, claimed.message_id, claimed.agent, "runner-1",
+              abort_requested=claimed.abort_requested)
+    asyncio.run(run.run())
+    completed = wait_for_completed(sid, before, reply_id, timeout=2)
+    assert completed["properties"]["status"] == "cancelled"
+    assert reply_events(log_after(sid, before), reply_id) == []

@@ -18,7 +18,6 @@ from django.test.utils import CaptureQueriesContext
 from events_app.models import Event
 from sessions_app import services
 from sessions_app.agents.base import AGENTS, Agent, Output, ReplyContext, TextDelta
-from sessions_app.agents.runner import _starting
 from sessions_app.models import Part, Session, new_part_id
 from tests.replies import head, log_after, post, wait_for_completed, wait_for_event, wait_idle
 
@@ -60,19 +59,19 @@ def test_a_post_and_a_short_echo_reply_cost_a_bounded_number_of_statements(
     # words are written (echo of one word): claim, read the context, then one transaction.
     with CaptureQueriesContext(connection) as replying:
         [run] = services.claim_runs("runner-1", 10)
-        assert run.message_id == reply_id and run.runner == "runner-1"
-        assert _starting(session_id, reply_id)[0] is False
+        assert run.message_id == reply_id and run.runner == "runner-1" and not run.abort_requested
+        assert services.reply_context(session_id, reply_id)["history"][-1] == {"role": "user", "text": "hi"}
         part_id = new_part_id()
         assert services.finish_reply(
             session_id, reply_id, runner="runner-1", status="completed", text_parts=[(part_id, "hi")],
             writes=[services.TextWrite(part_id, "text", "hi", "hi", index=0)], asked_permission=False,
         )
     sql = statements(replying)
-    # The claim 1; the abort flag 1 and the history 1; the run's row 1 (deleted, who asked
-    # to abort returned); the part 1; the parts and the message 2 (no permissions to close:
-    # the runner asked none); the session's lock and the queue 2 (the next turn, or idle);
-    # one seq UPDATE and one INSERT for five events.
-    assert len(sql) <= 11, "\n".join(s[:110] for s in sql)
+    # The claim 1 (its row says whether an abort was asked before it); the history 1; the
+    # run's row 1 (deleted, who asked to abort returned); the part 1; the parts and the
+    # message 2 (no permissions to close: the runner asked none); the session's lock and
+    # the queue 2 (the next turn, or idle); one seq UPDATE and one INSERT for five events.
+    assert len(sql) <= 10, "\n".join(s[:110] for s in sql)
     assert writes(sql, "events_app_event") == 1 and writes(sql, "sessions_app_session") == 1
     events = [orjson.loads(e) for e in Event.objects.filter(session_id=session_id, seq__gt=before + 3)
               .order_by("seq").values_list("envelope", flat=True)]

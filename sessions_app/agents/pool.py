@@ -108,7 +108,10 @@ class Pool:
         if free <= 0 or not self.accepting:
             return
         for claimed in await off_loop(services.claim_runs)(self.name, free):
-            run = Run(claimed.session_id, claimed.message_id, claimed.agent, self.name)
+            run = Run(
+                claimed.session_id, claimed.message_id, claimed.agent, self.name,
+                abort_requested=claimed.abort_requested,
+            )
             self.runs[claimed.message_id] = run
             task = self.runtime.spawn(run.run())
             self.tasks[claimed.message_id] = task

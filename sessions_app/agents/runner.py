@@ -79,7 +79,9 @@ class Run:
     # A hub listener for control messages only (abort, permission answers): no presence.
     wants_presence = False
 
-    def __init__(self, session_id: str, message_id: str, agent_name: str, runner: str) -> None:
+    def __init__(
+        self, session_id: str, message_id: str, agent_name: str, runner: str, *, abort_requested: bool = False
+    ) -> None:
         self.session_id = session_id
         self.message_id = message_id
         self.agent_name = agent_name
@@ -90,6 +92,8 @@ class Run:
         self.current: _OpenPart | None = None  # where the next delta of its type goes
         self.tool_parts = 0
         self.aborted = asyncio.Event()
+        if abort_requested:  # asked before the claim: the claimed row says so
+            self.aborted.set()
         self.lost = False  # another process ended this run (our lease lapsed)
         self.answered: dict[str, asyncio.Event] = {}
         self.usage = _Usage()
@@ -156,9 +160,7 @@ class Run:
         listening = asyncio.get_running_loop().create_task(self._listen(hub, group))
         status, error = Message.Status.COMPLETED, None
         try:
-            asked, context = await off_loop(_starting)(self.session_id, self.message_id)
-            if asked:
-                self.aborted.set()  # asked before we were listening
+            context = await off_loop(services.reply_context)(self.session_id, self.message_id)
             ctx = ReplyContext(
                 self.session_id, self.message_id, context["history"], use_tool=self._use_tool,
                 read_document=self._read_document,
@@ -421,11 +423,6 @@ class Run:
 
 
 _ABORTED = object()
-
-
-def _starting(session_id: str, message_id: str) -> tuple[bool, dict[str, Any]]:
-    """What a run reads before the agent starts, in one trip to a database thread."""
-    return services.abort_requested(message_id), services.reply_context(session_id, message_id)
 
 
 async def _close(replies: Any) -> None:
