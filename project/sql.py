@@ -74,7 +74,7 @@ def children(model: type[M], parent: str, parent_id: Any, order: str) -> list[M]
 
 
 def _select(model: type[M], by: str, value: Any, *, lock: bool = False, order: str = "") -> list[M]:
-    select, names, converters = _reader(model)
+    select = _reader(model)[0]
     meta = model._meta
     quote = connection.ops.quote_name
     column = meta.pk.column if by == "pk" else meta.get_field(by).column  # type: ignore[union-attr]
@@ -85,7 +85,18 @@ def _select(model: type[M], by: str, value: Any, *, lock: bool = False, order: s
         sql += " FOR UPDATE"
     with connection.cursor() as cursor:
         cursor.execute(sql, [value])
-        rows = cursor.fetchall()
+        return instances(model, cursor.fetchall())
+
+
+def columns(model: type[Model]) -> str:
+    """``model``'s columns in the order ``instances`` reads them (for a ``RETURNING``)."""
+    quote = connection.ops.quote_name
+    return ", ".join(quote(str(f.column)) for f in model._meta.concrete_fields)
+
+
+def instances(model: type[M], rows: Sequence[Sequence[Any]]) -> list[M]:
+    """Rows of ``columns(model)`` as model instances (as the ORM reads them)."""
+    _, names, converters = _reader(model)
     found = []
     for row in rows:
         values = list(row)

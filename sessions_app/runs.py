@@ -77,12 +77,14 @@ def claim_runs(runner: str, limit: int) -> list[ReplyRun]:
     table = connection.ops.quote_name(ReplyRun._meta.db_table)
     skip = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     adapt = connection.ops.adapt_datetimefield_value
-    claimed = ReplyRun.objects.raw(
-        f"UPDATE {table} SET runner = %s, lease_until = %s, started_at = %s "
-        f"WHERE runner = '' AND message_id IN (SELECT message_id FROM {table} WHERE runner = '' "
-        f"ORDER BY created_at LIMIT %s{skip}) RETURNING *",
-        [runner, adapt(lease), adapt(now), limit],
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET runner = %s, lease_until = %s, started_at = %s "
+            f"WHERE runner = '' AND message_id IN (SELECT message_id FROM {table} WHERE runner = '' "
+            f"ORDER BY created_at LIMIT %s{skip}) RETURNING {sql.columns(ReplyRun)}",
+            [runner, adapt(lease), adapt(now), limit],
+        )
+        claimed = sql.instances(ReplyRun, cursor.fetchall())
     return sorted(claimed, key=lambda run: run.created_at)
 
 

@@ -258,7 +258,6 @@ def post_message(
         locked = lock_session(session_id)
         if locked is None:
             raise NotFound("No such session.")
-        waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
         # A statement of its own, after the lock: it sees every post and every end of a
         # reply that committed while this one waited for the lock (runs.lock_session).
         queued = queued_count(locked.pk)
@@ -287,6 +286,7 @@ def post_message(
         turn, position = now, queued + 1
         interrupted: list[str] = []
         if if_busy == "interrupt":
+            waiting = Message.objects.filter(session=locked, status=Message.Status.QUEUED)
             first = waiting.order_by("turn_at", "id").values_list("turn_at", flat=True).first()
             if first is not None and first <= now:
                 turn = first - timedelta(microseconds=1)

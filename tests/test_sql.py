@@ -90,3 +90,21 @@ def test_children_are_read_in_order_as_the_orm_reads_them(shared_session: Any) -
     assert [{f: getattr(p, f) for f in fields} for p in read] == [{f: getattr(p, f) for f in fields} for p in orm]
     assert [p.index for p in read] == [0, 1, 2] and read[2].state == {"status": "running", "input": [1]}
     assert sql.children(Part, "message", "msg_missing", order="index") == []
+
+
+def test_returned_rows_become_instances_as_the_orm_reads_them(shared_session: Any) -> None:
+    from django.db import connection
+
+    message = Message(session=shared_session, role="assistant", status="streaming")
+    sql.insert([message])
+    sql.insert([ReplyRun(message=message, session=shared_session, agent="echo", abort_requested=True)])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE sessions_app_replyrun SET runner = %s WHERE message_id = %s RETURNING {sql.columns(ReplyRun)}",
+            ["runner-1", message.pk],
+        )
+        [run] = sql.instances(ReplyRun, cursor.fetchall())
+    orm = ReplyRun.objects.get(pk=message.pk)
+    fields = [f.attname for f in ReplyRun._meta.concrete_fields]
+    assert {f: getattr(run, f) for f in fields} == {f: getattr(orm, f) for f in fields}
+    assert run.abort_requested is True and run.runner == "runner-1" and run.created_at.tzinfo is not None
