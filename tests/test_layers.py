@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("project core", [
         "project.settings", "project.secretkey", "project.rates", "project.redisconn",
         "project.errors", "project.auth", "project.runtime", "project.liveness",
-        "project.limits", "project.logfilters", "project.db", "project.thirdparty", "project.batch",
+        "project.limits", "project.logfilters", "project.db", "project.sql", "project.thirdparty",
+        "project.batch",
     ]),
     ("agent definitions", [
         "sessions_app.agents.base", "sessions_app.agents.registry", "sessions_app.agents.echo",
