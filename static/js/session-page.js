@@ -993,8 +993,11 @@ async function sendMessage(ifBusy = "queue") {
     updateCharCount();
     fitComposer();
     if (result?.message) {
-      // Shown at once; a queued one is marked "queued" until its turn comes.
-      upsertMessage(result.message);
+      // Shown at once; a queued one is marked "queued" until its turn comes. Unless the
+      // stream has shown it already: its events are newer than this answer (a queued
+      // message can take its turn before the answer is read, and the answer's "queued"
+      // would then stick).
+      if (!messages.has(result.message.id)) upsertMessage(result.message);
       setSessionStatus(sessionStatus);
       flushRenders();
       scrollToEnd();
