@@ -66,7 +66,7 @@ class StrictJWTAuthentication(JWTAuthentication):
             user_id = int(validated_token[jwt_settings.USER_ID_CLAIM])
         except (KeyError, TypeError, ValueError):
             raise AuthenticationFailed() from None
-        user = user_by_id(user_id)
+        user = sql.get(User, user_id)
         if user is None or (jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active):
             raise AuthenticationFailed()
         if jwt_settings.CHECK_REVOKE_TOKEN and validated_token.get(
@@ -74,11 +74,6 @@ class StrictJWTAuthentication(JWTAuthentication):
         ) != get_md5_hash_password(user.password):
             raise AuthenticationFailed("The user's password has been changed.")
         return user
-
-
-def user_by_id(user_id: int) -> User | None:
-    """The user with this primary key, or None."""
-    return sql.get(User, user_id)
 
 
 def issue_ticket(user_id: int) -> str:

@@ -322,7 +322,7 @@ def finish_reply(
         # The session's row lock after the reply's own rows (the order of every other
         # writer's locks), and before the queue is read: a post racing with this either
         # committed its queued message already or waits and then finds the session idle.
-        lock_session_row(session_id)
+        lock_session(session_id)
         start_next_turn(session_id, events)
     return True
 
@@ -416,16 +416,6 @@ def lock_session(session_id: str) -> Session | None:
     committed (a subquery of this one would not: READ COMMITTED takes the snapshot of a
     statement before it waits for the lock)."""
     return sql.get(Session, session_id, lock=True)
-
-
-def lock_session_row(session_id: str) -> None:
-    """``lock_session`` for a caller that needs the lock, not the row: one plain
-    statement (where the database has row locks; SQLite's writers hold the whole database
-    until they commit anyway)."""
-    table = connection.ops.quote_name(Session._meta.db_table)
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT id FROM {table} WHERE id = %s{lock}", [session_id])
 
 
 def current_run(session_id: str) -> dict[str, Any] | None:
