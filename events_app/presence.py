@@ -23,6 +23,7 @@ from project.errors import Unavailable
 from project.limits import STREAM_RETRY_AFTER, renew_stream_slots
 
 Entry = dict[str, Any]  # {"user": {...}, "transport": "sse"|"ws", "state": {...}}
+Write = tuple[str, str, Entry | None]  # session id, connection id, entry (None: remove it)
 
 
 class LocalPresence:
@@ -88,20 +89,17 @@ class RedisPresence:
             self._aredis = redisconn.async_client(self._url, socket_timeout=2, socket_connect_timeout=2)
         return self._aredis
 
-    async def put_many(self, items: list[tuple[str, str, Entry]]) -> list[None]:
-        """``put`` for a burst of streams opening at once: one pipeline, from the loop."""
+    async def write_many(self, items: list[Write]) -> list[None]:
+        """Puts (an entry) and removals (None), in the order given: one pipeline, from the loop."""
         expires = time.time() + self._ttl
         pipe = self._async().pipeline(transaction=False)
         for session_id, connection_id, entry in items:
-            pipe.hset(self._key(session_id), connection_id, orjson.dumps({**entry, "exp": expires}))
-            pipe.expire(self._key(session_id), self._ttl)
-        await pipe.execute()
-        return [None] * len(items)
-
-    async def remove_many(self, items: list[tuple[str, str]]) -> list[None]:
-        pipe = self._async().pipeline(transaction=False)
-        for session_id, connection_id in items:
-            pipe.hdel(self._key(session_id), connection_id)
+            key = self._key(session_id)
+            if entry is None:
+                pipe.hdel(key, connection_id)
+            else:
+                pipe.hset(key, connection_id, orjson.dumps({**entry, "exp": expires}))
+                pipe.expire(key, self._ttl)
         await pipe.execute()
         return [None] * len(items)
 
@@ -126,11 +124,12 @@ class _Presence:
     def __init__(self, rt: runtime.Runtime) -> None:
         self.store = RedisPresence(settings.REDIS_URL) if settings.REDIS_URL else LocalPresence()
         self.local: dict[tuple[str, str], Entry] = {}
-        self.puts: Batcher[tuple[str, str, Entry], None] | None = None
-        self.removes: Batcher[tuple[str, str], None] | None = None
+        # One queue for puts and removals alike: a stream that goes away while its entry
+        # is still being written must not have its removal overtake that write (two
+        # queues run on two connections, and the entry would outlive the stream).
+        self.writes: Batcher[Write, None] | None = None
         if isinstance(self.store, RedisPresence):
-            self.puts = Batcher("presence-put", self.store.put_many)
-            self.removes = Batcher("presence-remove", self.store.remove_many)
+            self.writes = Batcher("presence-write", self.store.write_many)
 
 
 PRESENCE = runtime.Component("presence", _Presence)
@@ -192,20 +191,20 @@ async def aput(session_id: str, connection_id: str, entry: Entry) -> None:
     """``_put`` from the runtime's loop: with Redis, the entries of a burst of opening
     streams go in one pipeline, without a thread hop."""
     presence = PRESENCE.get()
-    if presence.puts is None:
+    if presence.writes is None:
         _put(session_id, connection_id, entry)  # in this process: no I/O
         return
     presence.local[(session_id, connection_id)] = entry
-    await presence.puts.submit((session_id, connection_id, entry))
+    await presence.writes.submit((session_id, connection_id, entry))
 
 
 async def aremove(session_id: str, connection_id: str) -> None:
     presence = PRESENCE.get()
-    if presence.removes is None:
+    if presence.writes is None:
         _remove(session_id, connection_id)
         return
     presence.local.pop((session_id, connection_id), None)
-    await presence.removes.submit((session_id, connection_id))
+    await presence.writes.submit((session_id, connection_id, None))
 
 
 async def refresh_forever() -> None:
@@ -215,7 +214,11 @@ async def refresh_forever() -> None:
         presence = PRESENCE.get()
         items = [(s, c, e) for (s, c), e in list(presence.local.items())]
         try:
-            await sync_to_async(presence.store.refresh, thread_sensitive=False)(items)
+            if presence.writes is not None:
+                # In the one queue: a refresh must not bring back an entry removed after it.
+                await presence.writes.submit_many(items)
+            else:
+                presence.store.refresh(items)
         except Exception:  # Redis down: entries expire, and come back on the next refresh
             pass
         try:

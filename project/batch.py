@@ -49,6 +49,16 @@ class Batcher(Generic[I, R]):
             loop.call_soon(self._start, loop)
         return await future
 
+    async def submit_many(self, items: list[I]) -> list[R]:
+        """``submit`` for several items at once, handled in the order given."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        if futures and not self._busy:
+            self._busy = True
+            loop.call_soon(self._start, loop)
+        return list(await asyncio.gather(*futures))
+
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._pending:
             self._busy = False

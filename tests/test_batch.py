@@ -81,3 +81,19 @@ async def test_runs_are_bounded_by_the_limit() -> None:
     batcher: Batcher[int, int] = Batcher("t", run, limit=4)
     assert await asyncio.gather(*(batcher.submit(i) for i in range(10))) == list(range(10))
     assert sizes == [4, 4, 2]
+
+
+async def test_many_items_submitted_at_once_are_handled_in_order_with_single_items() -> None:
+    runs: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        runs.append(items)
+        return [-i for i in items]
+
+    batcher: Batcher[int, int] = Batcher("t", run, limit=3)
+    single = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0)
+    assert await batcher.submit_many([1, 2, 3, 4]) == [-1, -2, -3, -4]
+    assert await single == 0
+    assert runs == [[0, 1, 2], [3, 4]]
+    assert await batcher.submit_many([]) == []

@@ -1,12 +1,14 @@
 """Who is connected: the presence endpoint and presence.* events (PROTOCOL §3, §4, §6)."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
 
+from events_app import presence
 from tests.conftest import client_for, token_for
 from tests.streamutil import SSEClient, WSClient, bind_runtime, create_shared_session, eventually, stream_path
 
@@ -167,3 +169,42 @@ def test_two_deployments_sharing_one_redis_see_only_their_own_presence(
         response = client.get(f"/api/sessions/{sid}/presence/")
         assert response.status_code == 200, response.text
         assert response.json() == []
+
+
+class _SlowWrites:
+    """The presence store's Redis client, with every pipeline that writes an entry held
+    back a moment before it goes out (a busy connection, a slow network)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def pipeline(self, **kwargs: Any) -> Any:
+        pipe = self._client.pipeline(**kwargs)
+        execute = pipe.execute
+
+        async def slow_execute() -> Any:
+            if any(cmd[0][0] == "HSET" for cmd in pipe.command_stack):
+                await asyncio.sleep(0.3)
+            return await execute()
+
+        pipe.execute = slow_execute
+        return pipe
+
+
+@pytest.mark.redis
+async def test_a_stream_gone_while_its_entry_is_being_written_leaves_no_one_present(
+    redis_layer: str, session: Any
+) -> None:
+    # A client that drops right after `server.connected`: its stream is cancelled while the
+    # presence entry is still on its way to Redis, and the removal comes next. The removal
+    # must not overtake the write (the entry would show a ghost until it expires).
+    store = presence.store()
+    assert isinstance(store, presence.RedisPresence)
+    store._aredis = _SlowWrites(store._async())
+    entry = {"user": {"id": 1, "username": "bob"}, "transport": "sse", "state": {}}
+    joining = asyncio.ensure_future(presence.aput(session.id, "conn-1", entry))
+    await asyncio.sleep(0)  # the write is queued
+    joining.cancel()
+    await presence.aremove(session.id, "conn-1")
+    await asyncio.sleep(0.5)  # the held-back write has gone out
+    assert presence.summary(session.id) == []
