@@ -49,7 +49,7 @@ class Batcher(Generic[I, R]):
             loop.call_soon(self._start, loop)
         return await future
 
-    async def submit_many(self, items: list[I]) -> list[R]:
+    async def submit_many(self, items: Sequence[I]) -> list[R]:
         """``submit`` for several items at once, handled in the order given."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
