@@ -12,6 +12,7 @@ puts ``TANDEM_CHANNEL_PREFIX`` in front of every group and channel it keeps in R
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,9 +43,12 @@ def user_group(user_id: int) -> str:
     return _checked(f"tandem.u.{int(user_id)}")
 
 
-def run_group(session_id: str) -> str:
-    """Where the process running a session's reply listens for abort and permission answers."""
-    return _checked(f"tandem.r.{session_id}")
+def pool_group(runner: str) -> str:
+    """Where an agents pool (``ReplyRun.runner`` names it) listens for the aborts and
+    permission answers of the replies it runs. One group per pool for its whole life,
+    rather than one per reply: a reply costs no Redis subscription of its own."""
+    digest = hashlib.blake2s(runner.encode(), digest_size=12).hexdigest()  # any runner name fits
+    return _checked(f"tandem.p.{digest}")
 
 
 def doc_group(session_id: str) -> str:
@@ -159,16 +163,18 @@ class Wake:
 
 @dataclass(frozen=True, slots=True)
 class Abort:
-    """Stop the session's running reply (on its ``run_group``)."""
+    """Stop the reply to ``message_id`` (on its runner's ``pool_group``)."""
 
-    session_id: str
+    message_id: str
     action: ClassVar[str] = "abort"
 
 
 @dataclass(frozen=True, slots=True)
 class PermissionAnswered:
-    """A permission request was answered (on the session's ``run_group``): stop waiting."""
+    """A permission request of the reply to ``message_id`` was answered (on its runner's
+    ``pool_group``): stop waiting."""
 
+    message_id: str
     permission_id: str
     action: ClassVar[str] = "permission"
 

@@ -42,9 +42,11 @@ AGENT_WORKERS = Gauge(
 
 
 HUB_GROUPS = Gauge(
-    "tandem_hub_groups", "Channel-layer groups this process subscribes to (one per followed session)."
+    "tandem_hub_groups",
+    "Channel-layer groups this process subscribes to (one per followed session, and one for"
+    " its agents pool when it runs replies).",
 )
-HUB_LISTENERS = Gauge("tandem_hub_listeners", "Streams attached to those groups.")
+HUB_LISTENERS = Gauge("tandem_hub_listeners", "Streams (and the agents pool) attached to those groups.")
 ASYNCIO_TASKS = Gauge("tandem_asyncio_tasks", "Tasks alive on the server's event loop.")
 
 

@@ -15,7 +15,7 @@ from django.utils import timezone
 from events_app import fanout, groups
 from events_app.services import publish
 from project.errors import AlreadyResolved, NotFound, PayloadTooLarge, ValidationFailed
-from sessions_app.models import PermissionRequest, Session, new_id
+from sessions_app.models import PermissionRequest, ReplyRun, Session, new_id
 from sessions_app.serializers import permission_data, resolver_data
 
 
@@ -175,7 +175,10 @@ def _resolution_event(permission: PermissionRequest) -> tuple[str, dict[str, Any
 
 def _publish_resolution(permission: PermissionRequest, *, notify: bool = True) -> None:
     publish(permission.session_id, *_resolution_event(permission))
-    if notify:
-        group = groups.run_group(permission.session_id)
-        answered = groups.PermissionAnswered(permission.id)
-        transaction.on_commit(lambda: fanout.send_control(group, answered))
+    if notify and permission.message_id is not None:
+        # The pool running the reply that asked; none when the reply has ended meanwhile.
+        runner = ReplyRun.objects.filter(pk=permission.message_id).values_list("runner", flat=True).first()
+        if runner:
+            group = groups.pool_group(runner)
+            answered = groups.PermissionAnswered(permission.message_id, permission.id)
+            transaction.on_commit(lambda: fanout.send_control(group, answered))

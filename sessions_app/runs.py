@@ -108,14 +108,6 @@ def renew_leases(runner: str, message_ids: list[str]) -> tuple[set[str], set[str
     return lost, {pk for pk, wanted in held.items() if wanted}
 
 
-def abort_requested(message_id: str) -> bool:
-    table = connection.ops.quote_name(ReplyRun._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT abort_requested FROM {table} WHERE message_id = %s", [message_id])
-        row = cursor.fetchone()
-    return bool(row and row[0])
-
-
 def reap_expired_runs() -> int:
     """End every reply whose runner stopped renewing its lease (the process died):
     ``error`` with code ``interrupted``, the session idle. Returns how many."""

@@ -42,7 +42,6 @@ from sessions_app.permissions import expire_permission as expire_permission
 from sessions_app.permissions import permission_state as permission_state
 from sessions_app.permissions import request_permission as request_permission
 from sessions_app.runs import TextWrite as TextWrite
-from sessions_app.runs import abort_requested as abort_requested
 from sessions_app.runs import claim_runs as claim_runs
 from sessions_app.runs import finish_reply as finish_reply
 from sessions_app.runs import interrupt_runs as interrupt_runs
@@ -395,8 +394,9 @@ def messages_before(session: Session, before: str | None, limit: int) -> tuple[l
 
 
 def abort(session: Session, user: User | None = None) -> bool:
-    """Stop the session's reply, wherever it runs. The flag on the run row is what the
-    runner checks when it starts listening, so an abort is not lost to a race with it."""
+    """Stop the session's reply, wherever it runs. The flag on the run row is what a
+    claim returns and a lease renewal reads, so an abort is not lost to a race with the
+    claim or to a lost message."""
     with transaction.atomic():
         flagged = ReplyRun.objects.filter(session_id=session.pk).update(
             abort_requested=True, abort_by=user
@@ -420,11 +420,11 @@ def _stop_flagged(session_id: str, only: list[str] | None = None) -> None:
         if run is not None:
             finish_reply(session_id, run.message_id, runner=claimed_here, status=Message.Status.CANCELLED)
         return
-    # The runner holding it, in whichever process, listens on the session's run group.
-    # (Skipped when the run has ended meanwhile: the Abort message names only the
-    # session, and the next turn's reply must not be stopped by it.)
-    if runs.exists():
-        fanout.send_control(groups.run_group(session_id), groups.Abort(session_id))
+    # The pool holding it, in whichever process, listens on its own group. If the message
+    # is lost (Redis away) or lands before the pool has read its claim, the pool's lease
+    # renewal finds the flag all the same.
+    for message_id, runner in runs.exclude(runner="").values_list("message_id", "runner"):
+        fanout.send_control(groups.pool_group(runner), groups.Abort(message_id))
 
 
 # ---------------------------------------------------------------- fork and export

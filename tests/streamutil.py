@@ -375,3 +375,11 @@ async def eventually(predicate: Callable[[], Any], timeout: float = WAIT, interv
             if value:
                 return value
             await asyncio.sleep(interval)
+
+
+def stream_groups(hub: Any) -> dict[str, set[Any]]:
+    """The hub's groups with a listener that is not an agents pool (a pool listens on a
+    group of its own for as long as it runs replies, whatever the streams do)."""
+    from sessions_app.agents.pool import Pool
+
+    return {g: m for g, m in hub.groups.items() if any(not isinstance(x, Pool) for x in m)}

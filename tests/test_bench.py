@@ -77,8 +77,9 @@ def test_first_delta_and_churn_report_what_they_measure(servers: Any, tmp_path: 
     gauges = churn["gauges"]
     assert gauges['tandem_open_streams{transport="sse"}']["after"] == 0
     assert gauges['tandem_open_streams{transport="ws"}']["after"] == 0
-    assert gauges["tandem_hub_groups"]["after"] == 0
-    assert gauges["tandem_hub_listeners"]["after"] == 0
+    # (The server runs replies inline: its agents pool keeps one group, before and after.)
+    assert gauges["tandem_hub_groups"] == {"before": 1, "after": 1}
+    assert gauges["tandem_hub_listeners"] == {"before": 1, "after": 1}
 
 
 def test_storm_opens_every_client_at_once_and_reports_it(servers: Any, tmp_path: Path) -> None:

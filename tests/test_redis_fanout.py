@@ -21,6 +21,7 @@ from project import runtime
 from project.asgi import application
 from tests import runtime_control
 from tests.conftest import REDIS_URL, token_for
+from tests.streamutil import stream_groups
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -139,13 +140,13 @@ async def test_many_local_streams_of_one_session_share_one_redis_subscription_th
     sid = shared_session.id
     channel = group_channel(live_loop, sid)
     assert numsub(channel) == 0
+    hub = fanout.get_hub()
     streams = [SSEComm(sid, user) for user in (alice, bob, carol) * 4]
     for stream in streams:
         await stream.open()
-    hub = fanout.get_hub()
     group = groups.session_group(sid)
     assert len(hub.groups[group]) == len(streams) == 12
-    assert hub.subscription_count() == 1
+    assert list(stream_groups(hub)) == [group]
     assert numsub(channel) == 1  # one Redis subscription for twelve local streams
 
     frame = await apublish(sid, "task.progress", {"n": 1})
@@ -158,7 +159,7 @@ async def test_many_local_streams_of_one_session_share_one_redis_subscription_th
     assert len(hub.groups[group]) == 1
     assert numsub(channel) == 1  # still followed by one stream
     await streams[-1].disconnect()
-    assert group not in hub.groups and hub.subscription_count() == 0
+    assert group not in hub.groups and not stream_groups(hub)
     await eventually(lambda: numsub(channel) == 0)
 
 
@@ -336,28 +337,29 @@ async def test_every_control_reaches_the_listeners_of_its_group_as_the_same_type
     # them; one from a version this one does not know is skipped, and the hub goes on.
     sid = shared_session.id
     hub = fanout.get_hub()
-    run, user, other = Recorder(), Recorder(), Recorder()
-    await hub.subscribe(groups.run_group(sid), run)
+    pool, user, other = Recorder(), Recorder(), Recorder()
+    ours, theirs = groups.pool_group("host:1:aaaaaa"), groups.pool_group("host:2:bbbbbb")
+    await hub.subscribe(ours, pool)
     await hub.subscribe(groups.user_group(4242), user)
-    await hub.subscribe(groups.run_group("ses_someoneelse"), other)
-    to_run: list[groups.Control] = [groups.Abort(sid), groups.PermissionAnswered("per_0123")]
+    await hub.subscribe(theirs, other)
+    to_pool: list[groups.Control] = [
+        groups.Abort("msg_0123"), groups.PermissionAnswered("msg_0123", "per_0123"),
+    ]
     to_user: list[groups.Control] = [
         groups.Join(session_id=sid, after=3), groups.Revoke(user_id=4242, session_id=sid),
         groups.UserDisabled(4242),
     ]
-    fanout.send_to_group(
-        groups.run_group(sid), {"type": groups.CONTROL, "g": groups.run_group(sid), "action": "later"}
-    )
-    for control in to_run:
-        fanout.send_control(groups.run_group(sid), control)
+    fanout.send_to_group(ours, {"type": groups.CONTROL, "g": ours, "action": "later"})
+    for control in to_pool:
+        fanout.send_control(ours, control)
     for control in to_user:
         fanout.send_control(groups.user_group(4242), control)
     async with asyncio.timeout(5):
-        while len(run.controls) < len(to_run) or len(user.controls) < len(to_user):  # noqa: ASYNC110 (listeners are plain callbacks)
+        while len(pool.controls) < len(to_pool) or len(user.controls) < len(to_user):  # noqa: ASYNC110 (listeners are plain callbacks)
             await asyncio.sleep(0.02)
-    assert run.controls == to_run
+    assert pool.controls == to_pool
     assert user.controls == to_user
     assert other.controls == []
-    await hub.unsubscribe(groups.run_group(sid), run)
+    await hub.unsubscribe(ours, pool)
     await hub.unsubscribe(groups.user_group(4242), user)
-    await hub.unsubscribe(groups.run_group("ses_someoneelse"), other)
+    await hub.unsubscribe(theirs, other)

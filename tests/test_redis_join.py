@@ -34,6 +34,7 @@ from tests.streamutil import (
     create_shared_session,
     eventually,
     publish_many,
+    stream_groups,
     stream_path,
 )
 
@@ -230,7 +231,7 @@ async def cold_process() -> None:
 
 async def nothing_held(session_id: str, user: Any) -> None:
     hub = fanout.get_hub()
-    await eventually(lambda: not any(hub.groups.values()))
+    await eventually(lambda: not stream_groups(hub))
     assert groups.session_group(session_id) not in hub.groups
     assert groups.user_group(user.pk) not in hub.groups
     assert not limits.STATE.get().held

@@ -19,6 +19,7 @@ from tests.streamutil import (
     create_shared_session,
     eventually,
     publish_many,
+    stream_groups,
     stream_path,
 )
 
@@ -70,7 +71,7 @@ async def assert_clean(session_id: str, baseline: set[asyncio.Task[Any]], user_i
     assert session_id not in hub.group_session.values() and group not in hub.heads
     if user_id is not None:
         assert groups.user_group(user_id) not in hub.groups
-    assert not any(hub.groups.values()), hub.groups
+    assert not stream_groups(hub), hub.groups
     assert session_groups(session_id) == set()
     await eventually(lambda: presence.summary(session_id) == [])
     leftover = {t for t in asyncio.all_tasks() if not t.done()} - baseline - {asyncio.current_task()}

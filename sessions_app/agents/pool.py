@@ -24,7 +24,7 @@ from typing import Any
 from django.conf import settings
 
 from events_app import groups, metrics
-from events_app.fanout import get_hub, subscribe_eventually
+from events_app.fanout import Hub, get_hub, subscribe_eventually
 from events_app.types import Frame
 from project import liveness, runtime, views
 from project.db import drain as drain_database_calls
@@ -50,14 +50,28 @@ class Pool:
         self.wake = asyncio.Event()
         self.serving: asyncio.Task[None] | None = None
         self.accepting = True
+        self.renew_asked = False  # renew the leases (and read the abort flags) at once
 
-    # Listener protocol for the workers' group: only wake-ups come through it.
+    # Listener protocol, for the workers' group (wake-ups) and the pool's own group (the
+    # aborts and permission answers of its replies). No events come through either.
     def deliver(self, frame: Frame) -> None:
         pass
 
     def control(self, message: groups.Control) -> None:
         if isinstance(message, groups.Wake):
             self.wake.set()
+        elif isinstance(message, (groups.Abort, groups.PermissionAnswered)):
+            run = self.runs.get(message.message_id)
+            if run is not None:
+                run.control(message)
+            elif isinstance(message, groups.Abort):
+                # Claimed by this pool, but its claim is not read yet: the renewal right
+                # after the claim reads the abort flag.
+                self.renew_soon()
+
+    def renew_soon(self) -> None:
+        self.renew_asked = True
+        self.wake.set()
 
     def start(self, *, listen: bool = False, persistent: bool = True) -> None:
         if self.serving is None or self.serving.done():
@@ -66,15 +80,15 @@ class Pool:
     async def serve(self, *, listen: bool, persistent: bool) -> None:
         """Claim and run replies. A pool that is not ``persistent`` (started on demand
         where no server runs: management commands, tests) stops once it has nothing to
-        do, rather than polling the database for the life of the process."""
+        do, rather than polling the database for the life of the process. ``listen``:
+        wake-ups come from the workers' group (worker mode) rather than from this process."""
         hub = get_hub()
-        # Wake-ups come through Redis; until it answers, polling finds the replies.
-        listening = (
-            asyncio.get_running_loop().create_task(
-                subscribe_eventually(hub, groups.WORKERS_GROUP, self)
-            )
-            if listen else None
-        )
+        # Through Redis; until it answers, polling finds the replies and the lease
+        # renewal their aborts.
+        own = groups.pool_group(self.name)
+        listened = [own, groups.WORKERS_GROUP] if listen else [own]
+        loop = asyncio.get_running_loop()
+        listening = [loop.create_task(self._listen(hub, group)) for group in listened]
         renew_every = settings.TANDEM_RUN_LEASE_SECONDS / 4
         next_renew = time.monotonic() + renew_every
         try:
@@ -82,7 +96,8 @@ class Pool:
                 self.wake.clear()
                 try:
                     await self._claim()
-                    if time.monotonic() >= next_renew:
+                    if self.renew_asked or time.monotonic() >= next_renew:
+                        self.renew_asked = False
                         next_renew = time.monotonic() + renew_every
                         await self._renew()
                 except Exception:  # the database went away for a moment: try again
@@ -97,11 +112,17 @@ class Pool:
                     async with asyncio.timeout(wait):
                         await self.wake.wait()
         finally:
-            if listening is not None:
-                listening.cancel()
-                await asyncio.wait([listening])
+            for task in listening:
+                task.cancel()
+            await asyncio.wait(listening)
+            for group in listened:
                 with contextlib.suppress(Exception):
-                    await hub.unsubscribe(groups.WORKERS_GROUP, self)
+                    await hub.unsubscribe(group, self)
+
+    async def _listen(self, hub: Hub, group: str) -> None:
+        await subscribe_eventually(hub, group, self)
+        # What was sent before the subscription reached no one: look now.
+        self.renew_soon()
 
     async def _claim(self) -> None:
         free = settings.TANDEM_AGENT_CONCURRENCY - len(self.runs)

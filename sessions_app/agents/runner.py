@@ -17,8 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from events_app import groups
-from events_app.fanout import Hub, get_hub, subscribe_eventually
-from events_app.types import Frame, iso
+from events_app.types import iso
 from project.db import off_loop
 from sessions_app import doc as docs
 from sessions_app import services
@@ -76,9 +75,6 @@ class _Usage:
 
 
 class Run:
-    # A hub listener for control messages only (abort, permission answers): no presence.
-    wants_presence = False
-
     def __init__(
         self, session_id: str, message_id: str, agent_name: str, runner: str, *, abort_requested: bool = False
     ) -> None:
@@ -101,11 +97,8 @@ class Run:
         self.last_flush = time.monotonic()
         self.asked_permission = False  # if not, the finish has no requests to close
 
-    # Listener protocol: the run group carries only control messages.
-    def deliver(self, frame: Frame) -> None:
-        pass
-
-    def control(self, message: groups.Control) -> None:
+    def control(self, message: groups.Abort | groups.PermissionAnswered) -> None:
+        """From the pool, which listens for the aborts and answers of its replies."""
         if isinstance(message, groups.Abort):
             self.abort()
         elif isinstance(message, groups.PermissionAnswered):
@@ -146,18 +139,11 @@ class Run:
         return await result
 
     async def run(self) -> None:
-        group = groups.run_group(self.session_id)
-        hub = get_hub()
         started = time.monotonic()
         replies_log.info(
             "reply started session=%s message=%s agent=%s runner=%s",
             self.session_id, self.message_id, self.agent_name, self.runner,
         )
-        # Listening for abort and permission answers needs Redis; the reply does not (its
-        # events go to the database, and readers catch up from there). So a reply starts
-        # at once, and listens as soon as Redis lets it; meanwhile abort arrives through
-        # the lease renewal and permission answers through polling.
-        listening = asyncio.get_running_loop().create_task(self._listen(hub, group))
         status, error = Message.Status.COMPLETED, None
         try:
             context = await off_loop(services.reply_context)(self.session_id, self.message_id)
@@ -203,12 +189,6 @@ class Run:
                 if not self.lost:
                     await self._finish(status, error)
             finally:
-                listening.cancel()
-                await asyncio.wait([listening])  # so it cannot subscribe after we leave
-                try:
-                    await hub.unsubscribe(group, self)
-                except Exception:  # Redis away: the hub has dropped us all the same
-                    log.warning("Reply %s could not leave %s", self.message_id, group)
                 replies_log.info(
                     "reply ended session=%s message=%s agent=%s runner=%s status=%s%s duration=%.2fs",
                     self.session_id, self.message_id, self.agent_name, self.runner,
@@ -216,13 +196,6 @@ class Run:
                     f" error={error['code']}" if error and not self.lost else "",
                     time.monotonic() - started,
                 )
-
-    async def _listen(self, hub: Hub, group: str) -> None:
-        await subscribe_eventually(hub, group, self)
-        # An abort asked after the check at the start and before this subscription sent
-        # its control message to no one: look once more, now that the next one reaches us.
-        if not self.aborted.is_set() and await off_loop(services.abort_requested)(self.message_id):
-            self.abort()
 
     def _has_pending(self) -> bool:
         return any(p.pending for p in self.parts)
