@@ -11,6 +11,7 @@ get ``not_found``, as over REST.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -25,7 +26,10 @@ from mcp_types import CallToolResult, TextContent
 from pydantic import Field
 from rest_framework import exceptions as drf
 
+from events_app import groups
+from events_app.fanout import get_hub
 from events_app.services import publish_custom
+from events_app.types import Frame
 from project import runtime
 from project.auth import authenticate_stream
 from project.db import off_loop
@@ -64,9 +68,12 @@ INSTRUCTIONS = (
     "and waits for their answer; read_doc and edit_doc read and change the session's shared "
     "document."
 )
-# How often a waiting request_approval rereads its request: answers may come through
-# any process, and a stdio server shares no channel layer with the web processes.
+# How often a waiting request_approval rereads its request. With Redis, the answer's
+# event wakes it at once from whichever process wrote the answer, and the rereads are only
+# a fallback. Without Redis a stdio server shares no channel layer with the web process
+# where people answer, so the rereads are how it finds the answer.
 APPROVAL_POLL_SECONDS = 0.5
+APPROVAL_RECHECK_SECONDS = 5.0
 MAX_READ = 200
 
 SessionId = Annotated[str, Field(description="The session's id (from list_sessions).", max_length=64)]
@@ -305,18 +312,55 @@ def _ask(user: User, session_id: str, question: str, details: dict[str, Any] | N
     return permissions.request_approval(session, user, question, details, timeout)
 
 
+class _AnswerWatch:
+    """A hub listener on the session's group: woken by its ``permission.resolved`` events,
+    whichever process wrote the answer. It only wakes the waiter, which rereads the row."""
+
+    wants_presence = False
+
+    def __init__(self, permission_id: str) -> None:
+        self.permission_id = permission_id
+        self.woken = asyncio.Event()
+
+    def deliver(self, frame: Frame) -> None:
+        if frame.type == "permission.resolved" and self.permission_id in frame.envelope:
+            self.woken.set()
+
+    def control(self, message: groups.Control) -> None:
+        pass
+
+
 async def _decision(permission: PermissionRequest) -> PermissionRequest:
-    """The request once answered or expired. Reread every ``APPROVAL_POLL_SECONDS``:
-    the answer may be written by any process."""
-    while True:
-        current = await off_loop(permissions.permission_state)(permission.id)
-        if current.status != PermissionRequest.Status.PENDING:
-            return await off_loop(_with_resolver)(current.id)
-        left = (current.expires_at - timezone.now()).total_seconds()
-        if left <= 0:
-            await off_loop(permissions.expire_permission)(permission.id)
-            continue
-        await asyncio.sleep(min(left, APPROVAL_POLL_SECONDS))
+    """The request once answered or expired: woken by the answer's event, and reread
+    periodically as well (the event may be lost with Redis, or not reach this process)."""
+    hub = get_hub()
+    group = groups.session_group(permission.session_id)
+    watch = _AnswerWatch(permission.id)
+    try:
+        await hub.subscribe(group, watch)
+        subscribed = True
+    except Exception:  # Redis unreachable: the rereads alone find the answer
+        subscribed = False
+    every = APPROVAL_RECHECK_SECONDS if subscribed and settings.REDIS_URL else APPROVAL_POLL_SECONDS
+    try:
+        while True:
+            # Reread after every wake: an answer committed before the subscription (or
+            # between two reads) is in the row, and its event is published after commit.
+            watch.woken.clear()
+            current = await off_loop(permissions.permission_state)(permission.id)
+            if current.status != PermissionRequest.Status.PENDING:
+                return await off_loop(_with_resolver)(current.id)
+            left = (current.expires_at - timezone.now()).total_seconds()
+            if left <= 0:
+                await off_loop(permissions.expire_permission)(permission.id)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, every)):
+                    await watch.woken.wait()
+    finally:
+        if subscribed:
+            with contextlib.suppress(Exception):  # Redis away: the hub has let go already
+                await hub.unsubscribe(group, watch)
 
 
 def _with_resolver(permission_id: str) -> PermissionRequest:

@@ -24,6 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context
 from rest_framework_simplejwt.tokens import RefreshToken
 
+from events_app import fanout
 from events_app.models import Event
 from project.db import off_loop
 from sessions_app import mcp_server
@@ -31,6 +32,7 @@ from sessions_app.models import Message, PermissionRequest, Session
 from tests.conftest import ROOT, client_for, token_for, wait_until
 from tests.conftest import test_database_url as database_url
 from tests.helpers import assert_error
+from tests.streamutil import bind_runtime, stream_groups
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -370,3 +372,25 @@ async def test_shared_document_read_and_edited_as_over_rest(
         lambda: Event.objects.filter(session_id=shared_session.id, type="doc.updated").count() >= 2
     )
     assert announced
+
+
+async def test_a_waiting_approval_is_woken_by_the_answer_itself(
+    shared_session: Session, bob: Any, alice: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No rereads in this test's lifetime: only the answer's permission.resolved event,
+    # through the session's group, can end the wait.
+    monkeypatch.setattr(mcp_server, "APPROVAL_POLL_SECONDS", 3600.0)
+    monkeypatch.setattr(mcp_server, "APPROVAL_RECHECK_SECONDS", 3600.0)
+    bind_runtime()
+    async with in_process(bob) as client:
+        asking = asyncio.ensure_future(client.call_tool(
+            "request_approval", {"session_id": shared_session.id, "question": "Ship it?"}
+        ))
+        permission = await off_loop(pending_permission)(shared_session)
+        answered = await off_loop(client_for(alice).post)(
+            f"/api/sessions/{shared_session.id}/permissions/{permission.id}/", {"approved": True}, format="json"
+        )
+        assert answered.status_code == 200, answered.content
+        result = body(await asyncio.wait_for(asking, 20))
+    assert result["approved"] is True and result["resolved_by"] == {"id": alice.pk, "username": "alice"}
+    assert not stream_groups(fanout.get_hub())  # the wait left the session's group
