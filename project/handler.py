@@ -20,11 +20,13 @@ whole in memory. The middleware, their order, the error responses and the reques
 are Django's own."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
-from collections.abc import Iterator
-from typing import Any
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
@@ -35,19 +37,26 @@ from django.http import FileResponse, HttpResponseBase
 from django.urls import set_script_prefix
 
 Headers = list[tuple[bytes, bytes]]
+T = TypeVar("T")
 
 
 class OneHopHandler(ASGIHandler):
     def __init__(self) -> None:
         base.BaseHandler.__init__(self)
         self.load_middleware(is_async=False)
-        threads = concurrent.futures.ThreadPoolExecutor(
+        self._threads = concurrent.futures.ThreadPoolExecutor(
             settings.TANDEM_MAX_CONCURRENT_REQUESTS, thread_name_prefix="tandem-request"
         )
-        # Made once: building a sync_to_async wrapper inspects the function each time.
-        self._in_thread = sync_to_async(self._respond, thread_sensitive=False, executor=threads)
-        self._next_chunk = sync_to_async(_next_or_close, thread_sensitive=False, executor=threads)
-        self._close = sync_to_async(_Stream.close, thread_sensitive=False, executor=threads)
+
+    async def _in_thread(self, context: contextvars.Context, func: Callable[..., T], *args: Any) -> T:
+        """``func(*args)`` on a request thread, in the request's ``context``: one copy of
+        the caller's per request, so what one hop sets (the script prefix, the database
+        connection) the next hop of a streaming response sees. The loop's
+        ``run_in_executor`` directly, as ``project.db.off_loop`` does: asgiref's
+        ``sync_to_async`` copies every context variable back to the caller after each
+        call, which the loop side never reads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, functools.partial(context.run, func, *args))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,8 +65,9 @@ class OneHopHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
+        context = contextvars.copy_context()  # the hops run one after another, never at once
         try:
-            status, headers, body, rest = await self._in_thread(scope, body_file)
+            status, headers, body, rest = await self._in_thread(context, self._respond, scope, body_file)
         finally:
             body_file.close()
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -69,11 +79,11 @@ class OneHopHandler(ASGIHandler):
         try:
             while chunk is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                chunk = await self._next_chunk(rest)
+                chunk = await self._in_thread(context, _next_or_close, rest)
             await send({"type": "http.response.body", "body": b""})
         finally:
             if chunk is not None:  # the client left, or sending failed: close it all the same
-                await self._close(rest)
+                await self._in_thread(context, rest.close)
 
     def _respond(self, scope: dict[str, Any], body_file: Any) -> tuple[int, Headers, bytes, _Stream | None]:
         """The whole request in this thread: Django's signals, middleware and view, and,

@@ -89,3 +89,27 @@ async def test_requests_reuse_a_pool_of_threads_instead_of_starting_one_each(
     # for every request.
     assert all(name.startswith("tandem-request") for name in started), started
     assert len(started) < settings.TANDEM_MAX_CONCURRENT_REQUESTS
+
+
+async def test_every_hop_of_a_streamed_response_runs_in_the_requests_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A streamed response is read a chunk per hop to a request thread: what the first hop
+    # set up for the request (here the script prefix; the database connection too) is
+    # what the later hops see.
+    from django.http import StreamingHttpResponse
+    from django.urls import get_script_prefix
+
+    from project.handler import OneHopHandler
+
+    def chunks() -> Any:
+        for _ in range(3):
+            yield get_script_prefix().encode() + b";"
+
+    handler = OneHopHandler()
+    monkeypatch.setattr(handler, "get_response", lambda request: StreamingHttpResponse(chunks()))
+    communicator = HttpCommunicator(handler, "GET", "/tandem/anything", headers=[(b"host", b"testserver")])
+    communicator.scope["root_path"] = "/tandem"
+    response = await communicator.get_response(timeout=10)
+    assert response["status"] == 200
+    assert response["body"] == b"/tandem/;/tandem/;/tandem/;"
