@@ -1,8 +1,9 @@
-"""Credentials: strict Bearer JWTs for REST, stream tickets, and the one function that
-authenticates a stream (SSE or WebSocket) from its ASGI scope."""
+"""Credentials: strict Bearer JWTs (or API keys) for REST, stream tickets, and the one
+function that authenticates a stream (SSE or WebSocket) from its ASGI scope."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from importlib import import_module
@@ -28,6 +29,26 @@ from project.errors import ApiError, AuthenticationFailed, NotAuthenticated
 
 _TICKET_SALT = "tandem.stream-ticket"
 
+# API keys (``sessions_app.models.ApiKey``) start with this; a JWT never does.
+API_KEY_PREFIX = "tdm_"
+# Set by the sessions app when it is ready (this layer does not import the models): the
+# active user an API key names, or None.
+_key_owner: Callable[[str], User | None] | None = None
+
+
+def register_key_reader(read: Callable[[str], User | None]) -> None:
+    global _key_owner
+    _key_owner = read
+
+
+def user_for_key(raw: str) -> User:
+    """The active user of an API key, or AuthenticationFailed (unknown, revoked, or its
+    user disabled or deleted). Runs a query: from a request thread or through off_loop."""
+    found = _key_owner(raw) if _key_owner is not None else None
+    if found is None:
+        raise AuthenticationFailed("The API key is not valid or has been revoked.")
+    return found
+
 
 def caller(request: Request) -> User:
     """The signed-in user of a request that its view's permission classes already
@@ -49,6 +70,8 @@ class StrictJWTAuthentication(JWTAuthentication):
         parts = header.split()
         if len(parts) != 2 or parts[0] != "Bearer":
             raise AuthenticationFailed("Use 'Authorization: Bearer <access token>'.")
+        if parts[1].startswith(API_KEY_PREFIX):
+            return user_for_key(parts[1]), None
         try:
             return super().authenticate(request)
         except Exception as exc:  # simplejwt raises its own InvalidToken/AuthenticationFailed
@@ -207,6 +230,7 @@ class StreamClaim:
     user_id: int | None
     expires_at: float | None  # set when the stream must end with auth.expired
     cookie: bool = False
+    api_key: str | None = None  # an API key, in the Authorization header only
 
 
 def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamClaim:
@@ -221,8 +245,10 @@ def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> St
         parts = header.split()
         if len(parts) != 2 or parts[0] != "Bearer":
             raise AuthenticationFailed("Use 'Authorization: Bearer <access token>'.")
+        if parts[1].startswith(API_KEY_PREFIX):
+            return StreamClaim(None, None, api_key=parts[1])  # whose it is: the database's to say
         user_id, expires_at = read_access_token(parts[1])
-    elif "token" in params:
+    elif "token" in params:  # never an API key: a long-lived secret stays out of URLs
         user_id, expires_at = read_access_token(params["token"])
     elif "ticket" in params:
         user_id = read_ticket(params["ticket"])
@@ -251,6 +277,12 @@ def resolve_claims(claims: list[tuple[StreamClaim, dict[str, Any]]]) -> list[Use
         if claim.cookie:
             user = _user_from_cookie(scope)
             out.append(user if user is not None else NotAuthenticated())
+            continue
+        if claim.api_key is not None:
+            try:
+                out.append(user_for_key(claim.api_key))
+            except AuthenticationFailed as exc:
+                out.append(exc)
             continue
         assert claim.user_id is not None
         found = users.get(claim.user_id)

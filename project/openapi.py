@@ -374,6 +374,10 @@ PERMISSION_ID = OpenApiParameter(
     "permission_id", {"type": "string", "pattern": SAFE_SEGMENT}, OpenApiParameter.PATH,
     description="The permission request's id.",
 )
+KEY_ID = OpenApiParameter(
+    "key_id", {"type": "string", "pattern": SAFE_SEGMENT}, OpenApiParameter.PATH,
+    description="The API key's id.",
+)
 MESSAGE_ID = OpenApiParameter(
     "message_id", {"type": "string", "pattern": SAFE_SEGMENT}, OpenApiParameter.PATH,
     description="The message's id.",

@@ -10,13 +10,15 @@ from project.errors import api_not_found
 from project.limits import AuthThrottle, sign_in_throttled
 from project.openapi import SchemaView, SwaggerView
 from sessions_app import pages
-from sessions_app.views import RegisterView, TicketView
+from sessions_app.views import ApiKeyDetailView, ApiKeyListView, RegisterView, TicketView
 
 api: list[URLPattern | URLResolver] = [
     path("auth/token/", TokenObtainPairView.as_view(throttle_classes=[AuthThrottle])),
     path("auth/token/refresh/", TokenRefreshView.as_view(throttle_classes=[AuthThrottle])),
     path("auth/register/", RegisterView.as_view()),
     path("auth/ticket/", TicketView.as_view()),
+    path("auth/keys/", ApiKeyListView.as_view()),
+    path("auth/keys/<str:key_id>/", ApiKeyDetailView.as_view()),
     path("sessions/<str:session_id>/events/", EventListView.as_view()),
     path("", include("sessions_app.urls")),
     # The OpenAPI description and its browsable pages (public; local assets only).

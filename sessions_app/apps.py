@@ -9,9 +9,11 @@ class SessionsAppConfig(AppConfig):
     verbose_name = "Sessions"
 
     def ready(self) -> None:
-        from sessions_app import doc_tools, signals
+        from project import auth
+        from sessions_app import doc_tools, keys, signals
         from sessions_app.agents import pool
 
+        auth.register_key_reader(keys.key_owner)
         signals.connect()
         pool.register()
         doc_tools.register()

@@ -292,3 +292,23 @@ class DocUpdate(models.Model):
 
     def __str__(self) -> str:
         return f"update {self.version} of {self.session_id}"
+
+
+class ApiKey(models.Model):
+    """A long-lived credential a user makes for a program (an MCP client's configuration,
+    a script): ``Authorization: Bearer tdm_…`` wherever an access token is accepted in
+    that header. Only a digest of the key is stored; the key itself is shown once, when
+    it is made. Deleting the row revokes it."""
+
+    id = models.CharField(primary_key=True, max_length=32, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16)  # the key's first characters, to tell keys apart
+    digest = models.CharField(max_length=64, unique=True)  # SHA-256 of the key, hex
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["user", "created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…) of user {self.user_id}"

@@ -422,6 +422,29 @@ class TicketSerializer(serializers.Serializer):  # type: ignore[type-arg]
     expires_in = serializers.IntegerField(min_value=1)
 
 
+class ApiKeyCreateSerializer(StrictSerializer):
+    name = StrictCharField(max_length=100, help_text="What the key is for (a machine, a tool).")
+
+
+class ApiKeySerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """An API key as listed: never the key itself."""
+
+    id = serializers.CharField()
+    name = serializers.CharField()
+    prefix = serializers.CharField(help_text="The key's first characters, to tell keys apart.")
+    created_at = TimeField()
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.CharField(
+        help_text="The key, `tdm_…`: shown here once and never again (only its digest is stored)."
+    )
+
+
+class ApiKeyListSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    keys = ApiKeySerializer(many=True)
+
+
 class AbortResultSerializer(serializers.Serializer):  # type: ignore[type-arg]
     aborted = serializers.BooleanField()
 
@@ -439,6 +462,7 @@ OUTPUT_SERIALIZERS: list[type[serializers.Serializer]] = [  # type: ignore[type-
     UserSerializer, SessionSerializer, MemberSerializer, MessageSerializer, PartSerializer,
     PermissionSerializer, SessionPageSerializer, MessagePageSerializer, MessagePostedSerializer,
     PresenceSerializer, HealthSerializer, TicketSerializer, AbortResultSerializer,
+    ApiKeySerializer, ApiKeyCreatedSerializer, ApiKeyListSerializer,
     RetryResultSerializer,
     ForkedFromSerializer, SearchHitSerializer, SearchPageSerializer, ExportSerializer,
     DocumentSerializer,

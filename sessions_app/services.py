@@ -34,10 +34,13 @@ from project.errors import (
     SessionBusy,
     ValidationFailed,
 )
-from sessions_app.models import Membership, Message, Part, PermissionRequest, ReplyRun, Role, Session
 
 # The run queue (sessions_app.runs) and permission requests (sessions_app.permissions)
 # have modules of their own; the agents' runner and pool still call them as services.X.
+from sessions_app.keys import create_api_key as create_api_key
+from sessions_app.keys import list_api_keys as list_api_keys
+from sessions_app.keys import revoke_api_key as revoke_api_key
+from sessions_app.models import Membership, Message, Part, PermissionRequest, ReplyRun, Role, Session
 from sessions_app.permissions import expire_permission as expire_permission
 from sessions_app.permissions import permission_state as permission_state
 from sessions_app.permissions import request_permission as request_permission

@@ -28,6 +28,7 @@ from project.auth import caller, issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
 from project.openapi import (
+    KEY_ID,
     MESSAGE_ID,
     MESSAGE_PAGE_PARAMETERS,
     PAGE_PARAMETERS,
@@ -44,6 +45,9 @@ from sessions_app.models import Membership, Message, Role, Session
 from sessions_app.serializers import (
     SEARCH_MAX_CHARS,
     AbortResultSerializer,
+    ApiKeyCreatedSerializer,
+    ApiKeyCreateSerializer,
+    ApiKeyListSerializer,
     CredentialsSerializer,
     DocPatchSerializer,
     ExportQuerySerializer,
@@ -151,6 +155,51 @@ class TicketView(APIView):
         return Response(
             out(TicketSerializer, {"ticket": issue_ticket(caller(request).pk), "expires_in": settings.TANDEM_TICKET_SECONDS})
         )
+
+
+class ApiKeyListView(APIView):
+    @doc(
+        operation_id="auth_keys_list",
+        summary="Your API keys",
+        description="The caller's API keys, oldest first: names and prefixes, never the keys.",
+        tags=["auth"],
+        responses={200: OpenApiResponse(ref("ApiKeyList"), description="The keys.")},
+    )
+    def get(self, request: Request) -> Response:
+        return Response(out(ApiKeyListSerializer, {"keys": services.list_api_keys(caller(request))}))
+
+    @doc(
+        summary="Make an API key",
+        description="A long-lived key for a program (an MCP client's configuration, a "
+        "script), accepted as `Authorization: Bearer tdm_…` wherever an access token is "
+        "accepted in that header; never in a query string. The key is in this answer only: "
+        "Tandem stores its digest. It stays valid until deleted, or until its user is "
+        "deactivated or deleted.",
+        tags=["auth"],
+        request=ApiKeyCreateSerializer,
+        responses={201: OpenApiResponse(ref("ApiKeyCreated"), description="The key, shown once.")},
+        errors={409: "`conflict`: the caller already holds the most keys a user may (50)."},
+    )
+    def post(self, request: Request) -> Response:
+        data = validated(ApiKeyCreateSerializer, request.data)
+        key, raw = services.create_api_key(caller(request), data["name"])
+        shown = {"id": key.id, "name": key.name, "prefix": key.prefix, "created_at": key.created_at, "key": raw}
+        return Response(out(ApiKeyCreatedSerializer, shown), status=status.HTTP_201_CREATED)
+
+
+class ApiKeyDetailView(APIView):
+    @doc(
+        summary="Revoke an API key",
+        description="Deleted at once: the key's next request is refused with 401. Streams it "
+        "opened stay open, as streams opened with a ticket do.",
+        tags=["auth"],
+        parameters=[KEY_ID],
+        responses={204: OpenApiResponse(description="Revoked.")},
+        errors={404: "`not_found`: no such key among the caller's."},
+    )
+    def delete(self, request: Request, key_id: str) -> Response:
+        services.revoke_api_key(caller(request), key_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 # ---------------------------------------------------------------- sessions

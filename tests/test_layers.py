@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "sessions_app.access", "sessions_app.serializers", "sessions_app.permissions",
         "sessions_app.runs", "sessions_app.services", "sessions_app.search",
         "sessions_app.signals", "sessions_app.admin", "sessions_app.doc", "sessions_app.doc_tools",
+        "sessions_app.keys",
     ]),
     ("live transport", [
         "events_app.presence", "events_app.streams", "events_app.commands",

@@ -122,6 +122,25 @@ async def test_http_disabled_user_is_401(live: Any, alice: Any) -> None:
     assert response.status_code == 401
 
 
+async def test_http_client_with_an_api_key_acts_as_its_user_until_it_is_revoked(
+    live: Any, shared_session: Session, bob: Any
+) -> None:
+    # What a static MCP client configuration carries: a key that does not expire.
+    made = await off_loop(lambda: client_for(bob).post("/api/auth/keys/", {"name": "claude"}, format="json"))()
+    assert made.status_code == 201, made.content
+    key = made.json()
+    async with over_http(live.url, key["key"]) as client:
+        sessions = body(await client.call_tool("list_sessions", {}))["sessions"]
+        assert [(s["id"], s["role"]) for s in sessions] == [(shared_session.id, "editor")]
+    revoked = await off_loop(lambda: client_for(bob).delete(f"/api/auth/keys/{key['id']}/"))()
+    assert revoked.status_code == 204
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {key['key']}"}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(f"{live.url}/mcp/", json=request, headers=headers)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "authentication_failed"
+
+
 async def test_http_client_lists_tools_and_only_its_sessions(
     live: Any, shared_session: Session, bob: Any, charlie: Any
 ) -> None:

@@ -1,0 +1,53 @@
+"""API keys: long-lived credentials a user makes for programs (an MCP client's
+configuration, a script), sent as ``Authorization: Bearer tdm_…``. A key is 32 random
+bytes; only its SHA-256 is stored (a key that random needs no slow hash: it cannot be
+guessed, only stolen, and the digest is useless to whoever steals the table). It is shown
+once, when it is made, and revoked by deleting it."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.contrib.auth.models import User
+
+from project.auth import API_KEY_PREFIX
+from project.errors import Conflict, NotFound
+from sessions_app.models import ApiKey, new_id
+
+# Keys one user may hold at once: enough for every machine and tool, and a bound on
+# what a stolen session could mint.
+MAX_KEYS_PER_USER = 50
+
+
+def _digest(raw: str) -> str:
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def create_api_key(user: User, name: str) -> tuple[ApiKey, str]:
+    """A new key for ``user``: the stored row, and the key itself (never stored)."""
+    if ApiKey.objects.filter(user=user).count() >= MAX_KEYS_PER_USER:
+        raise Conflict(f"At most {MAX_KEYS_PER_USER} API keys per user: delete one first.")
+    raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey.objects.create(
+        id=new_id("key"), user=user, name=name, prefix=raw[: len(API_KEY_PREFIX) + 6], digest=_digest(raw)
+    )
+    return key, raw
+
+
+def list_api_keys(user: User) -> list[ApiKey]:
+    return list(ApiKey.objects.filter(user=user))
+
+
+def revoke_api_key(user: User, key_id: str) -> None:
+    """Delete one of ``user``'s keys; another user's key is as unknown as no key."""
+    deleted, _ = ApiKey.objects.filter(user=user, pk=key_id).delete()
+    if not deleted:
+        raise NotFound("No such API key.")
+
+
+def key_owner(raw: str) -> User | None:
+    """The active user whose key ``raw`` is, or None (``project.auth.user_for_key``)."""
+    key = ApiKey.objects.select_related("user").filter(digest=_digest(raw)).first()
+    if key is None or not key.user.is_active:
+        return None
+    return key.user

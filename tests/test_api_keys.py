@@ -1,0 +1,153 @@
+"""API keys: a user makes long-lived keys for programs (an MCP client's configuration, a
+script), sends one as ``Authorization: Bearer tdm_…`` wherever an access token goes in
+that header, and revokes it by deleting it. The key is shown once; only its digest is
+stored. Roles and membership are checked as for any credential: alice owns the session,
+bob collaborates, charlie is an outsider."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from sessions_app import keys
+from sessions_app.models import ApiKey
+from tests.conftest import client_for
+from tests.helpers import assert_error
+from tests.streamutil import SSEClient, bind_runtime, stream_path
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+KEYS = "/api/auth/keys/"
+
+
+def make_key(user: Any, name: str = "laptop") -> dict[str, Any]:
+    response = client_for(user).post(KEYS, {"name": name}, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()  # type: ignore[no-any-return]
+
+
+def with_key(raw: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return client
+
+
+def test_a_key_is_shown_once_and_listed_without_it(alice: Any) -> None:
+    made = make_key(alice, "claude code on my laptop")
+    assert set(made) == {"id", "name", "prefix", "created_at", "key"}
+    assert made["key"].startswith("tdm_") and len(made["key"]) > 40
+    assert made["key"].startswith(made["prefix"]) and made["name"] == "claude code on my laptop"
+    listed = client_for(alice).get(KEYS)
+    assert listed.status_code == 200
+    assert listed.json() == {"keys": [{k: v for k, v in made.items() if k != "key"}]}
+    stored = ApiKey.objects.get(pk=made["id"])
+    assert stored.digest == hashlib.sha256(made["key"].encode()).hexdigest()
+    assert made["key"] not in {stored.digest, stored.prefix, stored.name}
+
+
+def test_a_key_acts_as_its_user_with_that_users_roles(shared_session: Any, bob: Any, carol: Any, charlie: Any) -> None:
+    sid = shared_session.id
+    bobs = with_key(make_key(bob)["key"])
+    assert [s["id"] for s in bobs.get("/api/sessions/").json()["results"]] == [sid]
+    posted = bobs.post(f"/api/sessions/{sid}/messages/", {"parts": [{"type": "text", "text": "hi"}]}, format="json")
+    assert posted.status_code == 202, posted.content
+    assert posted.json()["message"]["author"]["username"] == "bob"
+    carols = with_key(make_key(carol)["key"])  # a viewer reads, and may not write
+    assert carols.get(f"/api/sessions/{sid}/messages/").status_code == 200
+    refused = carols.post(f"/api/sessions/{sid}/messages/", {"parts": [{"type": "text", "text": "x"}]}, format="json")
+    assert_error(refused, 403, "permission_denied")
+    charlies = with_key(make_key(charlie)["key"])  # an outsider does not see the session
+    assert_error(charlies.get(f"/api/sessions/{sid}/"), 404, "not_found")
+
+
+def test_a_revoked_key_is_refused_at_once(alice: Any) -> None:
+    made = make_key(alice)
+    client = with_key(made["key"])
+    assert client.get("/api/sessions/").status_code == 200
+    assert client_for(alice).delete(f"{KEYS}{made['id']}/").status_code == 204
+    refused = assert_error(client.get("/api/sessions/"), 401, "authentication_failed")
+    assert "revoked" in refused["message"]
+    assert client_for(alice).get(KEYS).json() == {"keys": []}
+
+
+def test_a_user_cannot_see_or_revoke_anothers_keys(alice: Any, bob: Any) -> None:
+    made = make_key(alice)
+    assert client_for(bob).get(KEYS).json() == {"keys": []}
+    assert_error(client_for(bob).delete(f"{KEYS}{made['id']}/"), 404, "not_found")
+    assert_error(client_for(alice).delete(f"{KEYS}key_doesnotexist/"), 404, "not_found")
+    assert with_key(made["key"]).get("/api/sessions/").status_code == 200  # still alice's
+
+
+def test_keys_of_a_deactivated_or_deleted_user_are_refused(alice: Any, bob: Any) -> None:
+    alices, bobs = make_key(alice)["key"], make_key(bob)["key"]
+    alice.is_active = False
+    alice.save(update_fields=["is_active"])
+    assert_error(with_key(alices).get("/api/sessions/"), 401, "authentication_failed")
+    bob.delete()
+    assert_error(with_key(bobs).get("/api/sessions/"), 401, "authentication_failed")
+
+
+@pytest.mark.parametrize(
+    "raw", ["tdm_", "tdm_made-up-key", "tdm_" + "a" * 500, "tdm_\u00e9\u00e9", "tdm_x\ty"]
+)
+def test_made_up_keys_are_refused(alice: Any, raw: str) -> None:
+    make_key(alice)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    response = client.get("/api/sessions/")
+    assert response.status_code == 401, response.content
+    assert response.json()["error"]["code"] == "authentication_failed"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "n" * 101}, "name"),
+        ({"name": 7}, "name"),
+        ({"name": None}, "name"),
+        ({"name": "ok", "expires": "never"}, "expires"),
+    ],
+)
+def test_bad_key_requests_get_a_validation_error_and_make_nothing(alice: Any, body: Any, field: str) -> None:
+    error = assert_error(client_for(alice).post(KEYS, body, format="json"), 400, "validation_error")
+    assert field in error["details"]
+    assert not ApiKey.objects.exists()
+
+
+def test_keys_are_made_only_by_a_signed_in_user(alice: Any) -> None:
+    assert_error(APIClient().post(KEYS, {"name": "x"}, format="json"), 401, "not_authenticated")
+    assert_error(APIClient().get(KEYS), 401, "not_authenticated")
+    bad_json = client_for(alice).post(KEYS, "{not json", content_type="application/json")
+    assert bad_json.status_code == 400
+    assert not ApiKey.objects.exists()
+
+
+def test_a_user_holds_a_bounded_number_of_keys(alice: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys, "MAX_KEYS_PER_USER", 2)
+    first = make_key(alice, "one")
+    make_key(alice, "two")
+    assert_error(client_for(alice).post(KEYS, {"name": "three"}, format="json"), 409, "conflict")
+    client_for(alice).delete(f"{KEYS}{first['id']}/")
+    make_key(alice, "three")
+
+
+async def test_a_key_opens_a_stream_from_the_header_but_never_from_the_query_string(
+    shared_session: Any, bob: Any
+) -> None:
+    from channels.db import database_sync_to_async
+
+    bind_runtime()
+    raw = (await database_sync_to_async(make_key)(bob))["key"]
+    path = stream_path(shared_session.id)
+    stream = SSEClient(path, headers={"authorization": f"Bearer {raw}"})
+    connected = (await stream.connected()).data
+    assert connected is not None and connected["type"] == "server.connected"
+    await stream.close()
+    # A long-lived secret stays out of URLs (and the logs and proxies that keep them).
+    in_url = SSEClient(path, params={"token": raw})
+    assert await in_url.open() == 401
+    assert (await in_url.json())["error"]["code"] == "authentication_failed"
