@@ -36,6 +36,20 @@ API_KEY_PREFIX = "tdm_"
 _key_owner: Callable[[str], User | None] | None = None
 
 
+class _KeyAuth:
+    """``request.auth`` of a request authenticated by an API key."""
+
+    def __repr__(self) -> str:
+        return "<API key>"
+
+
+KEY_AUTH = _KeyAuth()
+
+
+def by_api_key(request: Request) -> bool:
+    return request.auth is KEY_AUTH
+
+
 def register_key_reader(read: Callable[[str], User | None]) -> None:
     global _key_owner
     _key_owner = read
@@ -71,7 +85,7 @@ class StrictJWTAuthentication(JWTAuthentication):
         if len(parts) != 2 or parts[0] != "Bearer":
             raise AuthenticationFailed("Use 'Authorization: Bearer <access token>'.")
         if parts[1].startswith(API_KEY_PREFIX):
-            return user_for_key(parts[1]), None
+            return user_for_key(parts[1]), KEY_AUTH
         try:
             return super().authenticate(request)
         except Exception as exc:  # simplejwt raises its own InvalidToken/AuthenticationFailed

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 import orjson
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
@@ -24,7 +25,7 @@ from rest_framework.views import APIView
 
 from events_app import presence
 from events_app.types import ref
-from project.auth import caller, issue_ticket
+from project.auth import by_api_key, caller, issue_ticket
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
 from project.openapi import (
@@ -157,6 +158,15 @@ class TicketView(APIView):
         )
 
 
+def _signed_in(request: Request) -> User:
+    """The caller, signed in with a password's credential (an access token or the
+    session cookie), not with an API key: a leaked key must not be able to make keys that
+    outlive its revocation."""
+    if by_api_key(request):
+        raise PermissionDenied("API keys cannot manage API keys: use an access token or sign in.")
+    return caller(request)
+
+
 class ApiKeyListView(APIView):
     @doc(
         operation_id="auth_keys_list",
@@ -164,9 +174,10 @@ class ApiKeyListView(APIView):
         description="The caller's API keys, oldest first: names and prefixes, never the keys.",
         tags=["auth"],
         responses={200: OpenApiResponse(ref("ApiKeyList"), description="The keys.")},
+        errors={403: "`permission_denied`: the request was authenticated by an API key."},
     )
     def get(self, request: Request) -> Response:
-        return Response(out(ApiKeyListSerializer, {"keys": services.list_api_keys(caller(request))}))
+        return Response(out(ApiKeyListSerializer, {"keys": services.list_api_keys(_signed_in(request))}))
 
     @doc(
         summary="Make an API key",
@@ -178,11 +189,14 @@ class ApiKeyListView(APIView):
         tags=["auth"],
         request=ApiKeyCreateSerializer,
         responses={201: OpenApiResponse(ref("ApiKeyCreated"), description="The key, shown once.")},
-        errors={409: "`conflict`: the caller already holds the most keys a user may (50)."},
+        errors={
+            403: "`permission_denied`: the request was authenticated by an API key.",
+            409: "`conflict`: the caller already holds the most keys a user may (50).",
+        },
     )
     def post(self, request: Request) -> Response:
         data = validated(ApiKeyCreateSerializer, request.data)
-        key, raw = services.create_api_key(caller(request), data["name"])
+        key, raw = services.create_api_key(_signed_in(request), data["name"])
         shown = {"id": key.id, "name": key.name, "prefix": key.prefix, "created_at": key.created_at, "key": raw}
         return Response(out(ApiKeyCreatedSerializer, shown), status=status.HTTP_201_CREATED)
 
@@ -195,10 +209,13 @@ class ApiKeyDetailView(APIView):
         tags=["auth"],
         parameters=[KEY_ID],
         responses={204: OpenApiResponse(description="Revoked.")},
-        errors={404: "`not_found`: no such key among the caller's."},
+        errors={
+            403: "`permission_denied`: the request was authenticated by an API key.",
+            404: "`not_found`: no such key among the caller's.",
+        },
     )
     def delete(self, request: Request, key_id: str) -> Response:
-        services.revoke_api_key(caller(request), key_id)
+        services.revoke_api_key(_signed_in(request), key_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -118,6 +118,16 @@ def test_bad_key_requests_get_a_validation_error_and_make_nothing(alice: Any, bo
     assert not ApiKey.objects.exists()
 
 
+def test_a_key_cannot_make_list_or_revoke_keys(alice: Any) -> None:
+    # A leaked key must not mint keys that would outlive its revocation.
+    made = make_key(alice)
+    client = with_key(made["key"])
+    assert_error(client.post(KEYS, {"name": "more"}, format="json"), 403, "permission_denied")
+    assert_error(client.get(KEYS), 403, "permission_denied")
+    assert_error(client.delete(f"{KEYS}{made['id']}/"), 403, "permission_denied")
+    assert ApiKey.objects.count() == 1
+
+
 def test_keys_are_made_only_by_a_signed_in_user(alice: Any) -> None:
     assert_error(APIClient().post(KEYS, {"name": "x"}, format="json"), 401, "not_authenticated")
     assert_error(APIClient().get(KEYS), 401, "not_authenticated")
