@@ -45,6 +45,8 @@ urlpatterns = [
         sign_in_throttled("password")(pages.PasswordResetPage.as_view()),
         name="password_reset",
     ),
+    path("accounts/keys/", pages.api_keys_page, name="api_keys"),
+    path("accounts/keys/<str:key_id>/revoke/", pages.revoke_api_key_page, name="revoke_api_key"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/", include(api)),
     # /healthz, /readyz and /metrics are answered by project.probes, for any Host.

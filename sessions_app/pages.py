@@ -10,6 +10,7 @@ from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import PasswordResetForm
+from django.contrib.auth.models import User
 from django.contrib.auth.password_validation import password_validators_help_text_html
 from django.contrib.auth.views import LogoutView, PasswordResetView
 from django.core.mail import EmailMessage, get_connection
@@ -18,8 +19,9 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import redirect, render
 from django.template import loader
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
 
-from project.errors import NotFound, ValidationFailed
+from project.errors import Conflict, NotFound, ValidationFailed
 from project.middleware import not_found_page
 from sessions_app import services
 from sessions_app.access import session_for
@@ -44,6 +46,49 @@ def session_page(request: HttpRequest, session_id: str) -> HttpResponse:
         **_context(request), "session": session, "role": role,
         "agent_commands": agent_registry.commands(session.agent),
     })
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(
+        max_length=100, label="Name", help_text="What the key is for: a machine, a tool.",
+        widget=forms.TextInput(attrs={"placeholder": "claude code on my laptop"}),
+    )
+
+
+# The key just made, kept in the user's session from the POST until the page shows it
+# once: the POST redirects, so reloading the page never makes a second key.
+_NEW_KEY = "tandem.new_api_key"
+
+
+@login_required
+def api_keys_page(request: HttpRequest) -> HttpResponse:
+    """The user's API keys (``/api/auth/keys/`` in a page): make one, shown this once;
+    revoke one. Signed in with the cookie, never with a key, as the API requires."""
+    assert isinstance(request.user, User)
+    form = ApiKeyForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            _, raw = services.create_api_key(request.user, form.cleaned_data["name"])
+        except Conflict as exc:
+            form.add_error(None, exc.message)
+        else:
+            request.session[_NEW_KEY] = raw
+            return redirect("api_keys")
+    return render(request, "tandem/api_keys.html", {
+        "form": form, "keys": services.list_api_keys(request.user),
+        "made": request.session.pop(_NEW_KEY, None) if request.method == "GET" else None,
+    })
+
+
+@login_required
+@require_POST
+def revoke_api_key_page(request: HttpRequest, key_id: str) -> HttpResponse:
+    assert isinstance(request.user, User)
+    try:
+        services.revoke_api_key(request.user, key_id)
+    except NotFound:
+        return not_found_page(request)
+    return redirect("api_keys")
 
 
 class SignupForm(forms.Form):

@@ -161,3 +161,45 @@ async def test_a_key_opens_a_stream_from_the_header_but_never_from_the_query_str
     in_url = SSEClient(path, params={"token": raw})
     assert await in_url.open() == 401
     assert (await in_url.json())["error"]["code"] == "authentication_failed"
+
+
+# ---------------------------------------------------------------- the page
+
+
+def test_the_keys_page_makes_a_key_shows_it_once_and_revokes_it(alice: Any) -> None:
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=False)
+    browser.force_login(alice)
+    empty = browser.get("/accounts/keys/")
+    assert empty.status_code == 200 and b"You have no API keys." in empty.content
+    posted = browser.post("/accounts/keys/", {"name": "laptop"})
+    assert posted.status_code == 302 and posted["Location"] == "/accounts/keys/"  # a reload makes none
+    made = browser.get("/accounts/keys/")
+    [key] = ApiKey.objects.filter(user=alice)
+    raw = made.context["made"]
+    assert raw.startswith(key.prefix) and raw.encode() in made.content
+    assert with_key(raw).get("/api/sessions/").status_code == 200
+    again = browser.get("/accounts/keys/")
+    assert raw.encode() not in again.content and key.prefix.encode() in again.content
+    revoked = browser.post(f"/accounts/keys/{key.id}/revoke/")
+    assert revoked.status_code == 302 and revoked["Location"] == "/accounts/keys/"
+    assert_error(with_key(raw).get("/api/sessions/"), 401, "authentication_failed")
+
+
+def test_the_keys_page_refuses_what_it_should(alice: Any, bob: Any) -> None:
+    from django.test import Client
+
+    assert Client().get("/accounts/keys/").status_code == 302  # to the login page
+    bobs = ApiKey.objects.get(pk=make_key(bob)["id"])
+    browser = Client()
+    browser.force_login(alice)
+    assert browser.post("/accounts/keys/", {"name": ""}).context["form"].errors["name"]
+    assert browser.post("/accounts/keys/", {"name": "n" * 101}).context["form"].errors["name"]
+    assert browser.post(f"/accounts/keys/{bobs.id}/revoke/").status_code == 404  # not hers
+    assert browser.get(f"/accounts/keys/{bobs.id}/revoke/").status_code == 405
+    assert list(ApiKey.objects.all()) == [bobs]
+    guarded = Client(enforce_csrf_checks=True)
+    guarded.force_login(alice)
+    assert guarded.post("/accounts/keys/", {"name": "x"}).status_code == 403  # no CSRF token
+    assert list(ApiKey.objects.all()) == [bobs]
