@@ -97,9 +97,13 @@ class Pool:
                 try:
                     await self._claim()
                     if self.renew_asked or time.monotonic() >= next_renew:
-                        self.renew_asked = False
                         next_renew = time.monotonic() + renew_every
-                        await self._renew()
+                        asked, self.renew_asked = self.renew_asked, False
+                        try:
+                            await self._renew()
+                        except Exception:
+                            self.renew_asked = asked  # the next turn tries again
+                            raise
                 except Exception:  # the database went away for a moment: try again
                     log.exception("Agent pool %s could not claim or renew", self.name)
                 # No await between this check and returning: a wake-up cannot slip in.
