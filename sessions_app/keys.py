@@ -9,6 +9,7 @@ import hashlib
 import secrets
 
 from django.contrib.auth.models import User
+from django.db import transaction
 
 from project.auth import API_KEY_PREFIX
 from project.errors import Conflict, NotFound
@@ -25,12 +26,15 @@ def _digest(raw: str) -> str:
 
 def create_api_key(user: User, name: str) -> tuple[ApiKey, str]:
     """A new key for ``user``: the stored row, and the key itself (never stored)."""
-    if ApiKey.objects.filter(user=user).count() >= MAX_KEYS_PER_USER:
-        raise Conflict(f"At most {MAX_KEYS_PER_USER} API keys per user: delete one first.")
     raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey.objects.create(
-        id=new_id("key"), user=user, name=name, prefix=raw[: len(API_KEY_PREFIX) + 6], digest=_digest(raw)
-    )
+    with transaction.atomic():
+        # The user's row locked: two requests at once cannot both take the last place.
+        list(User.objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True))
+        if ApiKey.objects.filter(user=user).count() >= MAX_KEYS_PER_USER:
+            raise Conflict(f"At most {MAX_KEYS_PER_USER} API keys per user: delete one first.")
+        key = ApiKey.objects.create(
+            id=new_id("key"), user=user, name=name, prefix=raw[: len(API_KEY_PREFIX) + 6], digest=_digest(raw)
+        )
     return key, raw
 
 
