@@ -106,3 +106,36 @@ async def test_an_abort_for_a_reply_the_pool_no_longer_runs_is_ignored(shared_se
     assert pool.renew_asked  # it might be a claim not read yet: the flags tell
     await eventually(lambda: not pool.renew_asked and pool.serving and pool.serving.done(), timeout=5)
     assert not pool.runs
+
+
+async def test_a_renewal_that_reads_the_row_after_the_reply_finished_leaves_it_completed(
+    shared_session: Any, bob: Any, settings: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # CI saw this as a worker's first renewal (the one it makes once subscribed) landing
+    # just after an echo reply's finish: the reply was completed, yet logged interrupted.
+    settings.TANDEM_AGENT_MODE = "worker"  # this test's pool is the only runner
+    caplog.set_level("INFO", logger="tandem.replies")
+    loop = asyncio.get_running_loop()
+    real_finish = services.finish_reply
+    pool = await start_pool(persistent=True)
+
+    def finish_then_renew(*args: Any, **kwargs: Any) -> bool:
+        ended = real_finish(*args, **kwargs)
+        # The pool renews before the finish's answer is back on its loop: its row is gone.
+        asyncio.run_coroutine_threadsafe(pool._renew(), loop).result(5)
+        return ended
+
+    monkeypatch.setattr(services, "finish_reply", finish_then_renew)
+    try:
+        reply_id = (await database_sync_to_async(post)(bob, shared_session.id, "hello")).json()["reply_id"]
+        await eventually(lambda: reply_id in pool.runs, timeout=5)
+        await eventually(lambda: not pool.runs, timeout=5)
+    finally:
+        assert pool.serving is not None
+        pool.serving.cancel()
+        await asyncio.wait([pool.serving])
+    assert await reply_status(reply_id) == Message.Status.COMPLETED
+    [ended] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reply ended")]
+    assert f"message={reply_id}" in ended and "status=completed" in ended
+    assert not [r for r in caplog.records if "was ended elsewhere" in r.getMessage()]

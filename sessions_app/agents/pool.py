@@ -153,9 +153,11 @@ class Pool:
     async def _renew(self) -> None:
         lost, aborts = await off_loop(services.renew_leases)(self.name, list(self.runs))
         for message_id in lost:
-            log.warning("Reply %s was ended elsewhere; stopping it here", message_id)
             run = self.runs.get(message_id)
-            if run is not None:
+            # A run whose own finish is under way may just have deleted its row: its
+            # finish's result tells, not this.
+            if run is not None and not run.finishing:
+                log.warning("Reply %s was ended elsewhere; stopping it here", message_id)
                 run.abort(lost=True)
         for message_id in aborts:
             run = self.runs.get(message_id)

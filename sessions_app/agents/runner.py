@@ -91,6 +91,10 @@ class Run:
         if abort_requested:  # asked before the claim: the claimed row says so
             self.aborted.set()
         self.lost = False  # another process ended this run (our lease lapsed)
+        # Our own finish has started: from here its result, not a renewal, says whether
+        # this process ended the reply (a renewal that reads the row after the finish
+        # deleted it would otherwise call a completed reply lost).
+        self.finishing = False
         self.answered: dict[str, asyncio.Event] = {}
         self.usage = _Usage()
         self.retrying = False
@@ -107,6 +111,8 @@ class Run:
                 event.set()
 
     def abort(self, *, lost: bool = False) -> None:
+        if lost and self.finishing:
+            return
         self.lost = self.lost or lost
         self.aborted.set()
         if self.producer is not None:
@@ -185,15 +191,19 @@ class Run:
             log.exception("Reply %s failed", self.message_id)
             status, error = Message.Status.ERROR, {"code": "internal_error", "message": str(exc)}
         finally:
+            ended_here = False
             try:
                 if not self.lost:
-                    await self._finish(status, error)
+                    self.finishing = True
+                    ended_here = await self._finish(status, error)
             finally:
+                # Not ended here: another process ended it (our lease lapsed), or the
+                # finish failed and the reaper will end it as interrupted.
                 replies_log.info(
                     "reply ended session=%s message=%s agent=%s runner=%s status=%s%s duration=%.2fs",
                     self.session_id, self.message_id, self.agent_name, self.runner,
-                    "interrupted" if self.lost else status,
-                    f" error={error['code']}" if error and not self.lost else "",
+                    status if ended_here else "interrupted",
+                    f" error={error['code']}" if error and ended_here else "",
                     time.monotonic() - started,
                 )
 
@@ -384,11 +394,12 @@ class Run:
         finally:
             self.answered.pop(permission.id, None)
 
-    async def _finish(self, status: str, error: dict[str, str] | None) -> None:
+    async def _finish(self, status: str, error: dict[str, str] | None) -> bool:
+        """End the reply; False when this process no longer held it."""
         # Pending text goes out as a last delta, even on abort: the deltas of a part must
         # add up to its final text. It is written by the finish's own transaction.
         writes = self._take_writes()
-        await off_loop(services.finish_reply)(
+        return await off_loop(services.finish_reply)(
             self.session_id, self.message_id, runner=self.runner, status=status, error=error,
             text_parts=[(p.id, p.text) for p in self.parts],
             usage=self.usage.totals or None, writes=writes, asked_permission=self.asked_permission,
