@@ -92,6 +92,7 @@ WS_CLOSE_CODES = {
     "auth_expired": 4401,
     "member_removed": 4403,
     "user_disabled": 4401,
+    "key_revoked": 4401,
     "session_deleted": 4404,
     "slow_client": 4008,
     # 1012 ("service restart") is the standard code, but daphne's WebSocket library only

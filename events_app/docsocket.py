@@ -42,10 +42,10 @@ from events_app.types import Frame
 from project import runtime
 from project.batch import Batcher
 from project.db import off_loop
-from project.errors import ApiError, NotFound, PayloadTooLarge
+from project.errors import ApiError, AuthenticationFailed, NotFound, PayloadTooLarge
 from project.limits import arelease_stream_slot, streams_unavailable
 from sessions_app import doc as docs
-from sessions_app.access import role_of
+from sessions_app.access import live_key_digests, role_of
 from sessions_app.models import Role
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,11 @@ class DocConnection:
     def control(self, message: groups.Control) -> None:
         if isinstance(message, groups.UserDisabled) and message.user_id == self.user_id:
             self.close("user_disabled")
+        elif (
+            isinstance(message, groups.KeyRevoked) and message.user_id == self.user_id
+            and message.key_digest == self.request.key
+        ):
+            self.close("key_revoked")
         elif isinstance(message, groups.Revoke) and message.user_id == self.user_id:
             self.close("member_removed")
 
@@ -539,6 +544,9 @@ class DocSocketConsumer(ServedSocket):
             role = await off_loop(role_of)(request.user.pk, session_id)
             if role is None:
                 raise NotFound()
+            # Its key revoked after prepare() read it, before this socket listened.
+            if request.key is not None and not await off_loop(live_key_digests)({request.key}):
+                raise AuthenticationFailed()
             conn.can_write = role in (Role.OWNER, Role.EDITOR)
             self.conn = conn
         except ApiError as err:

@@ -199,6 +199,17 @@ class UserDisabled:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRevoked:
+    """An API key of the user was revoked (on their ``user_group`` and each of their
+    sessions' ``session_group``): the streams it opened end. ``key_digest`` names the key
+    as the stream remembers it (``project.auth.key_digest``), never the key itself."""
+
+    user_id: int
+    key_digest: str
+    action: ClassVar[str] = "key_revoked"
+
+
+@dataclass(frozen=True, slots=True)
 class Join:
     """The user joined a session (on their ``user_group``): user-level streams follow it
     from ``after``, the seq before the event that says so."""
@@ -208,10 +219,10 @@ class Join:
     action: ClassVar[str] = "join"
 
 
-Control = Wake | Abort | PermissionAnswered | Revoke | UserDisabled | Join
+Control = Wake | Abort | PermissionAnswered | Revoke | UserDisabled | KeyRevoked | Join
 
 _CONTROLS: dict[str, type[Control]] = {
-    cls.action: cls for cls in (Wake, Abort, PermissionAnswered, Revoke, UserDisabled, Join)
+    cls.action: cls for cls in (Wake, Abort, PermissionAnswered, Revoke, UserDisabled, KeyRevoked, Join)
 }
 
 

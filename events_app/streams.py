@@ -30,12 +30,12 @@ from events_app.models import Event
 from events_app.services import parse_position
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project import runtime
-from project.auth import StreamClaim, query_params, read_stream_claim, resolve_claims
+from project.auth import StreamClaim, key_digest, query_params, read_stream_claim, resolve_claims
 from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, AuthenticationFailed, BadRequest, NotFound
 from project.limits import arelease_stream_slot, atake_stream_slot, streams_unavailable
-from sessions_app.access import IN_LIST_MAX, member_pairs, sessions_of_users
+from sessions_app.access import IN_LIST_MAX, live_key_digests, member_pairs, sessions_of_users
 from sessions_app.serializers import user_data
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class StreamRequest:
     connection_id: str = ""  # also the stream's slot in the per-user limit
     cursor: cursors.Resume | None = None  # the user-level stream's, when resuming
     session_ids: list[str] = field(default_factory=list)  # the user-level stream's, at open
+    key: str | None = None  # the digest of the API key that opened it, if one did
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -128,6 +129,7 @@ class _Recheck:
     session_ids: list[str]  # is the user still a member of each?
     resumes: list[tuple[str, int]]  # (session, after) behind the head: is after + 1 kept?
     heads: list[str]  # sessions whose stored head is needed (a resume ahead of the hub's)
+    key: str | None = None  # the opening API key's digest: is it still a key?
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ def _recheck(items: list[_Recheck]) -> list[_Rechecked | BaseException]:
     active = set(
         get_user_model().objects.filter(pk__in=user_ids, is_active=True).values_list("pk", flat=True)
     )
+    keys = {item.key for item in items if item.key is not None}
+    live_keys = live_key_digests(keys) if keys else set()
     member = member_pairs({(item.user_id, sid) for item in items for sid in item.session_ids})
     wanted = {(sid, after + 1) for item in items for sid, after in item.resumes}
     kept: set[tuple[str, int]] = set()
@@ -159,7 +163,7 @@ def _recheck(items: list[_Recheck]) -> list[_Rechecked | BaseException]:
         heads.update(fanout.heads(head_ids[i:i + IN_LIST_MAX]))
     return [
         _Rechecked(
-            item.user_id in active,
+            item.user_id in active and (item.key is None or item.key in live_keys),
             [sid for sid in item.session_ids if (item.user_id, sid) not in member],
             {(sid, after) for sid, after in item.resumes if (sid, after + 1) in kept},
             {sid: heads[sid] for sid in item.heads if sid in heads},
@@ -220,7 +224,7 @@ async def prepare(scope: dict[str, Any], session_id: str | None, transport: str)
     await atake_stream_slot(found.user.pk, connection_id)
     return StreamRequest(
         found.user, claim.expires_at, session_id, transport, types, named, resume, connection_id,
-        cursor, found.session_ids,
+        cursor, found.session_ids, key_digest(claim.api_key) if claim.api_key is not None else None,
     )
 
 
@@ -508,9 +512,10 @@ class Connection:
         The position in each session is the hub's head once this connection listens:
         the hub passes on every later seq, in order, and the ones up to it were passed on
         before. Then one batched database call (``_recheck``) closes the race with the
-        admission check: a user deactivated, or removed from a session, after that check
-        but before this connection listened, may have had the control message that ends
-        the stream pass unheard. Still before the headers, such a stream is refused
+        admission check: a user deactivated (or the API key that opened the stream
+        revoked), or removed from a session, after that check but before this connection
+        listened, may have had the control message that ends the stream pass unheard.
+        Still before the headers, such a stream is refused
         (AuthenticationFailed, NotFound) as it would have been a moment earlier; a
         user-level stream just stops following the sessions the user left. Redis failing
         or hanging while it joins is Unavailable (503, WebSocket 4503), as when Redis is
@@ -535,7 +540,9 @@ class Connection:
         wanted = self._wanted(heads)
         resumes = [(sid, after) for sid, after in wanted.items() if after < heads[sid]]
         ahead = [sid for sid, after in wanted.items() if after > heads[sid]]
-        checked = await OPENER.get().rechecks.submit(_Recheck(self.user_id, session_ids, resumes, ahead))
+        checked = await OPENER.get().rechecks.submit(
+            _Recheck(self.user_id, session_ids, resumes, ahead, req.key)
+        )
         if not checked.active:
             raise AuthenticationFailed()
         if checked.removed and req.session_id is not None:
@@ -806,6 +813,11 @@ class Connection:
     async def _command(self, command: groups.Control) -> None:
         if isinstance(command, groups.UserDisabled) and command.user_id == self.user_id:
             raise StreamClosed("user_disabled")
+        if (
+            isinstance(command, groups.KeyRevoked) and command.user_id == self.user_id
+            and command.key_digest == self.request.key
+        ):
+            raise StreamClosed("key_revoked")
         if isinstance(command, groups.Revoke) and command.user_id == self.user_id:
             if self.request.session_id is not None:
                 raise StreamClosed("member_removed")

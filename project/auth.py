@@ -2,6 +2,7 @@
 function that authenticates a stream (SSE or WebSocket) from its ASGI scope."""
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ API_KEY_PREFIX = "tdm_"
 # Set by the sessions app when it is ready (this layer does not import the models): the
 # active user an API key names, or None.
 _key_owner: Callable[[str], User | None] | None = None
+
+
+def key_digest(raw: str) -> str:
+    """What is stored of an API key, and what names it elsewhere (a stream remembers the
+    digest of the key that opened it, to end when that key is revoked): its SHA-256. A key
+    that random needs no slow hash: it cannot be guessed, only stolen."""
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _KeyAuth:

@@ -6,7 +6,7 @@ from typing import Any
 from django.db import connection
 
 from project.errors import NotFound, PermissionDenied
-from sessions_app.models import ROLE_RANK, Membership, Role, Session
+from sessions_app.models import ROLE_RANK, ApiKey, Membership, Role, Session
 
 
 def _check_id(user: Any, session_id: str) -> None:
@@ -69,6 +69,15 @@ def member_session_ids(user_id: int) -> list[str]:
 
 
 IN_LIST_MAX = 500  # ids in one IN (...) of a batched lookup
+
+
+def live_key_digests(digests: set[str]) -> set[str]:
+    """Which of the API key digests asked about still name a key (not revoked)."""
+    found: set[str] = set()
+    ordered = sorted(digests)
+    for i in range(0, len(ordered), IN_LIST_MAX):
+        found |= set(ApiKey.objects.filter(digest__in=ordered[i:i + IN_LIST_MAX]).values_list("digest", flat=True))
+    return found
 
 
 def member_pairs(asked: set[tuple[int, str]]) -> set[tuple[int, str]]:

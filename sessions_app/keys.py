@@ -5,23 +5,20 @@ guessed, only stolen, and the digest is useless to whoever steals the table). It
 once, when it is made, and revoked by deleting it."""
 from __future__ import annotations
 
-import hashlib
 import secrets
 
 from django.contrib.auth.models import User
 from django.db import transaction
 
-from project.auth import API_KEY_PREFIX
+from events_app import fanout, groups
+from project.auth import API_KEY_PREFIX, key_digest
 from project.errors import Conflict, NotFound
+from sessions_app.access import member_session_ids
 from sessions_app.models import ApiKey, new_id
 
 # Keys one user may hold at once: enough for every machine and tool, and a bound on
 # what a stolen session could mint.
 MAX_KEYS_PER_USER = 50
-
-
-def _digest(raw: str) -> str:
-    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def create_api_key(user: User, name: str) -> tuple[ApiKey, str]:
@@ -33,7 +30,7 @@ def create_api_key(user: User, name: str) -> tuple[ApiKey, str]:
         if ApiKey.objects.filter(user=user).count() >= MAX_KEYS_PER_USER:
             raise Conflict(f"At most {MAX_KEYS_PER_USER} API keys per user: delete one first.")
         key = ApiKey.objects.create(
-            id=new_id("key"), user=user, name=name, prefix=raw[: len(API_KEY_PREFIX) + 6], digest=_digest(raw)
+            id=new_id("key"), user=user, name=name, prefix=raw[: len(API_KEY_PREFIX) + 6], digest=key_digest(raw)
         )
     return key, raw
 
@@ -43,15 +40,30 @@ def list_api_keys(user: User) -> list[ApiKey]:
 
 
 def revoke_api_key(user: User, key_id: str) -> None:
-    """Delete one of ``user``'s keys; another user's key is as unknown as no key."""
-    deleted, _ = ApiKey.objects.filter(user=user, pk=key_id).delete()
-    if not deleted:
-        raise NotFound("No such API key.")
+    """Delete one of ``user``'s keys; another user's key is as unknown as no key. After
+    the commit, every stream the key opened ends, on every process: through the user's
+    own group (user-level streams) and each of their sessions' (session streams and
+    document sockets), the groups ``end_streams_of_user`` tells. A stream opening at that
+    moment is refused by its recheck (``events_app.streams``), which finds the key gone."""
+    with transaction.atomic():
+        digest = ApiKey.objects.filter(user=user, pk=key_id).values_list("digest", flat=True).first()
+        if digest is None:
+            raise NotFound("No such API key.")
+        ApiKey.objects.filter(pk=key_id).delete()
+        targets = [groups.user_group(user.pk)]
+        targets += [groups.session_group(session_id) for session_id in member_session_ids(user.pk)]
+        revoked = groups.KeyRevoked(user.pk, digest)
+
+        def send() -> None:
+            for group in targets:
+                fanout.send_control(group, revoked)
+
+        transaction.on_commit(send)
 
 
 def key_owner(raw: str) -> User | None:
     """The active user whose key ``raw`` is, or None (``project.auth.user_for_key``)."""
-    key = ApiKey.objects.select_related("user").filter(digest=_digest(raw)).first()
+    key = ApiKey.objects.select_related("user").filter(digest=key_digest(raw)).first()
     if key is None or not key.user.is_active:
         return None
     return key.user

@@ -163,6 +163,103 @@ async def test_a_key_opens_a_stream_from_the_header_but_never_from_the_query_str
     assert (await in_url.json())["error"]["code"] == "authentication_failed"
 
 
+async def test_revoking_a_key_ends_every_stream_it_opened_and_no_other(shared_session: Any, bob: Any) -> None:
+    from channels.db import database_sync_to_async
+
+    from tests.conftest import token_for
+    from tests.docpeer import DocPeer, InProcessTransport
+    from tests.streamutil import WSClient, publish_many
+
+    bind_runtime()
+    sid = shared_session.id
+    leaked = (await database_sync_to_async(make_key)(bob, "leaked"))["key"]
+    other = (await database_sync_to_async(make_key)(bob, "other"))["key"]
+    by_leaked = {"authorization": f"Bearer {leaked}"}
+    ended_sse = [SSEClient(stream_path(sid), headers=by_leaked), SSEClient(stream_path(None), headers=by_leaked)]
+    ended_ws = [
+        WSClient(f"/ws/sessions/{sid}/", headers={"Authorization": f"Bearer {leaked}"}),
+        WSClient("/ws/stream/", headers={"Authorization": f"Bearer {leaked}"}),
+    ]
+    doc = DocPeer(InProcessTransport(sid, {}, {"Authorization": f"Bearer {leaked}"}))
+    kept = [
+        SSEClient(stream_path(sid), headers={"authorization": f"Bearer {other}"}),
+        SSEClient(stream_path(sid), params={"token": token_for(bob)}),
+    ]
+    for client in [*ended_sse, *kept]:
+        await client.connected()
+    for w in ended_ws:
+        assert (await w.connect())[0]
+        assert (await w.receive())["type"] == "server.connected"
+    assert await doc.open() is None
+    await doc.sync()
+
+    response = await database_sync_to_async(client_for(bob).delete)(f"{KEYS}{(await _key_id(bob, 'leaked'))}/")
+    assert response.status_code == 204
+    for client in ended_sse:
+        await client.ends()
+    for w in ended_ws:
+        assert await w.closed() == 4401
+    assert await doc.until_closed() == 4401
+    # bob's other credentials, his other key among them, carry on.
+    [seq] = await publish_many(sid, 1)
+    for client in kept:
+        assert (await client.until_seq(seq))[-1].seq == seq
+        await client.close()
+
+
+async def _key_id(user: Any, name: str) -> str:
+    from channels.db import database_sync_to_async
+
+    return str(await database_sync_to_async(lambda: ApiKey.objects.get(user=user, name=name).pk)())
+
+
+async def test_a_stream_whose_key_is_revoked_while_it_opens_is_refused(
+    shared_session: Any, bob: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is revoked after the open's lookup found it, before the stream listened
+    (so the message that ends its streams passed unheard): still refused."""
+    from channels.db import database_sync_to_async
+
+    from events_app import streams
+
+    bind_runtime()
+    made = await database_sync_to_async(make_key)(bob)
+    real = streams._lookup
+
+    def then_revoke(items: list[Any]) -> list[Any]:
+        out = real(items)
+        keys.revoke_api_key(bob, made["id"])
+        return out
+
+    monkeypatch.setattr(streams, "_lookup", then_revoke)
+    stream = SSEClient(stream_path(shared_session.id), headers={"authorization": f"Bearer {made['key']}"})
+    assert await stream.open() == 401
+    assert (await stream.json())["error"]["code"] == "authentication_failed"
+
+
+async def test_a_document_socket_whose_key_is_revoked_while_it_opens_is_refused(
+    shared_session: Any, bob: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from channels.db import database_sync_to_async
+
+    from events_app import streams
+    from tests.docpeer import DocPeer, InProcessTransport
+
+    bind_runtime()
+    made = await database_sync_to_async(make_key)(bob)
+    real = streams._lookup
+
+    def then_revoke(items: list[Any]) -> list[Any]:
+        out = real(items)
+        keys.revoke_api_key(bob, made["id"])
+        return out
+
+    monkeypatch.setattr(streams, "_lookup", then_revoke)
+    doc = DocPeer(InProcessTransport(shared_session.id, {}, {"Authorization": f"Bearer {made['key']}"}))
+    await doc.open()
+    assert await doc.until_closed() == 4401
+
+
 # ---------------------------------------------------------------- the page
 
 

@@ -21,6 +21,7 @@ CONTROLS: list[groups.Control] = [
     groups.PermissionAnswered(new_id("msg"), new_permission_id()),
     groups.Revoke(user_id=2**63 - 1, session_id=new_session_id()),
     groups.UserDisabled(7),
+    groups.KeyRevoked(7, "0" * 64),
     groups.Join(session_id=new_session_id(), after=41),
 ]
 

@@ -347,7 +347,7 @@ async def test_every_control_reaches_the_listeners_of_its_group_as_the_same_type
     ]
     to_user: list[groups.Control] = [
         groups.Join(session_id=sid, after=3), groups.Revoke(user_id=4242, session_id=sid),
-        groups.UserDisabled(4242),
+        groups.UserDisabled(4242), groups.KeyRevoked(4242, "ab" * 32),
     ]
     fanout.send_to_group(ours, {"type": groups.CONTROL, "g": ours, "action": "later"})
     for control in to_pool:
