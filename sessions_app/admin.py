@@ -22,7 +22,7 @@ from django.utils.html import format_html, format_html_join
 from project.errors import NotQueued
 from sessions_app import doc as docs
 from sessions_app import services
-from sessions_app.models import Document, DocUpdate, Membership, Message, Part, PermissionRequest, Role, Session
+from sessions_app.models import ApiKey, Document, DocUpdate, Membership, Message, Part, PermissionRequest, Role, Session
 
 
 def _count_per_session(model: type[Membership] | type[Message]) -> Coalesce:
@@ -334,3 +334,30 @@ class PermissionRequestAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Who holds which keys, and when each was last used. Deleting one revokes it as its
+    user would (``services.revoke_api_key``): the streams it opened end too."""
+
+    list_display = ("name", "user", "prefix", "created_at", "last_used_at")
+    list_filter = ("user",)
+    search_fields = ("name", "=prefix", "user__username")
+    list_select_related = ("user",)
+    ordering = ("-created_at",)
+    fields = ("id", "name", "user", "prefix", "created_at", "last_used_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # a key is shown once, to the user who makes it
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:
+        services.revoke_api_key(obj.user, obj.pk)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset.select_related("user"):
+            services.revoke_api_key(key.user, key.pk)

@@ -6,9 +6,11 @@ once, when it is made, and revoked by deleting it."""
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.utils import timezone
 
 from events_app import fanout, groups
 from project.auth import API_KEY_PREFIX, key_digest
@@ -19,6 +21,9 @@ from sessions_app.models import ApiKey, new_id
 # Keys one user may hold at once: enough for every machine and tool, and a bound on
 # what a stolen session could mint.
 MAX_KEYS_PER_USER = 50
+# How exactly a key's last use is kept: a script sending a request a second writes its
+# row once a minute, not every second.
+LAST_USED_PRECISION = timedelta(minutes=1)
 
 
 def create_api_key(user: User, name: str) -> tuple[ApiKey, str]:
@@ -66,4 +71,7 @@ def key_owner(raw: str) -> User | None:
     key = ApiKey.objects.select_related("user").filter(digest=key_digest(raw)).first()
     if key is None or not key.user.is_active:
         return None
+    now = timezone.now()
+    if key.last_used_at is None or key.last_used_at <= now - LAST_USED_PRECISION:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
     return key.user

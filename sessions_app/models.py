@@ -306,6 +306,9 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16)  # the key's first characters, to tell keys apart
     digest = models.CharField(max_length=64, unique=True)  # SHA-256 of the key, hex
     created_at = models.DateTimeField(default=timezone.now)
+    # When a request last came with it, to within keys.LAST_USED_PRECISION (a key in use
+    # is written at most once per that interval, not once per request); None: never used.
+    last_used_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["user", "created_at"]

@@ -433,6 +433,10 @@ class ApiKeySerializer(serializers.Serializer):  # type: ignore[type-arg]
     name = serializers.CharField()
     prefix = serializers.CharField(help_text="The key's first characters, to tell keys apart.")
     created_at = TimeField()
+    last_used_at = TimeField(
+        allow_null=True,
+        help_text="When a request last came with the key, to within a minute; null if never.",
+    )
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):

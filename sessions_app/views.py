@@ -197,15 +197,18 @@ class ApiKeyListView(APIView):
     def post(self, request: Request) -> Response:
         data = validated(ApiKeyCreateSerializer, request.data)
         key, raw = services.create_api_key(_signed_in(request), data["name"])
-        shown = {"id": key.id, "name": key.name, "prefix": key.prefix, "created_at": key.created_at, "key": raw}
+        shown = {
+            "id": key.id, "name": key.name, "prefix": key.prefix, "created_at": key.created_at,
+            "last_used_at": key.last_used_at, "key": raw,
+        }
         return Response(out(ApiKeyCreatedSerializer, shown), status=status.HTTP_201_CREATED)
 
 
 class ApiKeyDetailView(APIView):
     @doc(
         summary="Revoke an API key",
-        description="Deleted at once: the key's next request is refused with 401. Streams it "
-        "opened stay open, as streams opened with a ticket do.",
+        description="Deleted at once: the key's next request is refused with 401, and every "
+        "stream it opened ends (WebSocket close 4401, reason `key_revoked`).",
         tags=["auth"],
         parameters=[KEY_ID],
         responses={204: OpenApiResponse(description="Revoked.")},

@@ -363,3 +363,64 @@ def test_session_changelist_shows_each_documents_version_in_a_fixed_number_of_qu
         response = superuser_client.get("/admin/sessions_app/session/")
     versions = {s.id: s.doc_version for s in _rows(response)}
     assert versions[sessions[0].id] == docs.read_doc(sessions[0].id).version > versions[sessions[1].id] > 0
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def test_api_key_list_shows_whose_each_key_is_and_its_last_use(
+    superuser_client: Client, alice: Any, bob: Any
+) -> None:
+    from sessions_app.keys import key_owner
+
+    _, raw = services.create_api_key(alice, "ci runner")
+    services.create_api_key(bob, "laptop")
+    key_owner(raw)  # used once
+    response = superuser_client.get("/admin/sessions_app/apikey/")
+    assert response.status_code == 200
+    rows = {row.name: row for row in _rows(response)}
+    assert set(rows) == {"ci runner", "laptop"}
+    assert rows["ci runner"].last_used_at is not None and rows["laptop"].last_used_at is None
+    body = response.content.decode()
+    assert raw not in body and rows["ci runner"].prefix in body
+    found = _rows(superuser_client.get("/admin/sessions_app/apikey/", {"q": "bob"}))
+    assert [row.name for row in found] == ["laptop"]
+    # A leaked key is found by the prefix it shows (DEPLOY.md, "A leaked API key").
+    found = _rows(superuser_client.get("/admin/sessions_app/apikey/", {"q": raw[:10]}))
+    assert [row.name for row in found] == ["ci runner"]
+
+
+def test_api_key_admin_cannot_add_or_edit(superuser_client: Client, alice: Any) -> None:
+    key, _ = services.create_api_key(alice, "laptop")
+    assert superuser_client.get("/admin/sessions_app/apikey/add/").status_code == 403
+    response = superuser_client.post(_admin_url("apikey", "change", key.pk), {"name": "renamed"})
+    assert response.status_code == 403
+    key.refresh_from_db()
+    assert key.name == "laptop"
+
+
+def test_api_key_deletes_go_through_the_revocation(
+    superuser_client: Client, alice: Any, bob: Any, monkeypatch: Any
+) -> None:
+    from sessions_app.models import ApiKey
+
+    revoked: list[tuple[str, str]] = []
+    real = services.revoke_api_key
+
+    def spy(user: Any, key_id: str) -> None:
+        revoked.append((user.username, key_id))
+        real(user, key_id)
+
+    monkeypatch.setattr(services, "revoke_api_key", spy)
+    one, _ = services.create_api_key(alice, "one")
+    two, _ = services.create_api_key(bob, "two")
+    three, _ = services.create_api_key(bob, "three")
+    response = superuser_client.post(_admin_url("apikey", "delete", one.pk), {"post": "yes"})
+    assert response.status_code == 302
+    response = superuser_client.post(
+        "/admin/sessions_app/apikey/",
+        {"action": "delete_selected", "_selected_action": [two.pk, three.pk], "post": "yes"},
+    )
+    assert response.status_code == 302
+    assert sorted(revoked) == sorted([("alice", one.pk), ("bob", two.pk), ("bob", three.pk)])
+    assert not ApiKey.objects.exists()

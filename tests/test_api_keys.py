@@ -36,7 +36,8 @@ def with_key(raw: str) -> APIClient:
 
 def test_a_key_is_shown_once_and_listed_without_it(alice: Any) -> None:
     made = make_key(alice, "claude code on my laptop")
-    assert set(made) == {"id", "name", "prefix", "created_at", "key"}
+    assert set(made) == {"id", "name", "prefix", "created_at", "last_used_at", "key"}
+    assert made["last_used_at"] is None
     assert made["key"].startswith("tdm_") and len(made["key"]) > 40
     assert made["key"].startswith(made["prefix"]) and made["name"] == "claude code on my laptop"
     listed = client_for(alice).get(KEYS)
@@ -60,6 +61,30 @@ def test_a_key_acts_as_its_user_with_that_users_roles(shared_session: Any, bob: 
     assert_error(refused, 403, "permission_denied")
     charlies = with_key(make_key(charlie)["key"])  # an outsider does not see the session
     assert_error(charlies.get(f"/api/sessions/{sid}/"), 404, "not_found")
+
+
+def test_a_keys_last_use_is_listed_to_within_a_minute(alice: Any, shared_session: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    made = make_key(alice)
+    client = with_key(made["key"])
+
+    def last_used() -> Any:
+        [listed] = client_for(alice).get(KEYS).json()["keys"]
+        return listed["last_used_at"]
+
+    assert client.get("/api/sessions/").status_code == 200
+    first = last_used()
+    assert first is not None
+    # Used again within the minute: not written again.
+    assert client.get(f"/api/sessions/{shared_session.id}/").status_code == 200
+    assert last_used() == first
+    # A minute on, the next use is.
+    ApiKey.objects.filter(pk=made["id"]).update(last_used_at=timezone.now() - timedelta(minutes=2))
+    assert client.get("/api/sessions/").status_code == 200
+    assert last_used() > first
 
 
 def test_a_revoked_key_is_refused_at_once(alice: Any) -> None:
@@ -276,9 +301,11 @@ def test_the_keys_page_makes_a_key_shows_it_once_and_revokes_it(alice: Any) -> N
     [key] = ApiKey.objects.filter(user=alice)
     raw = made.context["made"]
     assert raw.startswith(key.prefix) and raw.encode() in made.content
+    assert b"never used" in made.content
     assert with_key(raw).get("/api/sessions/").status_code == 200
     again = browser.get("/accounts/keys/")
     assert raw.encode() not in again.content and key.prefix.encode() in again.content
+    assert b"last used 0\xc2\xa0minutes ago" in again.content and b"never used" not in again.content
     revoked = browser.post(f"/accounts/keys/{key.id}/revoke/")
     assert revoked.status_code == 302 and revoked["Location"] == "/accounts/keys/"
     assert_error(with_key(raw).get("/api/sessions/"), 401, "authentication_failed")
