@@ -6,6 +6,7 @@ could not be reached (or the URL is not usable); 5 not found; 130 interrupted (C
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,6 +64,14 @@ def _compact(data: Any) -> str:
 
 def _client(url: str | None) -> Client:
     saved = config.load()
+    api_key = os.environ.get("TANDEM_API_KEY")
+    if api_key:
+        # A key needs no login: it is sent as it is and never refreshed (a revoked one is
+        # refused with the server's own message, exit 3).
+        server = url or (saved.url if saved is not None else None)
+        if not server:
+            raise click.UsageError("TANDEM_API_KEY is set: give the server with --url or TANDEM_URL.")
+        return Client(server, access=api_key)
     if saved is None:
         raise AuthenticationError(401, "not_logged_in", "Not logged in: run `tandem login --url URL` first.")
 
@@ -135,7 +144,8 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str) -> dict
     "2 usage error, 3 authentication failure, 4 network failure, 5 not found, 130 interrupted.",
 )
 def cli() -> None:
-    """Use Tandem sessions from the terminal. Start with `tandem login`."""
+    """Use Tandem sessions from the terminal. Start with `tandem login`, or set
+    TANDEM_API_KEY (and TANDEM_URL) to use an API key instead."""
 
 
 @cli.command()

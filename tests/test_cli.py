@@ -180,6 +180,26 @@ def test_login_prompts_for_what_is_missing(servers: Any, alice: Any, tandem: Tan
     assert json.loads((tandem.config_dir / "config.json").read_text())["username"] == "alice"
 
 
+def test_an_api_key_in_the_environment_needs_no_login(
+    servers: Any, shared_session: Session, bob: Any, tandem: Tandem
+) -> None:
+    from sessions_app import services
+
+    (server,) = servers(1)
+    key, raw = services.create_api_key(bob, "ci")
+    tandem.env["TANDEM_API_KEY"] = raw
+    nowhere = tandem.run("sessions")
+    assert nowhere.returncode == EXIT_USAGE and "give the server with --url or TANDEM_URL" in nowhere.stderr
+    tandem.env["TANDEM_URL"] = server.url
+    chat = tandem.run("chat", shared_session.id, "hello from CI")  # REST and the event stream
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == "hello from CI\n"
+    assert not (tandem.config_dir / "config.json").exists()
+    services.revoke_api_key(bob, key.pk)
+    refused = tandem.run("sessions")
+    assert refused.returncode == EXIT_AUTH and "revoked" in refused.stderr
+
+
 # ---------------------------------------------------------------- chat
 
 
