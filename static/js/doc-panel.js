@@ -9,6 +9,7 @@ import {
   HighlightStyle, syntaxHighlighting, tags, Y, yCollab, WebsocketProvider, Awareness,
 } from "/static/vendor/collab/collab.js";
 import { Tandem, TandemError } from "/static/js/tandem.js";
+import { el } from "/static/js/dom.js";
 import { renderInto } from "/static/js/markdown.js";
 
 const app = document.getElementById("session-app");
@@ -42,19 +43,6 @@ const QUERY_AWARENESS = new Uint8Array([3]);
 
 const MAX_NAME = 64;
 const HEX_COLOUR = /^#[0-9a-fA-F]{6}$/;
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else node.setAttribute(key, value === true ? "" : value);
-  }
-  for (const child of children) if (child != null) node.append(child);
-  return node;
-}
 
 // Markdown colours from the page's custom properties, so the editor follows the theme
 // (light or dark) instead of CodeMirror's fixed light palette.

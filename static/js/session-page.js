@@ -2,6 +2,7 @@
 // (SSE if WebSocket cannot connect): streaming replies, tool cards, permission requests,
 // presence and typing, members, and the composer.
 import { Tandem, TandemError } from "/static/js/tandem.js";
+import { el, showError, errorText } from "/static/js/dom.js";
 import { copyText, renderInto } from "/static/js/markdown.js";
 
 const app = document.getElementById("session-app");
@@ -52,35 +53,6 @@ const els = {
 };
 
 // ------------------------------------------------------------------ small helpers
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (key.startsWith("data-") || key.startsWith("aria-") || key === "role") node.setAttribute(key, value);
-    else node[key] = value;
-  }
-  for (const child of children) if (child != null) node.append(child);
-  return node;
-}
-
-function showError(node, message) {
-  if (!node) return;
-  node.textContent = message || "";
-  node.hidden = !message;
-}
-
-function errorText(err, fallback) {
-  if (err instanceof TandemError) {
-    const details = err.details && typeof err.details === "object" ? Object.values(err.details).flat() : [];
-    const detail = details.filter((d) => typeof d === "string").join(" ");
-    return detail ? `${err.message} ${detail}` : err.message || fallback;
-  }
-  return fallback;
-}
 
 let noticeTimer = null;
 function notice(message) {

@@ -1,6 +1,7 @@
 // The sessions list at "/": the caller's sessions over REST, kept current from the
 // user-level stream (session.* and member.* events), with create, rename and delete.
 import { Tandem, TandemError, markSnippet } from "/static/js/tandem.js";
+import { el, showError, errorText } from "/static/js/dom.js";
 import { SEEN_KEY, markSeen, readSeen, unreadOnLoad } from "/static/js/seen.js";
 
 const app = document.getElementById("sessions-app");
@@ -25,34 +26,6 @@ const CONNECTION_TEXT = {
   offline: "Offline",
   closed: "Disconnected",
 };
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (key.startsWith("data-") || key.startsWith("aria-") || key === "role") node.setAttribute(key, value);
-    else node[key] = value === true ? true : value;
-  }
-  for (const child of children) if (child != null) node.append(child);
-  return node;
-}
-
-function showError(node, message) {
-  node.textContent = message || "";
-  node.hidden = !message;
-}
-
-function errorText(err, fallback) {
-  if (err instanceof TandemError) {
-    const details = err.details && typeof err.details === "object" ? Object.values(err.details).flat() : [];
-    const detail = details.filter((d) => typeof d === "string").join(" ");
-    return detail ? `${err.message} ${detail}` : err.message || fallback;
-  }
-  return fallback;
-}
 
 function announce(message) {
   const notice = $("list-notice");

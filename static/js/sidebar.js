@@ -9,6 +9,7 @@
 // read when first listed (there is nothing to compare with), and as unread when the user
 // is added to it live.
 import { Tandem, TandemError } from "/static/js/tandem.js";
+import { el } from "/static/js/dom.js";
 import { SEEN_KEY, forget, markSeen, readSeen } from "/static/js/seen.js";
 
 const nav = document.getElementById("sessions-sidebar");
@@ -32,18 +33,6 @@ const STATUS_TEXT = { idle: "idle", busy: "busy", retry: "retrying", waiting: "w
 const entries = new Map();
 
 // ------------------------------------------------------------------ rendering
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key === "class") node.className = value;
-    else if (key === "text") node.textContent = value;
-    else node.setAttribute(key, value === true ? "" : value);
-  }
-  for (const child of children) if (child != null) node.append(child);
-  return node;
-}
 
 function titleOf(session) {
   return session.title || "Untitled session";
