@@ -238,26 +238,31 @@ async def _key_id(user: Any, name: str) -> str:
     return str(await database_sync_to_async(lambda: ApiKey.objects.get(user=user, name=name).pk)())
 
 
-async def test_a_stream_whose_key_is_revoked_while_it_opens_is_refused(
-    shared_session: Any, bob: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The key is revoked after the open's lookup found it, before the stream listened
-    (so the message that ends its streams passed unheard): still refused."""
+async def _key_revoked_once_looked_up(user: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A key of ``user`` that is revoked right after an opening stream's lookup has found
+    it, before the stream listens (so the message that ends its streams passes unheard)."""
     from channels.db import database_sync_to_async
 
     from events_app import streams
 
     bind_runtime()
-    made = await database_sync_to_async(make_key)(bob)
+    made = await database_sync_to_async(make_key)(user)
     real = streams._lookup
 
     def then_revoke(items: list[Any]) -> list[Any]:
         out = real(items)
-        keys.revoke_api_key(bob, made["id"])
+        keys.revoke_api_key(user, made["id"])
         return out
 
     monkeypatch.setattr(streams, "_lookup", then_revoke)
-    stream = SSEClient(stream_path(shared_session.id), headers={"authorization": f"Bearer {made['key']}"})
+    return str(made["key"])
+
+
+async def test_a_stream_whose_key_is_revoked_while_it_opens_is_refused(
+    shared_session: Any, bob: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = await _key_revoked_once_looked_up(bob, monkeypatch)
+    stream = SSEClient(stream_path(shared_session.id), headers={"authorization": f"Bearer {raw}"})
     assert await stream.open() == 401
     assert (await stream.json())["error"]["code"] == "authentication_failed"
 
@@ -265,22 +270,10 @@ async def test_a_stream_whose_key_is_revoked_while_it_opens_is_refused(
 async def test_a_document_socket_whose_key_is_revoked_while_it_opens_is_refused(
     shared_session: Any, bob: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from channels.db import database_sync_to_async
-
-    from events_app import streams
     from tests.docpeer import DocPeer, InProcessTransport
 
-    bind_runtime()
-    made = await database_sync_to_async(make_key)(bob)
-    real = streams._lookup
-
-    def then_revoke(items: list[Any]) -> list[Any]:
-        out = real(items)
-        keys.revoke_api_key(bob, made["id"])
-        return out
-
-    monkeypatch.setattr(streams, "_lookup", then_revoke)
-    doc = DocPeer(InProcessTransport(shared_session.id, {}, {"Authorization": f"Bearer {made['key']}"}))
+    raw = await _key_revoked_once_looked_up(bob, monkeypatch)
+    doc = DocPeer(InProcessTransport(shared_session.id, {}, {"Authorization": f"Bearer {raw}"}))
     await doc.open()
     assert await doc.until_closed() == 4401
 
