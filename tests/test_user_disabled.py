@@ -241,3 +241,46 @@ def test_deleting_a_user_ends_their_streams_on_every_process(
     _assert_every_stream_ended(sse, ws)
     watcher.wait_for_type("session.deleted", timeout=3.0, session_id=owned.id)
     watcher.wait_for(lambda _: watcher.ended, timeout=3.0)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_revoking_an_api_key_ends_its_streams_on_every_process_and_no_others(
+    servers: Any, shared_session: Any, bob: Any, sse_streams: Any
+) -> None:
+    import httpx
+
+    from sessions_app import services
+
+    first, second = servers(2, redis=True)
+    leaked, raw = services.create_api_key(bob, "leaked")
+    _, other = services.create_api_key(bob, "other")
+    sid = shared_session.id
+    sse = [
+        sse_streams(first.url, f"/api/sessions/{sid}/stream/", headers={"Authorization": f"Bearer {raw}"}),
+        sse_streams(second.url, "/api/stream/", headers={"Authorization": f"Bearer {raw}"}),
+    ]
+    kept = sse_streams(second.url, f"/api/sessions/{sid}/stream/", headers={"Authorization": f"Bearer {other}"})
+    for stream in [*sse, kept]:
+        assert stream.status == 200
+        stream.wait_for_type("server.connected")
+    ws = [
+        _Socket(f"ws://127.0.0.1:{second.port}/ws/sessions/{sid}/", additional_headers={"Authorization": f"Bearer {raw}"}),
+        _Socket(f"ws://127.0.0.1:{first.port}/ws/stream/", additional_headers={"Authorization": f"Bearer {raw}"}),
+    ]
+    # bob revokes it through the first process's REST API, signed in with a token.
+    revoked = httpx.delete(
+        f"{first.url}/api/auth/keys/{leaked.pk}/", headers={"Authorization": f"Bearer {token_for(bob)}"}, timeout=10
+    )
+    assert revoked.status_code == 204
+    _assert_every_stream_ended(sse, ws)
+    again = httpx.get(f"{second.url}/api/sessions/", headers={"Authorization": f"Bearer {raw}"}, timeout=10)
+    assert again.status_code == 401
+    # His other key's stream carries on, and hears what happens next.
+    posted = httpx.post(
+        f"{second.url}/api/sessions/{sid}/messages/", headers={"Authorization": f"Bearer {other}"},
+        json={"parts": [{"type": "text", "text": "still here"}]}, timeout=10,
+    )
+    assert posted.status_code == 202
+    kept.wait_for_type("message.created", timeout=5.0)
+    assert not kept.ended
