@@ -1,5 +1,6 @@
 """Deactivating or deleting a user ends every stream of theirs at once, on every process,
-whatever admitted it (issue 10, item 5); their refresh tokens get 401, never a 500."""
+whatever admitted it (issue 10, item 5); their refresh tokens get 401, never a 500.
+Revoking one API key ends the streams that key opened, and only those."""
 from __future__ import annotations
 
 import os
