@@ -30,7 +30,7 @@ from events_app.models import Event
 from events_app.services import parse_position
 from events_app.types import Frame, TypeFilter, iso, sse_bytes
 from project import runtime
-from project.auth import StreamClaim, key_digest, query_params, read_stream_claim, resolve_claims
+from project.auth import StreamClaim, query_params, read_stream_claim, resolve_claims
 from project.batch import Batcher
 from project.db import off_loop
 from project.errors import ApiError, AuthenticationFailed, BadRequest, NotFound
@@ -224,7 +224,7 @@ async def prepare(scope: dict[str, Any], session_id: str | None, transport: str)
     await atake_stream_slot(found.user.pk, connection_id)
     return StreamRequest(
         found.user, claim.expires_at, session_id, transport, types, named, resume, connection_id,
-        cursor, found.session_ids, key_digest(claim.api_key) if claim.api_key is not None else None,
+        cursor, found.session_ids, claim.key,
     )
 
 

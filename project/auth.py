@@ -44,18 +44,24 @@ def key_digest(raw: str) -> str:
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-class _KeyAuth:
-    """``request.auth`` of a request authenticated by an API key."""
+@dataclass(frozen=True)
+class KeyAuth:
+    """``request.auth`` of a request authenticated by an API key: the key's digest (never
+    the key), so what the request hands on (a stream ticket) stays tied to that key."""
+
+    digest: str
 
     def __repr__(self) -> str:
         return "<API key>"
 
 
-KEY_AUTH = _KeyAuth()
-
-
 def by_api_key(request: Request) -> bool:
-    return request.auth is KEY_AUTH
+    return isinstance(request.auth, KeyAuth)
+
+
+def key_of(request: Request) -> str | None:
+    """The digest of the API key that authenticated ``request``, if one did."""
+    return request.auth.digest if isinstance(request.auth, KeyAuth) else None
 
 
 def register_key_reader(read: Callable[[str], User | None]) -> None:
@@ -93,7 +99,7 @@ class StrictJWTAuthentication(JWTAuthentication):
         if len(parts) != 2 or parts[0] != "Bearer":
             raise AuthenticationFailed("Use 'Authorization: Bearer <access token>'.")
         if parts[1].startswith(API_KEY_PREFIX):
-            return user_for_key(parts[1]), KEY_AUTH
+            return user_for_key(parts[1]), KeyAuth(key_digest(parts[1]))
         try:
             return super().authenticate(request)
         except Exception as exc:  # simplejwt raises its own InvalidToken/AuthenticationFailed
@@ -121,16 +127,22 @@ class StrictJWTAuthentication(JWTAuthentication):
         return user
 
 
-def issue_ticket(user_id: int) -> str:
-    return signing.TimestampSigner(salt=_TICKET_SALT).sign(str(user_id))
+def issue_ticket(user_id: int, key: str | None = None) -> str:
+    """A stream ticket for ``user_id``. Asked for with an API key, it names that key's
+    digest (``key``): the streams it opens end when the key is revoked, and once the key
+    is revoked it opens none."""
+    value = str(user_id) if key is None else f"{user_id}:{key}"
+    return signing.TimestampSigner(salt=_TICKET_SALT).sign(value)
 
 
-def read_ticket(ticket: str) -> int:
+def read_ticket(ticket: str) -> tuple[int, str | None]:
+    """(user id, the digest of the API key it was asked for with, if one was)."""
     try:
         raw = signing.TimestampSigner(salt=_TICKET_SALT).unsign(
             ticket, max_age=settings.TANDEM_TICKET_SECONDS
         )
-        return int(raw)
+        user_id, _, key = raw.partition(":")
+        return int(user_id), key or None
     except (signing.BadSignature, ValueError):
         raise AuthenticationFailed("The stream ticket is not valid or has expired.") from None
 
@@ -253,6 +265,13 @@ class StreamClaim:
     expires_at: float | None  # set when the stream must end with auth.expired
     cookie: bool = False
     api_key: str | None = None  # an API key, in the Authorization header only
+    ticket_key: str | None = None  # the digest of the API key a ticket was asked for with
+
+    @property
+    def key(self) -> str | None:
+        """The digest of the API key behind this credential, if one is: the stream ends
+        when that key is revoked."""
+        return key_digest(self.api_key) if self.api_key is not None else self.ticket_key
 
 
 def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> StreamClaim:
@@ -263,6 +282,7 @@ def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> St
     header = _header(scope, b"authorization")
     user_id: int | None = None
     expires_at: float | None = None
+    ticket_key: str | None = None
     if header is not None:
         parts = header.split()
         if len(parts) != 2 or parts[0] != "Bearer":
@@ -273,7 +293,7 @@ def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> St
     elif "token" in params:  # never an API key: a long-lived secret stays out of URLs
         user_id, expires_at = read_access_token(params["token"])
     elif "ticket" in params:
-        user_id = read_ticket(params["ticket"])
+        user_id, ticket_key = read_ticket(params["ticket"])
     elif allow_cookie and origin_allowed(scope) and _header(scope, b"cookie"):
         # A page of a disallowed origin may make the browser send the cookie (an
         # EventSource with credentials, same site): it must not open the user's streams,
@@ -283,7 +303,7 @@ def read_stream_claim(scope: dict[str, Any], *, allow_cookie: bool = True) -> St
         raise NotAuthenticated()
     if expires_at is not None and expires_at <= time.time():
         raise AuthenticationFailed()
-    return StreamClaim(user_id, expires_at)
+    return StreamClaim(user_id, expires_at, ticket_key=ticket_key)
 
 
 def resolve_claims(claims: list[tuple[StreamClaim, dict[str, Any]]]) -> list[User | ApiError]:

@@ -25,7 +25,7 @@ from rest_framework.views import APIView
 
 from events_app import presence
 from events_app.types import ref
-from project.auth import by_api_key, caller, issue_ticket
+from project.auth import by_api_key, caller, issue_ticket, key_of
 from project.errors import BadRequest, PermissionDenied, ValidationFailed
 from project.limits import AuthThrottle
 from project.openapi import (
@@ -153,9 +153,8 @@ class TicketView(APIView):
     def post(self, request: Request) -> Response:
         if request.data:  # parsing also refuses malformed JSON and other media types
             raise ValidationFailed(details={k: ["Unknown field."] for k in request.data})
-        return Response(
-            out(TicketSerializer, {"ticket": issue_ticket(caller(request).pk), "expires_in": settings.TANDEM_TICKET_SECONDS})
-        )
+        ticket = issue_ticket(caller(request).pk, key_of(request))
+        return Response(out(TicketSerializer, {"ticket": ticket, "expires_in": settings.TANDEM_TICKET_SECONDS}))
 
 
 def _signed_in(request: Request) -> User:

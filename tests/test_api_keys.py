@@ -232,6 +232,38 @@ async def test_revoking_a_key_ends_every_stream_it_opened_and_no_other(shared_se
         await client.close()
 
 
+async def test_a_ticket_asked_for_with_a_key_lives_and_dies_with_that_key(shared_session: Any, bob: Any) -> None:
+    """A program with a key whose stream client uses tickets (the JS client does): its
+    streams end when the key is revoked, and the ticket, still within its minute, opens
+    nothing after that."""
+    from channels.db import database_sync_to_async
+
+    from tests.streamutil import WSClient
+
+    bind_runtime()
+    sid = shared_session.id
+    made = await database_sync_to_async(make_key)(bob)
+
+    def ticket() -> str:
+        response = with_key(made["key"]).post("/api/auth/ticket/", format="json")
+        assert response.status_code == 200, response.content
+        return str(response.json()["ticket"])
+
+    by_ticket = await database_sync_to_async(ticket)()
+    sse = SSEClient(stream_path(sid), params={"ticket": by_ticket})
+    await sse.connected()
+    ws = WSClient(f"/ws/sessions/{sid}/", params={"ticket": by_ticket})
+    assert (await ws.connect())[0]
+    assert (await ws.receive())["type"] == "server.connected"
+    response = await database_sync_to_async(client_for(bob).delete)(f"{KEYS}{made['id']}/")
+    assert response.status_code == 204
+    await sse.ends()
+    assert await ws.closed() == 4401
+    again = SSEClient(stream_path(sid), params={"ticket": by_ticket})
+    assert await again.open() == 401
+    assert (await again.json())["error"]["code"] == "authentication_failed"
+
+
 async def _key_id(user: Any, name: str) -> str:
     from channels.db import database_sync_to_async
 
