@@ -84,7 +84,8 @@ export interface TandemOptions {
   /** Called when the server says the user is no longer signed in (a 401 that a token
    * refresh could not cure, or a WebSocket closed with 4401); once per loss. */
   onAuthLost?: (() => void) | null;
-  /** An access JWT: sent as `Authorization: Bearer` on REST calls (Node, services). */
+  /** An access JWT, or an API key (`tdm_…`, which is never refreshed): sent as
+   * `Authorization: Bearer` on REST calls (Node, services). */
   token?: string | null;
   /** A refresh JWT: a 401 first tries `POST /api/auth/token/refresh/`, then repeats the call. */
   refreshToken?: string | null;

@@ -185,6 +185,24 @@ test("the user-level stream (cursor) sees new sessions, and commands need a sess
   assert.equal(typeof ack.seq, "number");
 });
 
+test("an API key serves as the token, and revoking it ends its streams", async () => {
+  const made = await bob.request("POST", "/api/auth/keys/", { name: "node script" });
+  let lost = 0;
+  const client = new Tandem({ base: BASE, token: made.key, onAuthLost: () => { lost += 1; } });
+  assert.ok((await client.listSessions()).some((s) => s.id === SID));
+  const recs = ["sse", "ws"].map((transport) => follow(client, SID, { transport }));
+  for (const rec of recs) await rec.live();
+  const [seq] = await publish(client, 1, "by key");
+  for (const rec of recs) await waitFor(() => rec.seqs().includes(seq), "the event, on both transports");
+  await bob.request("DELETE", `/api/auth/keys/${made.id}/`);
+  for (const rec of recs) {
+    await waitFor(() => rec.sub.status === "closed", "the stream closed once the key was revoked");
+    assert.equal(rec.statuses.at(-1)[1].reason, "auth_lost");
+  }
+  assert.ok(lost >= 1);
+  await assert.rejects(client.listSessions(), (err) => err instanceof TandemError && err.status === 401);
+});
+
 test("an outsider's subscription is closed, not retried forever", async () => {
   const mine = await bob.createSession({ title: "bob only" });
   for (const transport of ["sse", "ws"]) {
