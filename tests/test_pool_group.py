@@ -120,22 +120,30 @@ async def test_a_renewal_that_reads_the_row_after_the_reply_finished_leaves_it_c
     real_finish = services.finish_reply
     pool = await start_pool(persistent=True)
 
+    renewed_with: list[list[str]] = []
+
     def finish_then_renew(*args: Any, **kwargs: Any) -> bool:
         ended = real_finish(*args, **kwargs)
         # The pool renews before the finish's answer is back on its loop: its row is gone.
+        renewed_with.append(list(pool.runs))
         asyncio.run_coroutine_threadsafe(pool._renew(), loop).result(5)
         return ended
+
+    def ended_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("reply ended")]
 
     monkeypatch.setattr(services, "finish_reply", finish_then_renew)
     try:
         reply_id = (await database_sync_to_async(post)(bob, shared_session.id, "hello")).json()["reply_id"]
-        await eventually(lambda: reply_id in pool.runs, timeout=5)
+        # An echo reply may be over before a poll of pool.runs would see it: wait for its end.
+        await eventually(ended_lines, timeout=5)
         await eventually(lambda: not pool.runs, timeout=5)
     finally:
         assert pool.serving is not None
         pool.serving.cancel()
         await asyncio.wait([pool.serving])
+    assert renewed_with == [[reply_id]]  # the renewal asked about the finished reply
     assert await reply_status(reply_id) == Message.Status.COMPLETED
-    [ended] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reply ended")]
+    [ended] = ended_lines()
     assert f"message={reply_id}" in ended and "status=completed" in ended
     assert not [r for r in caplog.records if "was ended elsewhere" in r.getMessage()]
