@@ -63,7 +63,7 @@ async def test_an_abort_reaching_the_pool_before_it_has_read_its_claim_stops_the
     shared_session: Any, bob: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.TANDEM_AGENT_MODE = "worker"  # this test's pool is the only runner
-    slow_context(monkeypatch, 0.3)
+    slow_context(monkeypatch, 1.0)  # long enough for a poll of pool.runs to see it, on a loaded machine
     sid = shared_session.id
     loop = asyncio.get_running_loop()
     real_claim = services.claim_runs
