@@ -143,6 +143,12 @@ def layer_proxy(settings: Any) -> Iterator[LayerProxy]:
 async def session(layer_proxy: LayerProxy, alice: Any, bob: Any, carol: Any) -> AsyncIterator[Any]:
     bind_runtime()
     yield await create_shared_session(alice)
+    # Stop this runtime's tasks here, on the test's loop, while Redis still answers through
+    # the proxy. Left to the loop's own teardown (one cancel each), a cancel swallowed
+    # inside a redis-py call left a task retrying against the proxy once it was closed,
+    # and the teardown waited for it until pytest-timeout (CI, PostgreSQL run).
+    layer_proxy.restore()
+    await runtime_control.close(runtime.current())
 
 
 def slots_on_redis(user_id: int) -> int:
